@@ -1,0 +1,259 @@
+//! kilnd configuration: `/etc/kiln/kilnd.toml` (sample: `docs/kilnd.toml`), overridden by flags.
+//!
+//! Every section and field has a default, so an empty or missing file is a valid configuration
+//! (a missing file is only accepted when it is the default path; an explicit `--config` must exist).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/kiln/kilnd.toml";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kiln";
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/kiln/kilnd.sock";
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown/mistyped keys.
+    #[error("invalid config {path}:{line}:{col}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where kiln.db, the CAS, keys and scratch space live.
+    pub state_dir: PathBuf,
+    /// Directory of sandbox profiles (`<name>.toml`).
+    pub profiles_dir: PathBuf,
+    /// Path of the `kiln-sandbox` helper; default: next to the kilnd executable.
+    pub sandbox_helper: Option<PathBuf>,
+    /// API settings.
+    pub api: ApiConfig,
+    /// Scheduler settings.
+    pub jobs: JobsConfig,
+}
+
+/// `[api]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Unix socket path (ignored under systemd socket activation).
+    pub socket: PathBuf,
+    /// Group whose members may submit and cancel jobs (root always may).
+    pub submit_group: String,
+    /// Group whose members may only read.
+    pub audit_group: String,
+    /// Largest JSON request body.
+    pub max_request_bytes: u64,
+    /// Largest blob upload (`POST /v1/blobs`).
+    pub max_blob_bytes: u64,
+    /// Time limit for one non-streaming request.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+}
+
+/// `[jobs]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Jobs that may run at the same time.
+    pub max_concurrent: usize,
+    /// Largest log kept per step; the rest is dropped with a marker line.
+    pub max_log_bytes: u64,
+    /// How long SIGTERM waits for running jobs to be cancelled and recorded.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            profiles_dir: PathBuf::from("/etc/kiln/profiles"),
+            sandbox_helper: None,
+            api: ApiConfig::default(),
+            jobs: JobsConfig::default(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            submit_group: "kiln".into(),
+            audit_group: "kiln-audit".into(),
+            max_request_bytes: 1024 * 1024,
+            max_blob_bytes: 512 * 1024 * 1024,
+            request_timeout: Duration::from_mins(1),
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 2,
+            max_log_bytes: 64 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `humantime` strings ("30s", "5m") for `Duration` fields.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+    }
+}
+
+impl Config {
+    /// Parse configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                col,
+                message: e.message().to_owned(),
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Load `path`. A missing file is an error only if `explicit` (given with `--config`).
+    pub fn load(path: &Path, explicit: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if self.jobs.max_concurrent == 0 {
+            return Err(invalid(
+                "jobs.max_concurrent must be at least 1, got 0".into(),
+            ));
+        }
+        if self.api.max_request_bytes < 1024 {
+            return Err(invalid(format!(
+                "api.max_request_bytes must be at least 1024, got {}",
+                self.api.max_request_bytes
+            )));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(format!(
+                "state_dir must be an absolute path, got {}",
+                self.state_dir.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column (in chars) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(
+            Config::parse("", Path::new("k.toml")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn overrides_and_durations() {
+        let c = Config::parse(
+            "state_dir = \"/srv/kiln\"\n[api]\nrequest_timeout = \"5s\"\n[jobs]\nmax_concurrent = 4\n",
+            Path::new("k.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/kiln"));
+        assert_eq!(c.api.request_timeout, Duration::from_secs(5));
+        assert_eq!(c.jobs.max_concurrent, 4);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let err = Config::parse("[api]\nsokcet = \"/x\"\n", Path::new("k.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("invalid config k.toml:2:1:"), "{msg}");
+        assert!(msg.contains("sokcet"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected() {
+        let err = Config::parse("[jobs]\nmax_concurrent = 0\n", Path::new("k.toml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("max_concurrent must be at least 1"),
+            "{err}"
+        );
+        let err = Config::parse("state_dir = \"rel\"\n", Path::new("k.toml")).unwrap_err();
+        assert!(err.to_string().contains("absolute"), "{err}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let p = Path::new("/nonexistent/kilnd.toml");
+        assert!(Config::load(p, true).is_err());
+        assert_eq!(Config::load(p, false).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,120 @@
+//! Daemon start-up and shutdown: the sequence `kilnd` runs, kept out of `main.rs`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::pipeline::Node;
+use crate::provenance::NodeSigner;
+use crate::store::Store;
+use crate::{api, sandbox};
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines without timestamps when under journald (it adds its own).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Install the tracing subscriber (`RUST_LOG` or `KILN_LOG` filter, default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text if under_journald => builder.without_time().with_ansi(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Where the `kiln-sandbox` helper is: configured, or next to this executable.
+fn sandbox_helper(config: &Config) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &config.sandbox_helper {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().context("cannot locate the kilnd executable")?;
+    let helper = exe.with_file_name("kiln-sandbox");
+    anyhow::ensure!(
+        helper.is_file(),
+        "sandbox helper not found at {} (install kiln-sandbox next to kilnd or set sandbox_helper in the config)",
+        helper.display()
+    );
+    Ok(helper)
+}
+
+/// Run the daemon until SIGTERM/SIGINT; on signal, cancel jobs, record their state, and return.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "kilnd must run as root: it creates namespaces and mounts for every build worker"
+    );
+    let helper = sandbox_helper(&config)?;
+    let profiles = sandbox::load_profiles(&config.profiles_dir).with_context(|| {
+        format!(
+            "loading sandbox profiles from {}",
+            config.profiles_dir.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !profiles.is_empty(),
+        "no sandbox profiles in {}",
+        config.profiles_dir.display()
+    );
+    let store = Store::open(&config.state_dir).context("opening the store")?;
+    let signer = NodeSigner::load_or_create(&config.state_dir).context("loading the node key")?;
+    let socket = config.api.socket.clone();
+    let listener = api::listen(&socket)?;
+    info!(
+        socket = %socket.display(),
+        state_dir = %config.state_dir.display(),
+        builder_id = %signer.builder_id,
+        key = %signer.info.kind,
+        profiles = ?profiles.keys().collect::<Vec<_>>(),
+        "kilnd ready"
+    );
+    let node = Node::new(config, store, signer, profiles, helper)?;
+    let serve_stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(api::serve(listener, node.clone(), serve_stop.clone()));
+
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    shutdown(&node, serve_stop, server, &socket).await;
+    Ok(())
+}
+
+async fn shutdown(
+    node: &Arc<Node>,
+    serve_stop: tokio_util::sync::CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    socket: &std::path::Path,
+) {
+    // Jobs first (their final state is recorded), then the API (open event streams end when
+    // their jobs end).
+    node.shutdown().await;
+    serve_stop.cancel();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .is_err()
+    {
+        warn!("API connections did not close in 5 s");
+    }
+    if std::env::var_os("LISTEN_FDS").is_none() {
+        let _ = std::fs::remove_file(socket);
+    }
+    info!("kilnd stopped");
+}

@@ -1,0 +1,17 @@
+//! kilnd: the kiln node daemon.
+//!
+//! One module per Secure Software Factory component:
+//! - [`api`]: HTTP/JSON API on the Unix socket, authorization by peer credentials.
+//! - [`pipeline`]: job queue and scheduler; runs each step in a fresh worker.
+//! - [`sandbox`]: the single-use build worker (`kiln-sandbox` helper) and its profiles.
+//! - [`provenance`]: in-toto/SLSA statements for steps and jobs, signed as DSSE.
+//! - [`store`]: SQLite index + content-addressed blob store.
+//! - [`config`]: `/etc/kiln/kilnd.toml`; [`daemon`]: start-up and shutdown.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod pipeline;
+pub mod provenance;
+pub mod sandbox;
+pub mod store;

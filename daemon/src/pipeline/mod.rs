@@ -1,0 +1,840 @@
+//! The scheduler (seed: "scheduling & orchestration" + "pipeline framework"): admits a submitted
+//! pipeline, queues it, and runs each step in dependency order in a fresh single-use worker,
+//! then attests every step and the job.
+//!
+//! A job owns `<state>/work/<job id>/<workspace>/` directories while it runs; every output file
+//! is copied into the CAS as it is attested, so the directories are deleted when the job ends.
+
+pub mod workspace;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use kiln_common::Digest;
+use kiln_common::api::{
+    Event, EventKind, JobState, StepState, SubmitJobRequest, SubmitJobResponse,
+};
+use kiln_common::digest::{TreeEntry, tree_digest};
+use kiln_common::intoto::{JobPredicate, JobStepRef};
+use kiln_common::spec::{self, ParamErrors, Pipeline, SpecErrors};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::Config;
+use crate::provenance::{self, NodeSigner, StepRecord};
+use crate::sandbox::{self, Access, Profile, Sandbox, SandboxSpec, StepEnd, WorkspaceMount};
+use crate::store::Store;
+use crate::store::db::{NewJob, StepOutputs, StepUpdate};
+
+/// Why a submission was refused. Nothing is stored for a refused job.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The pipeline file does not parse or validate.
+    #[error("invalid pipeline")]
+    Spec(#[from] SpecErrors),
+    /// Parameters violate their declarations.
+    #[error("invalid parameters")]
+    Params(#[from] ParamErrors),
+    /// Other admission failures, one message each.
+    #[error("job refused")]
+    Refused(Vec<String>),
+    /// The daemon is stopping.
+    #[error("kilnd is shutting down")]
+    ShuttingDown,
+    /// Internal storage failure.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl SubmitError {
+    /// Individual problems, for the API's `details`.
+    pub fn details(&self) -> Vec<String> {
+        match self {
+            Self::Spec(e) => e.0.iter().map(ToString::to_string).collect(),
+            Self::Params(e) => e.0.iter().map(ToString::to_string).collect(),
+            Self::Refused(v) => v.clone(),
+            Self::ShuttingDown | Self::Store(_) => Vec::new(),
+        }
+    }
+}
+
+/// Live state of a queued or running job.
+#[derive(Debug)]
+pub struct JobHandle {
+    /// Cancels the job (child of the daemon's shutdown token).
+    pub cancel: CancellationToken,
+    events: broadcast::Sender<Event>,
+    seq: Mutex<u64>,
+}
+
+impl JobHandle {
+    /// Subscribe to live events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+/// The node: configuration, store, signer, profiles and the running jobs.
+#[derive(Debug)]
+pub struct Node {
+    /// Configuration.
+    pub config: Config,
+    /// Store.
+    pub store: Store,
+    /// Signing identity.
+    pub signer: NodeSigner,
+    /// Sandbox profiles by name.
+    pub profiles: BTreeMap<String, Profile>,
+    /// Host name (reported by `GET /v1/node`).
+    pub hostname: String,
+    sandbox: Sandbox,
+    jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
+    slots: Arc<Semaphore>,
+    /// Cancelled on SIGTERM: cancels every job.
+    pub shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Current time, RFC 3339 UTC with milliseconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Immutable inputs of one job run.
+#[derive(Debug)]
+struct JobRun {
+    id: String,
+    pipeline: Pipeline,
+    pipeline_digest: Digest,
+    params: BTreeMap<String, String>,
+    sources: BTreeMap<String, Digest>,
+    handle: Arc<JobHandle>,
+    work_dir: PathBuf,
+}
+
+/// The result of one step, for the job statement and for later steps.
+#[derive(Debug)]
+struct StepResult {
+    state: StepState,
+    envelope: Option<Digest>,
+    outputs: Option<Vec<TreeEntry>>,
+}
+
+impl Node {
+    /// Assemble a node; `recover` marks jobs interrupted by a previous crash as failed.
+    pub fn new(
+        config: Config,
+        store: Store,
+        signer: NodeSigner,
+        profiles: BTreeMap<String, Profile>,
+        sandbox_helper: PathBuf,
+    ) -> Result<Arc<Self>, crate::store::StoreError> {
+        let repaired = store.db.recover_interrupted(&now())?;
+        for id in &repaired {
+            warn!(job = %id, "job was interrupted by a previous kilnd stop; marked failed");
+        }
+        // Work directories of interrupted jobs hold nothing that is not in the CAS.
+        let work = config.state_dir.join("work");
+        if work.exists() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        let hostname = nix::unistd::gethostname()
+            .map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned());
+        let slots = Arc::new(Semaphore::new(config.jobs.max_concurrent));
+        Ok(Arc::new(Self {
+            config,
+            store,
+            signer,
+            profiles,
+            hostname,
+            sandbox: Sandbox::new(sandbox_helper),
+            jobs: Mutex::new(HashMap::new()),
+            slots,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }))
+    }
+
+    /// The live handle of a queued or running job.
+    pub fn job_handle(&self, id: &str) -> Option<Arc<JobHandle>> {
+        self.jobs.lock().ok().and_then(|j| j.get(id).cloned())
+    }
+
+    /// Cancel a job. Returns false if it is not queued or running.
+    pub fn cancel(&self, id: &str) -> bool {
+        self.job_handle(id).is_some_and(|h| {
+            h.cancel.cancel();
+            true
+        })
+    }
+
+    /// Admit a job and queue it.
+    pub fn submit(
+        self: &Arc<Self>,
+        req: SubmitJobRequest,
+    ) -> Result<SubmitJobResponse, SubmitError> {
+        if self.shutdown.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let pipeline = spec::parse(&req.pipeline, &req.file_name)?;
+        let params = pipeline.bind_params(&req.params)?;
+        let mut problems = Vec::new();
+        for step in &pipeline.steps {
+            if !self.profiles.contains_key(&step.profile) {
+                problems.push(format!(
+                    "step {:?}: unknown sandbox profile {:?} (available: {})",
+                    step.name,
+                    step.profile,
+                    self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        for (ws, decl) in &pipeline.workspaces {
+            match (&decl.source, req.sources.get(ws)) {
+                (Some(_), None) => problems.push(format!(
+                    "workspace {ws:?} declares a source but none was uploaded"
+                )),
+                (Some(_), Some(d)) if !self.store.cas.contains(d) => {
+                    problems.push(format!(
+                        "workspace {ws:?}: source blob {d} was not uploaded"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for ws in req.sources.keys() {
+            if pipeline
+                .workspaces
+                .get(ws)
+                .is_none_or(|d| d.source.is_none())
+            {
+                problems.push(format!(
+                    "source uploaded for workspace {ws:?}, which does not declare a source"
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(SubmitError::Refused(problems));
+        }
+        let pipeline_digest = self
+            .store
+            .cas
+            .put_bytes(req.pipeline.as_bytes())
+            .map_err(|e| SubmitError::Store(e.to_string()))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let order = pipeline.execution_order();
+        let steps = order
+            .iter()
+            .map(|&i| {
+                let s = &pipeline.steps[i];
+                (s.name.as_str(), s.kind.as_str(), s.output.as_deref())
+            })
+            .collect();
+        self.store
+            .db
+            .insert_job(&NewJob {
+                id: &id,
+                pipeline: &pipeline.name,
+                pipeline_digest: &pipeline_digest,
+                params: &params,
+                created_at: &now(),
+                steps,
+            })
+            .map_err(|e| SubmitError::Store(e.to_string()))?;
+        let (events, _) = broadcast::channel(1024);
+        let handle = Arc::new(JobHandle {
+            cancel: self.shutdown.child_token(),
+            events,
+            seq: Mutex::new(0),
+        });
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(id.clone(), handle.clone());
+        }
+        let run = JobRun {
+            work_dir: self.config.state_dir.join("work").join(&id),
+            id: id.clone(),
+            pipeline,
+            pipeline_digest,
+            params,
+            sources: req.sources,
+            handle,
+        };
+        info!(job = %id, pipeline = %run.pipeline.name, %pipeline_digest, "job admitted");
+        self.emit(
+            &run,
+            EventKind::Job {
+                state: JobState::Queued,
+                error: None,
+            },
+        );
+        let node = self.clone();
+        let span = info_span!("job", job = %id);
+        self.tracker
+            .spawn(async move { node.run_job(run).await }.instrument(span));
+        Ok(SubmitJobResponse {
+            id,
+            pipeline_digest,
+        })
+    }
+
+    fn emit(&self, run: &JobRun, kind: EventKind) {
+        let is_log = matches!(kind, EventKind::Log { .. });
+        let Ok(mut seq) = run.handle.seq.lock() else {
+            return;
+        };
+        *seq += 1;
+        let event = Event {
+            seq: *seq,
+            time: now(),
+            kind,
+        };
+        if !is_log && let Err(err) = self.store.db.append_event(&run.id, &event) {
+            error!(?err, "cannot persist job event");
+        }
+        // Sending fails only when nobody listens.
+        let _ = run.handle.events.send(event);
+    }
+
+    async fn run_job(self: Arc<Self>, run: JobRun) {
+        let started = now();
+        let outcome = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => match permit {
+                Ok(permit) => {
+                    let r = self.run_steps(&run, &started).await;
+                    drop(permit);
+                    r
+                }
+                Err(_) => Err((JobState::Cancelled, "scheduler closed".to_owned())),
+            },
+            () = run.handle.cancel.cancelled() => Err((JobState::Cancelled, self.cancel_reason())),
+        };
+        let (state, error, steps, sources) = match outcome {
+            Ok((steps, sources)) => {
+                let failed = steps.iter().find(|s| s.outcome != "succeeded");
+                match failed {
+                    None => (JobState::Succeeded, None, steps, sources),
+                    Some(s) if s.outcome == "cancelled" => (
+                        JobState::Cancelled,
+                        Some(self.cancel_reason()),
+                        steps,
+                        sources,
+                    ),
+                    Some(s) => (
+                        JobState::Failed,
+                        Some(format!("step {:?} {}", s.name, s.outcome)),
+                        steps,
+                        sources,
+                    ),
+                }
+            }
+            Err((state, msg)) => (state, Some(msg), Vec::new(), BTreeMap::new()),
+        };
+        // Sign the job statement even for failed jobs: it is the record of what happened.
+        let predicate = JobPredicate {
+            job_id: run.id.clone(),
+            pipeline: run.pipeline.name.clone(),
+            pipeline_digest: run.pipeline_digest,
+            parameters: run.params.clone(),
+            sources,
+            steps,
+            outcome: state.as_str().into(),
+            builder_id: self.signer.builder_id.clone(),
+            signing_key: self.signer.info.clone(),
+            started_on: started,
+            finished_on: now(),
+        };
+        let statement = provenance::job_statement(predicate);
+        match self.signer.sign_statement(&statement) {
+            Ok((bytes, digest)) => {
+                let stored = self
+                    .store
+                    .cas
+                    .put_bytes(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| {
+                        self.store
+                            .db
+                            .record_job_attestation(&run.id, &d, &now())
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(err) = stored {
+                    error!(%err, %digest, "cannot store job attestation");
+                }
+            }
+            Err(err) => error!(?err, "cannot sign job statement"),
+        }
+        if let Err(err) = self
+            .store
+            .db
+            .set_job_state(&run.id, state, error.as_deref(), &now())
+        {
+            error!(?err, "cannot record job state");
+        }
+        if let Err(err) = std::fs::remove_dir_all(&run.work_dir)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(?err, dir = %run.work_dir.display(), "cannot remove job work directory");
+        }
+        info!(
+            state = state.as_str(),
+            error = error.as_deref().unwrap_or(""),
+            "job finished"
+        );
+        self.emit(&run, EventKind::Job { state, error });
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.remove(&run.id);
+        }
+    }
+
+    fn cancel_reason(&self) -> String {
+        if self.shutdown.is_cancelled() {
+            "cancelled: kilnd is shutting down".into()
+        } else {
+            "cancelled by user".into()
+        }
+    }
+
+    /// Run every step; returns the step references and the seeded sources' tree digests.
+    async fn run_steps(
+        &self,
+        run: &JobRun,
+        started: &str,
+    ) -> Result<(Vec<JobStepRef>, BTreeMap<String, Digest>), (JobState, String)> {
+        if let Err(err) = self
+            .store
+            .db
+            .set_job_state(&run.id, JobState::Running, None, started)
+        {
+            error!(?err, "cannot record job state");
+        }
+        self.emit(
+            run,
+            EventKind::Job {
+                state: JobState::Running,
+                error: None,
+            },
+        );
+        let sources = self
+            .seed_sources(run)
+            .await
+            .map_err(|msg| (JobState::Failed, msg))?;
+        let mut ws_digests = sources.clone();
+        let mut refs = Vec::new();
+        let mut blocked = false;
+        for idx in run.pipeline.execution_order() {
+            let step = &run.pipeline.steps[idx];
+            if blocked || run.handle.cancel.is_cancelled() {
+                let state = if run.handle.cancel.is_cancelled() {
+                    StepState::Cancelled
+                } else {
+                    StepState::Skipped
+                };
+                self.set_step(run, &step.name, state, None, None);
+                refs.push(JobStepRef {
+                    name: step.name.clone(),
+                    outcome: state.as_str().into(),
+                    envelope_digest: None,
+                });
+                continue;
+            }
+            let span = info_span!("step", step = %step.name);
+            let result = self.run_step(run, idx, &ws_digests).instrument(span).await;
+            if let (Some(out), Some(entries)) = (&step.output, &result.outputs) {
+                ws_digests.insert(out.clone(), tree_digest(entries));
+            }
+            refs.push(JobStepRef {
+                name: step.name.clone(),
+                outcome: result.state.as_str().into(),
+                envelope_digest: result.envelope,
+            });
+            blocked = result.state != StepState::Succeeded;
+        }
+        Ok((refs, sources))
+    }
+
+    /// Unpack each uploaded source archive into its workspace; returns workspace → tree digest.
+    async fn seed_sources(&self, run: &JobRun) -> Result<BTreeMap<String, Digest>, String> {
+        let mut out = BTreeMap::new();
+        for (ws, blob) in &run.sources {
+            let archive = self
+                .store
+                .cas
+                .get(blob)
+                .map_err(|e| format!("source for workspace {ws:?}: {e}"))?;
+            let dest = run.work_dir.join("ws").join(ws);
+            let (ws2, dest2) = (ws.clone(), dest.clone());
+            let digest = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dest2)
+                    .map_err(|e| format!("cannot create {}: {e}", dest2.display()))?;
+                workspace::unpack_source(&archive, &dest2, &ws2).map_err(|e| e.to_string())?;
+                let c = workspace::collect(&dest2, None).map_err(|e| e.to_string())?;
+                Ok::<_, String>(tree_digest(&c.entries))
+            })
+            .await
+            .map_err(|e| format!("source unpack task failed: {e}"))??;
+            info!(workspace = %ws, %digest, "source workspace seeded");
+            out.insert(ws.clone(), digest);
+        }
+        Ok(out)
+    }
+
+    fn set_step(
+        &self,
+        run: &JobRun,
+        step: &str,
+        state: StepState,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    ) {
+        let t = now();
+        let update = StepUpdate {
+            state: Some(state),
+            exit_code,
+            error: error.clone(),
+            started_at: (state == StepState::Running).then(|| t.clone()),
+            finished_at: state.is_terminal().then(|| t.clone()),
+            ..StepUpdate::default()
+        };
+        if let Err(err) = self.store.db.update_step(&run.id, step, &update) {
+            error!(?err, "cannot record step state");
+        }
+        self.emit(
+            run,
+            EventKind::Step {
+                step: step.to_owned(),
+                state,
+                exit_code,
+                error,
+            },
+        );
+    }
+
+    async fn run_step(
+        &self,
+        run: &JobRun,
+        idx: usize,
+        ws_digests: &BTreeMap<String, Digest>,
+    ) -> StepResult {
+        let step = &run.pipeline.steps[idx];
+        let failed = |state, msg: String| {
+            self.set_step(run, &step.name, state, None, Some(msg));
+            StepResult {
+                state,
+                envelope: None,
+                outputs: None,
+            }
+        };
+        let Some(profile) = self.profiles.get(&step.profile) else {
+            return failed(
+                StepState::Failed,
+                format!("unknown profile {:?}", step.profile),
+            );
+        };
+        let rendered = run.pipeline.render_step(idx, &run.params);
+        let ws_root = run.work_dir.join("ws");
+        let mut mounts = Vec::new();
+        let mut inputs = Vec::new();
+        for ws in &step.inputs {
+            let Some(d) = ws_digests.get(ws) else {
+                return failed(
+                    StepState::Failed,
+                    format!("input workspace {ws:?} was never produced"),
+                );
+            };
+            inputs.push((ws.clone(), *d));
+            mounts.push(WorkspaceMount {
+                name: ws.clone(),
+                host_path: ws_root.join(ws),
+                access: Access::ReadOnly,
+            });
+        }
+        if let Some(out) = &step.output {
+            let dir = ws_root.join(out);
+            if let Err(e) = std::fs::create_dir_all(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    sandbox::prepare_output_dir(&dir, profile.uid, profile.gid)
+                        .map_err(|e| e.to_string())
+                })
+            {
+                return failed(
+                    StepState::Failed,
+                    format!("cannot prepare output workspace {out:?}: {e}"),
+                );
+            }
+            mounts.push(WorkspaceMount {
+                name: out.clone(),
+                host_path: dir,
+                access: Access::ReadWrite,
+            });
+        }
+        let cwd = PathBuf::from(step.workdir_path());
+        // A clean environment: the profile's defaults, overridden by the step's own `env`
+        // (which may not set KILN_* names: the spec reserves them).
+        let mut env = BTreeMap::from([
+            ("PATH".to_owned(), profile.path_env.clone()),
+            ("HOME".to_owned(), "/tmp".to_owned()),
+            ("TMPDIR".to_owned(), "/tmp".to_owned()),
+            ("KILN_JOB_ID".to_owned(), run.id.clone()),
+            ("KILN_STEP".to_owned(), step.name.clone()),
+        ]);
+        env.extend(rendered.env);
+        let root_dir = self.config.state_dir.join("run").join("root");
+        if let Err(e) = std::fs::create_dir_all(&root_dir) {
+            return failed(
+                StepState::Failed,
+                format!("cannot create {}: {e}", root_dir.display()),
+            );
+        }
+        let spec = SandboxSpec {
+            argv: rendered.argv,
+            env: env.into_iter().collect(),
+            cwd,
+            hostname: "kiln-worker".into(),
+            root_dir,
+            host_paths: profile.host_paths.clone(),
+            workspaces: mounts,
+            timeout_ms: step.timeout.as_millis() as u64,
+            uid: profile.uid,
+            gid: profile.gid,
+            tmp_size_bytes: profile.tmp_size_bytes,
+        };
+        let started_on = now();
+        self.set_step(run, &step.name, StepState::Running, None, None);
+        info!(argv = ?spec.argv.first(), "step started");
+
+        let (log_tx, log_rx) = mpsc::channel(64);
+        let collector = self.collect_log(run, &step.name, log_rx);
+        let (outcome, log) = tokio::join!(
+            self.sandbox
+                .run(&spec, log_tx, run.handle.cancel.child_token()),
+            collector
+        );
+        let finished_on = now();
+
+        let (mut state, exit_code, mut error, duration_ms) = match outcome {
+            Ok(o) => {
+                let (state, code, err) = describe_end(&o.end, step.timeout);
+                (state, code, err, Some(o.wall_ms))
+            }
+            Err(e) => (StepState::Failed, None, Some(format!("sandbox: {e}")), None),
+        };
+        let mut log = log;
+        let mut outputs = None;
+        if state == StepState::Succeeded
+            && let Some(out) = &step.output
+        {
+            let dir = ws_root.join(out);
+            let cas = self.store.cas.clone();
+            match tokio::task::spawn_blocking(move || workspace::collect(&dir, Some(&cas))).await {
+                Ok(Ok(c)) => {
+                    for s in &c.skipped_symlinks {
+                        log.extend_from_slice(
+                            format!(
+                                "kiln: symlink {s} is not attested (symlinks are never followed)\n"
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                    outputs = Some(c.entries);
+                }
+                Ok(Err(e)) => {
+                    state = StepState::Failed;
+                    error = Some(format!("collecting outputs: {e}"));
+                }
+                Err(e) => {
+                    state = StepState::Failed;
+                    error = Some(format!("collecting outputs: {e}"));
+                }
+            }
+        }
+        let log_digest = match self.store.cas.put_bytes(&log) {
+            Ok(d) => Some(d),
+            Err(err) => {
+                error!(?err, "cannot store step log");
+                None
+            }
+        };
+        let rec = StepRecord {
+            job_id: &run.id,
+            pipeline: &run.pipeline.name,
+            pipeline_digest: run.pipeline_digest,
+            params: &run.params,
+            step: &step.name,
+            kind: step.kind.as_str(),
+            profile: &step.profile,
+            inputs: &inputs,
+            output: match (&step.output, &outputs) {
+                (Some(ws), Some(entries)) => Some((ws.as_str(), entries.as_slice())),
+                _ => None,
+            },
+            exit_code,
+            outcome: state.as_str(),
+            started_on: &started_on,
+            finished_on: &finished_on,
+            log: log_digest,
+        };
+        let statement = provenance::step_statement(&rec, &self.signer);
+        // Final = no later step transforms it (steps without outputs, like tests, only read).
+        let final_output = step.output.as_ref().is_some_and(|ws| {
+            !run.pipeline
+                .steps
+                .iter()
+                .any(|s| s.output.is_some() && s.inputs.contains(ws))
+        });
+        let attested = match (&step.output, &outputs) {
+            (Some(ws), Some(entries)) => Some(StepOutputs {
+                workspace: ws,
+                final_output,
+                entries,
+            }),
+            _ => None,
+        };
+        let envelope = match self.signer.sign_statement(&statement) {
+            Ok((bytes, digest)) => {
+                let stored = self
+                    .store
+                    .cas
+                    .put_bytes(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| {
+                        self.store
+                            .db
+                            .record_attested_outputs(
+                                &run.id,
+                                &step.name,
+                                attested.as_ref(),
+                                &digest,
+                                &finished_on,
+                            )
+                            .map_err(|e| e.to_string())
+                    });
+                match stored {
+                    Ok(()) => Some(digest),
+                    Err(e) => {
+                        state = StepState::Failed;
+                        error = Some(format!("cannot store attestation: {e}"));
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                state = StepState::Failed;
+                error = Some(format!("cannot sign provenance: {e}"));
+                None
+            }
+        };
+        let update = StepUpdate {
+            duration_ms,
+            log: log_digest,
+            attestation: envelope,
+            ..StepUpdate::default()
+        };
+        if let Err(err) = self.store.db.update_step(&run.id, &step.name, &update) {
+            error!(?err, "cannot record step result");
+        }
+        info!(
+            state = state.as_str(),
+            ?exit_code,
+            error = error.as_deref().unwrap_or(""),
+            "step finished"
+        );
+        self.set_step(run, &step.name, state, exit_code, error);
+        StepResult {
+            state,
+            envelope,
+            outputs,
+        }
+    }
+
+    /// Forward log chunks as events and keep up to `max_log_bytes` of them.
+    async fn collect_log(
+        &self,
+        run: &JobRun,
+        step: &str,
+        mut rx: mpsc::Receiver<bytes::Bytes>,
+    ) -> Vec<u8> {
+        let limit = self.config.jobs.max_log_bytes as usize;
+        let mut log = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = rx.recv().await {
+            if log.len() < limit {
+                let take = chunk.len().min(limit - log.len());
+                log.extend_from_slice(&chunk[..take]);
+            } else if !truncated {
+                truncated = true;
+            }
+            self.emit(
+                run,
+                EventKind::Log {
+                    step: step.to_owned(),
+                    data: String::from_utf8_lossy(&chunk).into_owned(),
+                },
+            );
+        }
+        if truncated {
+            log.extend_from_slice(format!("\nkiln: log truncated at {limit} bytes\n").as_bytes());
+        }
+        log
+    }
+
+    /// Stop accepting jobs, cancel running ones, and wait (up to the configured grace) for them to
+    /// record their final state.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.config.jobs.shutdown_grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("jobs did not finish recording within the shutdown grace period");
+        }
+    }
+}
+
+/// Map a worker's end to a step state, exit code and reason.
+fn describe_end(
+    end: &StepEnd,
+    timeout: std::time::Duration,
+) -> (StepState, Option<i32>, Option<String>) {
+    match end {
+        StepEnd::Exited { code: 0 } => (StepState::Succeeded, Some(0), None),
+        StepEnd::Exited { code } => (
+            StepState::Failed,
+            Some(*code),
+            Some(format!("exited with code {code}")),
+        ),
+        StepEnd::Signaled { signal } => {
+            let name = nix::sys::signal::Signal::try_from(*signal)
+                .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
+            (
+                StepState::Failed,
+                None,
+                Some(format!("killed by signal {name}")),
+            )
+        }
+        StepEnd::TimedOut => (
+            StepState::TimedOut,
+            None,
+            Some(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+        ),
+        StepEnd::ExecFailed { error } => (
+            StepState::Failed,
+            None,
+            Some(format!("cannot start command: {error}")),
+        ),
+        StepEnd::SetupFailed { stage, error } => (
+            StepState::Failed,
+            None,
+            Some(format!("sandbox setup failed at {stage}: {error}")),
+        ),
+        StepEnd::Cancelled => (StepState::Cancelled, None, Some("cancelled".into())),
+    }
+}

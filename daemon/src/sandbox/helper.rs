@@ -1,0 +1,560 @@
+//! The `kiln-sandbox` helper process: reads a [`SandboxSpec`] (JSON) from stdin, runs the step in
+//! fresh namespaces, writes one [`SandboxOutcome`] JSON line to stdout. Its stderr is the step log:
+//! the helper itself never writes there; its own failures become [`StepEnd::SetupFailed`].
+//!
+//! Three processes, single-threaded throughout (so `fork` is sound):
+//! 1. the *supervisor* (the helper itself, host namespaces) unshares, forks pid 1 and enforces the
+//!    timeout: killing pid 1 kills the whole pid namespace;
+//! 2. *pid 1* builds the root filesystem, forks the step and reaps until the step exits, then reports
+//!    through a status pipe; when it exits the kernel kills whatever the step left behind;
+//! 3. the *step* drops every privilege and execs the step's program.
+//!
+//! Later hardening slots in at marked places: seccomp and landlock in [`drop_privileges`] (just
+//! before exec), cgroups around the fork of pid 1, a user namespace in the unshare.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sched::CloneFlags;
+use nix::sys::resource::{UsageWho, getrusage};
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+use serde::{Deserialize, Serialize};
+
+use super::rootfs::{RealHost, plan_root};
+use super::spec::{SandboxOutcome, SandboxSpec, StepEnd};
+use super::sys;
+
+/// Largest spec accepted on stdin.
+const MAX_SPEC_BYTES: u64 = 16 << 20;
+
+/// A setup stage that failed, with the reason (becomes [`StepEnd::SetupFailed`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct Failure {
+    stage: String,
+    error: String,
+}
+
+impl Failure {
+    fn new(stage: &str, error: impl std::fmt::Display) -> Self {
+        Self {
+            stage: stage.to_owned(),
+            error: error.to_string(),
+        }
+    }
+}
+
+/// What the step process reports on its CLOEXEC error pipe when it does not reach its program.
+#[derive(Debug, Serialize, Deserialize)]
+enum StepFailure {
+    Setup(Failure),
+    Exec(String),
+}
+
+/// Entry point of the `kiln-sandbox` binary.
+pub fn main() -> ExitCode {
+    let start = Instant::now();
+    let outcome = supervise().unwrap_or_else(|failure| SandboxOutcome {
+        end: StepEnd::SetupFailed {
+            stage: failure.stage,
+            error: failure.error,
+        },
+        wall_ms: millis(start.elapsed()),
+        user_ms: 0,
+        sys_ms: 0,
+        max_rss_kib: 0,
+    });
+    let mut stdout = std::io::stdout().lock();
+    let written = serde_json::to_writer(&mut stdout, &outcome)
+        .map_err(std::io::Error::from)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    // Nowhere to report a failure to write the outcome but the exit code.
+    if written.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The supervisor: everything in host namespaces until pid 1 exists, then the timeout.
+fn supervise() -> Result<SandboxOutcome, Failure> {
+    ensure_single_threaded()?;
+    let spec = read_spec()?;
+
+    // New namespaces for everything the step could see or change: its own mount table (the root is
+    // built there), pids (it sees only its own tree; killing pid 1 kills all of it), network (empty:
+    // only a down loopback, no route anywhere), UTS (own hostname), IPC (no SysV IPC with the host).
+    // Only the next child enters the new pid namespace (as pid 1); this process stays outside.
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC,
+    )
+    .map_err(|err| Failure::new("unshare", err))?;
+    // The copied mount table keeps the host's propagation: with shared mounts our tmpfs and binds
+    // would appear on the host (and host mounts here). Make everything private, recursively.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|err| Failure::new("unshare", format!("make / rprivate: {err}")))?;
+
+    let (status_read, status_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
+    let forked = Instant::now();
+    match sys::fork().map_err(|err| Failure::new("fork pid 1", err))? {
+        ForkResult::Child => {
+            drop(status_read);
+            namespace_init(&spec, &status_write)
+        }
+        ForkResult::Parent { child } => {
+            drop(status_write);
+            Ok(wait_for_init(&spec, child, &status_read, forked))
+        }
+    }
+}
+
+/// Refuses to go on with more than one thread: `fork` in a multi-threaded process is unsound.
+fn ensure_single_threaded() -> Result<(), Failure> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|err| Failure::new("helper", format!("read /proc/self/task: {err}")))?
+        .count();
+    if threads == 1 {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            "helper",
+            format!("helper must be single-threaded, has {threads} threads"),
+        ))
+    }
+}
+
+fn read_spec() -> Result<SandboxSpec, Failure> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_SPEC_BYTES)
+        .read_to_end(&mut input)
+        .map_err(|err| Failure::new("spec", format!("read stdin: {err}")))?;
+    let spec: SandboxSpec = serde_json::from_slice(&input)
+        .map_err(|err| Failure::new("spec", format!("parse: {err}")))?;
+    spec.validate().map_err(|err| Failure::new("spec", err))?;
+    Ok(spec)
+}
+
+/// Waits for pid 1's report until the deadline; on timeout kills pid 1 and with it the namespace.
+fn wait_for_init(
+    spec: &SandboxSpec,
+    init: Pid,
+    status_read: &OwnedFd,
+    forked: Instant,
+) -> SandboxOutcome {
+    let deadline = forked + Duration::from_millis(spec.timeout_ms);
+    let mut report = Vec::new();
+    let mut buf = [0_u8; 4096];
+    let read_end = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break Err(StepEnd::TimedOut);
+        }
+        // Round up: a sub-millisecond rest must not turn into a busy loop of zero timeouts.
+        let wait_ms = remaining.as_micros().div_ceil(1000).min(i32::MAX as u128) as u32;
+        let timeout = PollTimeout::try_from(wait_ms).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(status_read.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(err) => {
+                break Err(setup_failed(
+                    "supervise",
+                    format!("poll status pipe: {err}"),
+                ));
+            }
+        }
+        match nix::unistd::read(status_read, &mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => report.extend_from_slice(&buf[..n]),
+            Err(Errno::EINTR | Errno::EAGAIN) => {}
+            Err(err) => {
+                break Err(setup_failed(
+                    "supervise",
+                    format!("read status pipe: {err}"),
+                ));
+            }
+        }
+    };
+    if read_end.is_err() {
+        // SIGKILL to pid 1 from outside its namespace: the kernel then kills every process in it,
+        // double-forked daemons included, before pid 1 can be reaped.
+        let _ = nix::sys::signal::kill(init, Signal::SIGKILL);
+    }
+    let init_status = reap(init);
+    match read_end {
+        Err(end) => {
+            let usage = children_usage();
+            SandboxOutcome {
+                end,
+                wall_ms: millis(forked.elapsed()),
+                ..usage
+            }
+        }
+        Ok(()) => {
+            serde_json::from_slice::<SandboxOutcome>(&report).unwrap_or_else(|_| SandboxOutcome {
+                end: setup_failed(
+                    "init",
+                    format!("namespace init ended without a report ({init_status})"),
+                ),
+                wall_ms: millis(forked.elapsed()),
+                user_ms: 0,
+                sys_ms: 0,
+                max_rss_kib: 0,
+            })
+        }
+    }
+}
+
+fn setup_failed(stage: &str, error: String) -> StepEnd {
+    StepEnd::SetupFailed {
+        stage: stage.to_owned(),
+        error,
+    }
+}
+
+/// Waits for `pid`, retrying on EINTR; describes how it ended.
+fn reap(pid: Pid) -> String {
+    loop {
+        match waitpid(pid, None) {
+            Err(Errno::EINTR) => {}
+            Ok(status) => return format!("{status:?}"),
+            Err(err) => return format!("waitpid: {err}"),
+        }
+    }
+}
+
+/// Resource usage of every reaped descendant, as a zero-`end` outcome template.
+fn children_usage() -> SandboxOutcome {
+    let (user_ms, sys_ms, max_rss_kib) =
+        getrusage(UsageWho::RUSAGE_CHILDREN).map_or((0, 0, 0), |usage| {
+            (
+                timeval_ms(usage.user_time()),
+                timeval_ms(usage.system_time()),
+                usage.max_rss().max(0) as u64,
+            )
+        });
+    SandboxOutcome {
+        end: StepEnd::TimedOut,
+        wall_ms: 0,
+        user_ms,
+        sys_ms,
+        max_rss_kib,
+    }
+}
+
+fn timeval_ms(tv: nix::sys::time::TimeVal) -> u64 {
+    (tv.tv_sec().max(0) as u64) * 1000 + (tv.tv_usec().max(0) as u64) / 1000
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Pid 1 of the new pid namespace: builds the root, runs the step, reports, exits.
+fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd) -> ! {
+    let outcome = init(spec, status_write).unwrap_or_else(|failure| SandboxOutcome {
+        end: StepEnd::SetupFailed {
+            stage: failure.stage,
+            error: failure.error,
+        },
+        wall_ms: 0,
+        user_ms: 0,
+        sys_ms: 0,
+        max_rss_kib: 0,
+    });
+    if let Ok(json) = serde_json::to_vec(&outcome) {
+        write_all(status_write, &json);
+    }
+    // Exiting ends the namespace: the kernel kills every process the step left behind.
+    sys::exit_now(0)
+}
+
+fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Failure> {
+    // If the supervisor dies (kilnd cancelled the step and killed it), the sandbox must die too.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|err| Failure::new("init", err))?;
+    // It may have died before the line above. getppid() is 0 either way (the parent is outside
+    // this pid namespace), so ask the status pipe: no reader left means no supervisor.
+    let mut fds = [PollFd::new(status_write.as_fd(), PollFlags::POLLOUT)];
+    if nix::poll::poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|events| events.contains(PollFlags::POLLERR))
+    {
+        sys::exit_now(1);
+    }
+    // stdin (the spec pipe) and stdout (the outcome channel) are not the step's: only the log (fd 2)
+    // is inherited.
+    let dev_null = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|err| Failure::new("init", format!("open /dev/null: {err}")))?;
+    nix::unistd::dup2_stdin(&dev_null).map_err(|err| Failure::new("init", err))?;
+    nix::unistd::dup2_stdout(&dev_null).map_err(|err| Failure::new("init", err))?;
+    drop(dev_null);
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+
+    // Our own UTS namespace: the host's name is neither visible nor changed.
+    nix::unistd::sethostname(&spec.hostname).map_err(|err| Failure::new("hostname", err))?;
+
+    // The root filesystem, as planned data (see rootfs.rs for the why of each mount).
+    let plan = plan_root(spec, &RealHost).map_err(|err| Failure::new("rootfs", err))?;
+    for op in &plan {
+        sys::apply(op).map_err(|err| Failure::new("rootfs", err))?;
+    }
+
+    let program = Program::new(spec).map_err(|err| Failure::new("exec", err))?;
+    // CLOEXEC: a successful execve closes it (EOF, no bytes); a failure is written to it.
+    let (error_read, error_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("init", err))?;
+    let started = Instant::now();
+    let step = match sys::fork().map_err(|err| Failure::new("fork step", err))? {
+        ForkResult::Child => {
+            drop(error_read);
+            run_step(spec, &program, &error_write)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(error_write);
+    let step_failure = read_to_end(&error_read);
+
+    // As pid 1 we inherit every orphan in the namespace: reap them all while waiting for the step.
+    let status = loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(status) if status.pid() == Some(step) => break status,
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(err) => return Err(Failure::new("reap", err)),
+        }
+    };
+    let wall_ms = millis(started.elapsed());
+    let end = match serde_json::from_slice::<StepFailure>(&step_failure) {
+        Ok(StepFailure::Exec(error)) => StepEnd::ExecFailed { error },
+        Ok(StepFailure::Setup(failure)) => StepEnd::SetupFailed {
+            stage: failure.stage,
+            error: failure.error,
+        },
+        Err(_) => match status {
+            WaitStatus::Exited(_, code) => StepEnd::Exited { code },
+            WaitStatus::Signaled(_, signal, _) => StepEnd::Signaled {
+                signal: signal as i32,
+            },
+            other => setup_failed("reap", format!("unexpected wait status {other:?}")),
+        },
+    };
+    Ok(SandboxOutcome {
+        end,
+        wall_ms,
+        ..children_usage()
+    })
+}
+
+/// The step's program, prepared before the fork: C strings and the `PATH` candidates.
+struct Program {
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    candidates: Vec<CString>,
+}
+
+impl Program {
+    fn new(spec: &SandboxSpec) -> Result<Self, Errno> {
+        let argv = spec
+            .argv
+            .iter()
+            .map(sys::c_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        let env = spec
+            .env
+            .iter()
+            .map(|(name, value)| sys::c_string(format!("{name}={value}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let program = spec.argv.first().map_or("", String::as_str);
+        let candidates = if program.contains('/') {
+            vec![sys::c_string(program)?]
+        } else {
+            spec.path_env()
+                .split(':')
+                .map(|dir| {
+                    sys::c_string(format!(
+                        "{}/{program}",
+                        if dir.is_empty() { "." } else { dir }
+                    ))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(Self {
+            argv,
+            env,
+            candidates,
+        })
+    }
+}
+
+/// The step process: drop everything, exec; on failure report through `error_write` and exit 127.
+fn run_step(spec: &SandboxSpec, program: &Program, error_write: &OwnedFd) -> ! {
+    let failure = match prepare_step(spec) {
+        Ok(()) => StepFailure::Exec(exec(spec, program)),
+        Err(failure) => StepFailure::Setup(failure),
+    };
+    if let Ok(json) = serde_json::to_vec(&failure) {
+        write_all(error_write, &json);
+    }
+    sys::exit_now(127)
+}
+
+fn prepare_step(spec: &SandboxSpec) -> Result<(), Failure> {
+    // A session of its own: no controlling terminal, and job-control signals aimed at the helper's
+    // process group do not reach it.
+    nix::unistd::setsid().map_err(|err| Failure::new("session", err))?;
+    // stdout and stderr both go to the step log (the helper's stderr); stdin is already /dev/null.
+    nix::unistd::dup2_stdout(std::io::stderr()).map_err(|err| Failure::new("stdio", err))?;
+    sys::reset_signals().map_err(|err| Failure::new("signals", err))?;
+    // Nothing but fds 0-2 crosses the execve.
+    sys::cloexec_from_3().map_err(|err| Failure::new("fds", err))?;
+    drop_privileges(spec)?;
+    // After the drop: the step's user must be allowed to enter its working directory.
+    nix::unistd::chdir(&spec.cwd)
+        .map_err(|err| Failure::new("cwd", format!("{}: {err}", spec.cwd.display())))?;
+    Ok(())
+}
+
+/// Root with all capabilities → `spec.uid`/`spec.gid` with none, for good (seccomp and landlock
+/// will be installed at the end of this function).
+fn drop_privileges(spec: &SandboxSpec) -> Result<(), Failure> {
+    let fail = |what: &str, err: &dyn std::fmt::Display| {
+        Failure::new("privileges", format!("{what}: {err}"))
+    };
+    // Bounding set first, while we still hold CAP_SETPCAP: afterwards no execve (setuid-root or
+    // file-capability binaries) can bring a capability back. Numbers past the kernel's last
+    // capability give EINVAL; capabilities unknown to the caps crate are dropped too.
+    for cap in 0..64 {
+        match sys::drop_bounding_cap(cap) {
+            Ok(()) => {}
+            Err(Errno::EINVAL) if cap > 0 => break,
+            Err(err) => {
+                return Err(fail(
+                    &format!("drop capability {cap} from the bounding set"),
+                    &err,
+                ));
+            }
+        }
+    }
+    // Root's supplementary groups (disk, adm, …) must not survive.
+    nix::unistd::setgroups(&[]).map_err(|err| fail("setgroups", &err))?;
+    // gid before uid: once the uid is not 0 the gid can no longer change. All three ids (real,
+    // effective, saved), so nothing can switch back.
+    let gid = Gid::from_raw(spec.gid);
+    nix::unistd::setresgid(gid, gid, gid).map_err(|err| fail("setresgid", &err))?;
+    let uid = Uid::from_raw(spec.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|err| fail("setresuid", &err))?;
+    // Leaving uid 0 already empties permitted/effective/ambient unless SECBIT_KEEP_CAPS is set;
+    // clear every set explicitly so the result does not depend on securebits. Order matters:
+    // ambient ⊆ permitted ∩ inheritable and effective ⊆ permitted.
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Effective,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Permitted,
+    ] {
+        caps::clear(None, set).map_err(|err| fail(&format!("clear {set:?} capabilities"), &err))?;
+    }
+    // Neither setuid binaries nor file capabilities can grant anything to the step or its children.
+    nix::sys::prctl::set_no_new_privs().map_err(|err| fail("PR_SET_NO_NEW_PRIVS", &err))?;
+    verify_unprivileged(spec)
+}
+
+/// Reads back what the kernel says about this process: no capability in any set, no new privs,
+/// only the step's ids.
+fn verify_unprivileged(spec: &SandboxSpec) -> Result<(), Failure> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|err| Failure::new("privileges", format!("read /proc/self/status: {err}")))?;
+    let ids = |id: u32| format!("{id}\t{id}\t{id}\t{id}");
+    let expected = [
+        ("CapInh", "0000000000000000".to_owned()),
+        ("CapPrm", "0000000000000000".to_owned()),
+        ("CapEff", "0000000000000000".to_owned()),
+        ("CapBnd", "0000000000000000".to_owned()),
+        ("CapAmb", "0000000000000000".to_owned()),
+        ("NoNewPrivs", "1".to_owned()),
+        ("Uid", ids(spec.uid)),
+        ("Gid", ids(spec.gid)),
+        ("Groups", String::new()),
+    ];
+    for (field, want) in expected {
+        let got = status
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(field)
+                    .and_then(|rest| rest.strip_prefix(':'))
+            })
+            .map(str::trim);
+        if got != Some(want.as_str()) {
+            return Err(Failure::new(
+                "privileges",
+                format!("privilege drop not effective: {field} is {got:?}, expected {want:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `execve` of the first `PATH` candidate that exists, like `execvp` but with the spec's `PATH`
+/// and environment only. Returns only on failure, with the message for the log.
+fn exec(spec: &SandboxSpec, program: &Program) -> String {
+    let name = spec.argv.first().map_or("", String::as_str);
+    let mut denied = None;
+    for candidate in &program.candidates {
+        match nix::unistd::execve(candidate, &program.argv, &program.env) {
+            Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+            Err(Errno::EACCES) => denied = Some(candidate.to_string_lossy().into_owned()),
+            Err(err) => return format!("cannot execute {}: {err}", candidate.to_string_lossy()),
+        }
+    }
+    match denied {
+        Some(path) => format!("permission denied: {path}"),
+        None if name.contains('/') => format!("no such file: {name}"),
+        None => format!("command not found: {name} (PATH={})", spec.path_env()),
+    }
+}
+
+fn read_to_end(fd: &OwnedFd) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0_u8; 4096];
+    loop {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(Errno::EINTR) => {}
+            Err(_) => return out,
+        }
+    }
+}
+
+fn write_all(fd: &OwnedFd, mut data: &[u8]) {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(Errno::EINTR) => {}
+            Err(_) => return,
+        }
+    }
+}

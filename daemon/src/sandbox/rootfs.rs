@@ -1,0 +1,475 @@
+//! The sandbox's root filesystem as reviewed data: [`plan_root`] turns a validated spec into a list of
+//! [`MountOp`]s (pure; unit-tested without root), and `sys::apply` performs them inside the helper's
+//! private mount namespace.
+//!
+//! Layout: a tmpfs root (read-only at the end), host paths bound read-only at the same place
+//! (symlinks such as Debian's `/bin -> usr/bin` recreated), workspaces at `/workspace/<name>`, a
+//! minimal `/dev`, a fresh `/proc`, a private `/tmp`. Later hardening (landlock, idmapped mounts,
+//! `open_tree`/`move_mount`) changes `sys::apply`, not the plan.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+
+use super::spec::{Access, SandboxSpec};
+
+/// What a host path is, as seen by `lstat` (symlinks are not followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostEntry {
+    /// A directory: bound recursively.
+    Directory,
+    /// Anything else that can be bound onto a file (regular file, device node).
+    File,
+    /// A symlink with this target: recreated verbatim in the sandbox.
+    Symlink(PathBuf),
+}
+
+/// Read-only view of the host filesystem the planner needs (a fake in unit tests).
+pub trait HostView {
+    /// `lstat` of `path`.
+    fn entry(&self, path: &Path) -> io::Result<HostEntry>;
+}
+
+/// The real host, via `lstat`/`readlink`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealHost;
+
+impl HostView for RealHost {
+    fn entry(&self, path: &Path) -> io::Result<HostEntry> {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() {
+            Ok(HostEntry::Symlink(std::fs::read_link(path)?))
+        } else if meta.is_dir() {
+            Ok(HostEntry::Directory)
+        } else {
+            Ok(HostEntry::File)
+        }
+    }
+}
+
+/// One step of building the root. Paths before [`MountOp::PivotRoot`] are host-side paths under
+/// `root_dir`; after it they are paths in the new root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountOp {
+    /// Mount a fresh tmpfs.
+    Tmpfs {
+        /// Mount point.
+        target: PathBuf,
+        /// tmpfs options (`mode=`, `size=`).
+        options: String,
+        /// Mount flags.
+        flags: MsFlags,
+    },
+    /// Create a directory; an existing symlink or non-directory is an error (never followed).
+    MakeDir {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Create an empty file as a bind mount point (`O_EXCL`: never follows a symlink).
+    MakeFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Create a symlink.
+    Symlink {
+        /// What it points to (verbatim).
+        target: PathBuf,
+        /// Where the link is created.
+        link: PathBuf,
+    },
+    /// Bind `source` (recursively) onto `target`.
+    Bind {
+        /// Host path.
+        source: PathBuf,
+        /// Mount point.
+        target: PathBuf,
+    },
+    /// Re-apply per-mount flags on a bind (the bind itself ignores them), keeping the flags the
+    /// source mount already has; `recursive` also restricts every submount.
+    Restrict {
+        /// The mount.
+        target: PathBuf,
+        /// Flags to add (`MS_RDONLY`, `MS_NOSUID`, …).
+        flags: MsFlags,
+        /// Apply to submounts too.
+        recursive: bool,
+    },
+    /// Mount a procfs of the current pid namespace.
+    Proc {
+        /// Mount point.
+        target: PathBuf,
+    },
+    /// Make `new_root` the root and detach the old one.
+    PivotRoot {
+        /// The new root.
+        new_root: PathBuf,
+    },
+}
+
+impl fmt::Display for MountOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tmpfs {
+                target,
+                options,
+                flags,
+            } => {
+                write!(
+                    f,
+                    "mount tmpfs ({options}, {flags:?}) on {}",
+                    target.display()
+                )
+            }
+            Self::MakeDir { path } => write!(f, "mkdir {}", path.display()),
+            Self::MakeFile { path } => write!(f, "create mount point {}", path.display()),
+            Self::Symlink { target, link } => {
+                write!(f, "symlink {} -> {}", link.display(), target.display())
+            }
+            Self::Bind { source, target } => {
+                write!(f, "bind {} on {}", source.display(), target.display())
+            }
+            Self::Restrict {
+                target,
+                flags,
+                recursive,
+            } => {
+                let scope = if *recursive { " (recursive)" } else { "" };
+                write!(f, "remount {} with {flags:?}{scope}", target.display())
+            }
+            Self::Proc { target } => write!(f, "mount proc on {}", target.display()),
+            Self::PivotRoot { new_root } => write!(f, "pivot_root to {}", new_root.display()),
+        }
+    }
+}
+
+/// A host path the plan needs could not be inspected.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot inspect host path {path:?}")]
+pub struct PlanError {
+    /// The host path.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Device nodes bound from the host: the harmless ones every build expects.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Plans the root of a validated spec (call [`SandboxSpec::validate`] first).
+pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp>, PlanError> {
+    let mut plan = Planner {
+        root: spec.root_dir.clone(),
+        ops: Vec::new(),
+        dirs: BTreeSet::new(),
+    };
+    let no_setuid_no_dev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let read_only = MsFlags::MS_RDONLY | no_setuid_no_dev;
+
+    // A tmpfs root: nothing of the host is visible unless listed, and it is gone with the namespace.
+    plan.ops.push(MountOp::Tmpfs {
+        target: spec.root_dir.clone(),
+        options: "mode=0755".into(),
+        flags: no_setuid_no_dev,
+    });
+
+    // Binds first, symlinks after: validation forbids nesting, so no mount point is ever created
+    // through a bind (which would write to the host) or through a recreated symlink.
+    let mut symlinks = Vec::new();
+    for path in &spec.host_paths {
+        let entry = host.entry(path).map_err(|source| PlanError {
+            path: path.clone(),
+            source,
+        })?;
+        match entry {
+            HostEntry::Symlink(target) => symlinks.push((path, target)),
+            HostEntry::Directory => {
+                plan.dir(path);
+                plan.bind(path, path, read_only, true);
+            }
+            HostEntry::File => {
+                plan.file(path);
+                plan.bind(path, path, read_only, true);
+            }
+        }
+    }
+    for (path, target) in symlinks {
+        plan.parent_dirs(path);
+        let link = plan.inside(path);
+        plan.ops.push(MountOp::Symlink { target, link });
+    }
+
+    // Workspaces: inputs read-only, outputs writable; never setuid or device files.
+    for workspace in &spec.workspaces {
+        let path = Path::new("/workspace").join(&workspace.name);
+        plan.dir(&path);
+        let flags = match workspace.access {
+            Access::ReadOnly => read_only,
+            Access::ReadWrite => no_setuid_no_dev,
+        };
+        plan.bind(&workspace.host_path, &path, flags, true);
+    }
+
+    // Minimal /dev: its own tmpfs (nodev, so nothing created there is a device) with single host
+    // device nodes bound on empty files: each bind is its own mount and keeps working.
+    let dev = Path::new("/dev");
+    plan.dir(dev);
+    plan.ops.push(MountOp::Tmpfs {
+        target: plan.inside(dev),
+        options: "mode=0755,size=64k".into(),
+        flags: no_setuid_no_dev | MsFlags::MS_NOEXEC,
+    });
+    for device in DEVICES {
+        let path = dev.join(device);
+        plan.file(&path);
+        plan.bind(&path, &path, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, false);
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        plan.ops.push(MountOp::Symlink {
+            target: target.into(),
+            link: plan.inside(&dev.join(link)),
+        });
+    }
+    // POSIX shared memory (glibc sem_open, Python multiprocessing): private and size-limited.
+    let shm = dev.join("shm");
+    plan.dir(&shm);
+    plan.ops.push(MountOp::Tmpfs {
+        target: plan.inside(&shm),
+        options: format!("mode=1777,size={}", spec.tmp_size_bytes),
+        flags: no_setuid_no_dev | MsFlags::MS_NOEXEC,
+    });
+    plan.ops.push(MountOp::Restrict {
+        target: plan.inside(dev),
+        flags: read_only,
+        recursive: false,
+    });
+
+    // A procfs of the new pid namespace: the step sees its own processes only.
+    let proc = Path::new("/proc");
+    plan.dir(proc);
+    plan.ops.push(MountOp::Proc {
+        target: plan.inside(proc),
+    });
+
+    // Private, size-limited /tmp.
+    let tmp = Path::new("/tmp");
+    plan.dir(tmp);
+    plan.ops.push(MountOp::Tmpfs {
+        target: plan.inside(tmp),
+        options: format!("mode=1777,size={}", spec.tmp_size_bytes),
+        flags: no_setuid_no_dev,
+    });
+
+    // Switch to the new root and drop every reference to the host's mount tree; then freeze the
+    // root tmpfs so the step cannot create files outside /tmp and its output workspaces.
+    plan.ops.push(MountOp::PivotRoot {
+        new_root: spec.root_dir.clone(),
+    });
+    plan.ops.push(MountOp::Restrict {
+        target: "/".into(),
+        flags: read_only,
+        recursive: false,
+    });
+    Ok(plan.ops)
+}
+
+struct Planner {
+    root: PathBuf,
+    ops: Vec<MountOp>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl Planner {
+    /// `path` (absolute, sandbox view) as a host path under the root.
+    fn inside(&self, path: &Path) -> PathBuf {
+        self.root.join(path.strip_prefix("/").unwrap_or(path))
+    }
+
+    fn dir(&mut self, path: &Path) {
+        self.parent_dirs(path);
+        if self.dirs.insert(path.to_owned()) {
+            self.ops.push(MountOp::MakeDir {
+                path: self.inside(path),
+            });
+        }
+    }
+
+    fn parent_dirs(&mut self, path: &Path) {
+        if let Some(parent) = path.parent()
+            && parent != Path::new("/")
+        {
+            self.dir(parent);
+        }
+    }
+
+    fn file(&mut self, path: &Path) {
+        self.parent_dirs(path);
+        self.ops.push(MountOp::MakeFile {
+            path: self.inside(path),
+        });
+    }
+
+    fn bind(&mut self, source: &Path, path: &Path, flags: MsFlags, recursive: bool) {
+        let target = self.inside(path);
+        self.ops.push(MountOp::Bind {
+            source: source.to_owned(),
+            target: target.clone(),
+        });
+        self.ops.push(MountOp::Restrict {
+            target,
+            flags,
+            recursive,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::spec::tests::sample;
+
+    struct FakeHost;
+    impl HostView for FakeHost {
+        fn entry(&self, path: &Path) -> io::Result<HostEntry> {
+            match path.to_str() {
+                Some("/bin") => Ok(HostEntry::Symlink("usr/bin".into())),
+                Some("/etc/ld.so.cache") => Ok(HostEntry::File),
+                Some("/missing") => Err(io::Error::from(io::ErrorKind::NotFound)),
+                _ => Ok(HostEntry::Directory),
+            }
+        }
+    }
+
+    fn position(plan: &[MountOp], wanted: &MountOp) -> usize {
+        plan.iter()
+            .position(|op| op == wanted)
+            .unwrap_or_else(|| panic!("{wanted} not in plan: {plan:#?}"))
+    }
+
+    #[test]
+    fn root_is_tmpfs_first_and_read_only_last() {
+        let plan = plan_root(&sample(), &FakeHost).unwrap();
+        assert!(
+            matches!(&plan[0], MountOp::Tmpfs { target, .. } if target == Path::new("/run/kiln/root"))
+        );
+        assert_eq!(
+            plan[plan.len() - 2],
+            MountOp::PivotRoot {
+                new_root: "/run/kiln/root".into()
+            }
+        );
+        assert_eq!(
+            plan[plan.len() - 1],
+            MountOp::Restrict {
+                target: "/".into(),
+                flags: MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                recursive: false
+            }
+        );
+    }
+
+    #[test]
+    fn host_paths_are_bound_read_only_and_symlinks_recreated() {
+        let plan = plan_root(&sample(), &FakeHost).unwrap();
+        let bind = position(
+            &plan,
+            &MountOp::Bind {
+                source: "/usr".into(),
+                target: "/run/kiln/root/usr".into(),
+            },
+        );
+        let restrict = position(
+            &plan,
+            &MountOp::Restrict {
+                target: "/run/kiln/root/usr".into(),
+                flags: MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                recursive: true,
+            },
+        );
+        assert!(bind < restrict);
+        position(
+            &plan,
+            &MountOp::Symlink {
+                target: "usr/bin".into(),
+                link: "/run/kiln/root/bin".into(),
+            },
+        );
+        let etc = position(
+            &plan,
+            &MountOp::MakeDir {
+                path: "/run/kiln/root/etc".into(),
+            },
+        );
+        let file = position(
+            &plan,
+            &MountOp::MakeFile {
+                path: "/run/kiln/root/etc/ld.so.cache".into(),
+            },
+        );
+        assert!(etc < file);
+        assert!(
+            !plan.iter().any(
+                |op| matches!(op, MountOp::Bind { source, .. } if source == Path::new("/bin"))
+            )
+        );
+    }
+
+    #[test]
+    fn workspaces_follow_their_access() {
+        let plan = plan_root(&sample(), &FakeHost).unwrap();
+        position(
+            &plan,
+            &MountOp::Restrict {
+                target: "/run/kiln/root/workspace/src".into(),
+                flags: MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                recursive: true,
+            },
+        );
+        position(
+            &plan,
+            &MountOp::Restrict {
+                target: "/run/kiln/root/workspace/out".into(),
+                flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                recursive: true,
+            },
+        );
+    }
+
+    #[test]
+    fn every_directory_is_created_once_before_use() {
+        let plan = plan_root(&sample(), &FakeHost).unwrap();
+        let mut seen = BTreeSet::new();
+        for op in &plan {
+            if let MountOp::MakeDir { path } = op {
+                assert!(
+                    seen.insert(path.clone()),
+                    "{} created twice",
+                    path.display()
+                );
+            }
+        }
+        assert!(seen.contains(Path::new("/run/kiln/root/workspace")));
+        position(
+            &plan,
+            &MountOp::Proc {
+                target: "/run/kiln/root/proc".into(),
+            },
+        );
+    }
+
+    #[test]
+    fn missing_host_path_names_it() {
+        let mut spec = sample();
+        spec.host_paths.push("/missing".into());
+        let err = plan_root(&spec, &FakeHost).unwrap_err();
+        assert_eq!(err.path, Path::new("/missing"));
+    }
+}

@@ -1,0 +1,474 @@
+//! Wire types between kilnd and the `kiln-sandbox` helper: what to run ([`SandboxSpec`], JSON on the
+//! helper's stdin) and how it ended ([`SandboxOutcome`], one JSON line on its stdout).
+//!
+//! [`SandboxSpec::validate`] is the helper's first line of defence: every path and name that ends up in
+//! a mount or `execve` is checked here, before any privileged call.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Mount points the sandbox creates itself; host paths may neither cover nor sit inside them.
+pub const RESERVED_PATHS: [&str; 4] = ["/dev", "/proc", "/tmp", "/workspace"];
+
+/// One step to run in a fresh sandbox. Env values may be secrets: this type's `Debug` hides them and
+/// the helper reads it from a pipe, never from disk.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSpec {
+    /// Program and arguments; `argv[0]` without a `/` is looked up in the `PATH` of `env`.
+    pub argv: Vec<String>,
+    /// The step's complete environment (nothing is inherited from kilnd or the helper).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (absolute).
+    pub cwd: PathBuf,
+    /// Hostname in the step's UTS namespace.
+    pub hostname: String,
+    /// An existing empty host directory; the helper mounts the sandbox's tmpfs root on it inside its
+    /// own mount namespace, so one directory can serve concurrent sandboxes.
+    pub root_dir: PathBuf,
+    /// Host paths made visible read-only at the same place (symlinks are recreated, not followed).
+    pub host_paths: Vec<PathBuf>,
+    /// Workspaces, mounted at `/workspace/<name>`.
+    pub workspaces: Vec<WorkspaceMount>,
+    /// Wall-clock limit for setup + step, in milliseconds.
+    pub timeout_ms: u64,
+    /// User the step runs as (never 0).
+    pub uid: u32,
+    /// Group the step runs as (never 0); supplementary groups are cleared.
+    pub gid: u32,
+    /// Size limit of the private `/tmp` (and `/dev/shm`) tmpfs, in bytes.
+    pub tmp_size_bytes: u64,
+}
+
+impl fmt::Debug for SandboxSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Env values may be secrets: show the names only.
+        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("SandboxSpec")
+            .field("argv", &self.argv)
+            .field("env_names", &env_names)
+            .field("cwd", &self.cwd)
+            .field("hostname", &self.hostname)
+            .field("root_dir", &self.root_dir)
+            .field("host_paths", &self.host_paths)
+            .field("workspaces", &self.workspaces)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("tmp_size_bytes", &self.tmp_size_bytes)
+            .finish()
+    }
+}
+
+/// A host directory bound into the sandbox at `/workspace/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceMount {
+    /// Directory name under `/workspace` (`[A-Za-z0-9._-]`, not `.` or `..`).
+    pub name: String,
+    /// Host directory to bind.
+    pub host_path: PathBuf,
+    /// Whether the step may write to it.
+    pub access: Access,
+}
+
+/// Access of a step to a workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Inputs: mounted read-only.
+    ReadOnly,
+    /// The step's own outputs.
+    ReadWrite,
+}
+
+/// How a sandboxed step ended, with resource usage of the step's process tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxOutcome {
+    /// How it ended.
+    pub end: StepEnd,
+    /// Wall-clock time of the step (setup included when the step never started).
+    pub wall_ms: u64,
+    /// User CPU time of the reaped process tree.
+    pub user_ms: u64,
+    /// System CPU time of the reaped process tree.
+    pub sys_ms: u64,
+    /// Largest resident set of any process in the tree, in KiB.
+    pub max_rss_kib: u64,
+}
+
+/// The end of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StepEnd {
+    /// The step's process exited with this code.
+    Exited {
+        /// Exit code (0–255).
+        code: i32,
+    },
+    /// The step's process was killed by this signal.
+    Signaled {
+        /// Signal number.
+        signal: i32,
+    },
+    /// The spec's timeout elapsed; the whole sandbox was killed.
+    TimedOut,
+    /// kilnd cancelled the step; the whole sandbox was killed.
+    Cancelled,
+    /// The step's program could not be executed (e.g. "command not found: cc").
+    ExecFailed {
+        /// What went wrong, for the step log.
+        error: String,
+    },
+    /// The sandbox could not be built; the step never ran.
+    SetupFailed {
+        /// Which stage failed (`spec`, `unshare`, `rootfs`, `privileges`, …).
+        stage: String,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// A [`SandboxSpec`] that must not be run.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// `argv` is empty.
+    #[error("argv must not be empty")]
+    EmptyArgv,
+    /// A string passed to the kernel contains a NUL byte.
+    #[error("{field} contains a NUL byte: {value:?}")]
+    NulByte {
+        /// Which field.
+        field: &'static str,
+        /// The offending value (env values are not shown).
+        value: String,
+    },
+    /// An env variable name is empty or contains `=`.
+    #[error("invalid env variable name {name:?}: must be non-empty without '='")]
+    EnvName {
+        /// The name.
+        name: String,
+    },
+    /// A path must be absolute and normal (no `.`/`..`).
+    #[error("{field} must be an absolute path without '.' or '..' components, got {path:?}")]
+    NotAbsoluteNormal {
+        /// Which field.
+        field: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// The hostname is not a valid host name.
+    #[error("invalid hostname {hostname:?}: 1-64 characters of [A-Za-z0-9.-]")]
+    Hostname {
+        /// The hostname.
+        hostname: String,
+    },
+    /// A host path covers or sits inside a mount point the sandbox owns.
+    #[error("host path {path:?} overlaps the sandbox's own mount point {reserved}")]
+    ReservedPath {
+        /// The host path.
+        path: PathBuf,
+        /// The reserved mount point.
+        reserved: &'static str,
+    },
+    /// Two host paths nest; mounting one inside the other's bind could write to the host.
+    #[error("host paths must not nest: {outer:?} contains {inner:?}")]
+    NestedHostPaths {
+        /// The containing path.
+        outer: PathBuf,
+        /// The contained path.
+        inner: PathBuf,
+    },
+    /// A workspace name is not a plain directory name.
+    #[error("invalid workspace name {name:?}: use [A-Za-z0-9._-], not '.' or '..'")]
+    WorkspaceName {
+        /// The name.
+        name: String,
+    },
+    /// Two workspaces share a name.
+    #[error("duplicate workspace name {name:?}")]
+    DuplicateWorkspace {
+        /// The name.
+        name: String,
+    },
+    /// A limit is zero.
+    #[error("{field} must be greater than 0")]
+    Zero {
+        /// Which field.
+        field: &'static str,
+    },
+    /// The step would run as root (uid or gid 0); without a user namespace that is real root.
+    #[error("the step must not run as {field} 0")]
+    RootId {
+        /// `uid` or `gid`.
+        field: &'static str,
+    },
+}
+
+impl SandboxSpec {
+    /// Checks everything the helper hands to the kernel.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.argv.is_empty() {
+            return Err(SpecError::EmptyArgv);
+        }
+        for arg in &self.argv {
+            no_nul("argv", arg, arg)?;
+        }
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') {
+                return Err(SpecError::EnvName { name: name.clone() });
+            }
+            no_nul("env name", name, name)?;
+            no_nul("env value", value, &format!("value of {name}"))?;
+        }
+        absolute_normal("cwd", &self.cwd)?;
+        absolute_normal("root_dir", &self.root_dir)?;
+        if self.hostname.is_empty()
+            || self.hostname.len() > 64
+            || !self
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(SpecError::Hostname {
+                hostname: self.hostname.clone(),
+            });
+        }
+        for path in &self.host_paths {
+            absolute_normal("host_paths", path)?;
+            for reserved in RESERVED_PATHS {
+                let reserved_path = Path::new(reserved);
+                if path.starts_with(reserved_path) || reserved_path.starts_with(path) {
+                    return Err(SpecError::ReservedPath {
+                        path: path.clone(),
+                        reserved,
+                    });
+                }
+            }
+        }
+        for outer in &self.host_paths {
+            for inner in &self.host_paths {
+                if !std::ptr::eq(outer, inner) && inner.starts_with(outer) {
+                    return Err(SpecError::NestedHostPaths {
+                        outer: outer.clone(),
+                        inner: inner.clone(),
+                    });
+                }
+            }
+        }
+        let mut names = BTreeSet::new();
+        for workspace in &self.workspaces {
+            let name = &workspace.name;
+            if name.is_empty()
+                || name == "."
+                || name == ".."
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(SpecError::WorkspaceName { name: name.clone() });
+            }
+            if !names.insert(name.as_str()) {
+                return Err(SpecError::DuplicateWorkspace { name: name.clone() });
+            }
+            absolute_normal("workspaces.host_path", &workspace.host_path)?;
+        }
+        if self.timeout_ms == 0 {
+            return Err(SpecError::Zero {
+                field: "timeout_ms",
+            });
+        }
+        if self.tmp_size_bytes == 0 {
+            return Err(SpecError::Zero {
+                field: "tmp_size_bytes",
+            });
+        }
+        if self.uid == 0 {
+            return Err(SpecError::RootId { field: "uid" });
+        }
+        if self.gid == 0 {
+            return Err(SpecError::RootId { field: "gid" });
+        }
+        Ok(())
+    }
+
+    /// The `PATH` the step's `argv[0]` is resolved with (the last `PATH` in `env`, else
+    /// `/usr/bin:/bin`).
+    pub fn path_env(&self) -> &str {
+        self.env
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "PATH")
+            .map_or("/usr/bin:/bin", |(_, value)| value.as_str())
+    }
+}
+
+fn no_nul(field: &'static str, value: &str, shown: &str) -> Result<(), SpecError> {
+    if value.contains('\0') {
+        return Err(SpecError::NulByte {
+            field,
+            value: shown.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn absolute_normal(field: &'static str, path: &Path) -> Result<(), SpecError> {
+    let normal = path.is_absolute()
+        && path.as_os_str().as_encoded_bytes().iter().all(|&b| b != 0)
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if normal {
+        Ok(())
+    } else {
+        Err(SpecError::NotAbsoluteNormal {
+            field,
+            path: path.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> SandboxSpec {
+        SandboxSpec {
+            argv: vec!["/bin/true".into()],
+            env: vec![
+                ("PATH".into(), "/usr/bin:/bin".into()),
+                ("TOKEN".into(), "s3cret".into()),
+            ],
+            cwd: "/workspace/out".into(),
+            hostname: "kiln-step".into(),
+            root_dir: "/run/kiln/root".into(),
+            host_paths: vec!["/usr".into(), "/bin".into(), "/etc/ld.so.cache".into()],
+            workspaces: vec![
+                WorkspaceMount {
+                    name: "src".into(),
+                    host_path: "/var/lib/kiln/ws/src".into(),
+                    access: Access::ReadOnly,
+                },
+                WorkspaceMount {
+                    name: "out".into(),
+                    host_path: "/var/lib/kiln/ws/out".into(),
+                    access: Access::ReadWrite,
+                },
+            ],
+            timeout_ms: 1000,
+            uid: 65534,
+            gid: 65534,
+            tmp_size_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn sample_is_valid_and_round_trips() {
+        let spec = sample();
+        spec.validate().unwrap();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<SandboxSpec>(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn debug_hides_env_values() {
+        let shown = format!("{:?}", sample());
+        assert!(shown.contains("TOKEN"));
+        assert!(!shown.contains("s3cret"));
+    }
+
+    #[test]
+    fn rejects_dangerous_specs() {
+        type Mutation = fn(&mut SandboxSpec);
+        let cases: Vec<(Mutation, SpecError)> = vec![
+            (|s| s.argv.clear(), SpecError::EmptyArgv),
+            (
+                |s| s.host_paths.push("/usr/../etc".into()),
+                SpecError::NotAbsoluteNormal {
+                    field: "host_paths",
+                    path: "/usr/../etc".into(),
+                },
+            ),
+            (
+                |s| s.host_paths.push("/".into()),
+                SpecError::ReservedPath {
+                    path: "/".into(),
+                    reserved: "/dev",
+                },
+            ),
+            (
+                |s| s.host_paths.push("/proc/self".into()),
+                SpecError::ReservedPath {
+                    path: "/proc/self".into(),
+                    reserved: "/proc",
+                },
+            ),
+            (
+                |s| s.host_paths.push("/usr/local".into()),
+                SpecError::NestedHostPaths {
+                    outer: "/usr".into(),
+                    inner: "/usr/local".into(),
+                },
+            ),
+            (
+                |s| s.workspaces[0].name = "..".into(),
+                SpecError::WorkspaceName { name: "..".into() },
+            ),
+            (
+                |s| s.workspaces[0].name = "a/b".into(),
+                SpecError::WorkspaceName { name: "a/b".into() },
+            ),
+            (
+                |s| s.workspaces[0].name = "out".into(),
+                SpecError::DuplicateWorkspace { name: "out".into() },
+            ),
+            (|s| s.uid = 0, SpecError::RootId { field: "uid" }),
+            (
+                |s| s.hostname = "a b".into(),
+                SpecError::Hostname {
+                    hostname: "a b".into(),
+                },
+            ),
+            (
+                |s| s.env.push(("A=B".into(), String::new())),
+                SpecError::EnvName { name: "A=B".into() },
+            ),
+            (
+                |s| s.timeout_ms = 0,
+                SpecError::Zero {
+                    field: "timeout_ms",
+                },
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut spec = sample();
+            mutate(&mut spec);
+            assert_eq!(spec.validate(), Err(expected));
+        }
+    }
+
+    #[test]
+    fn outcome_json_shape() {
+        let outcome = SandboxOutcome {
+            end: StepEnd::Exited { code: 3 },
+            wall_ms: 1,
+            user_ms: 0,
+            sys_ms: 0,
+            max_rss_kib: 10,
+        };
+        let json = serde_json::to_string(&outcome).unwrap();
+        assert!(
+            json.contains(r#""end":{"kind":"exited","code":3}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<SandboxOutcome>(&json).unwrap(),
+            outcome
+        );
+    }
+}

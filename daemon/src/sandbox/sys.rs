@@ -1,0 +1,236 @@
+//! The privileged-syscall seam of the sandbox: performing [`MountOp`]s, and the few calls `nix`
+//! does not wrap safely (`fork`, `_exit`, `PR_CAPBSET_DROP`, `close_range`, signal reset). Every
+//! `unsafe` block of the sandbox lives here, each a small wrapper; errors become `Errno` at once.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::stat::Mode;
+use nix::sys::statvfs::FsFlags;
+use nix::unistd::ForkResult;
+
+use super::rootfs::MountOp;
+
+/// A [`MountOp`] failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {source}")]
+pub struct MountError {
+    /// The operation, as displayed.
+    pub op: String,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Performs one step of the root plan (inside the helper's private mount namespace).
+pub fn apply(op: &MountOp) -> Result<(), MountError> {
+    apply_inner(op).map_err(|source| MountError {
+        op: op.to_string(),
+        source,
+    })
+}
+
+fn apply_inner(op: &MountOp) -> io::Result<()> {
+    match op {
+        MountOp::Tmpfs {
+            target,
+            options,
+            flags,
+        } => {
+            nix::mount::mount(
+                Some("tmpfs"),
+                target,
+                Some("tmpfs"),
+                *flags,
+                Some(options.as_str()),
+            )?;
+        }
+        MountOp::MakeDir { path } => {
+            match nix::unistd::mkdir(path, Mode::from_bits_truncate(0o755)) {
+                Ok(()) => {}
+                // Only a real directory may already exist: a symlink here would redirect later mounts.
+                Err(Errno::EEXIST) if std::fs::symlink_metadata(path)?.is_dir() => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        MountOp::MakeFile { path } => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+        }
+        MountOp::Symlink { target, link } => std::os::unix::fs::symlink(target, link)?,
+        MountOp::Bind { source, target } => {
+            nix::mount::mount(
+                Some(source),
+                target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+        }
+        MountOp::Restrict {
+            target,
+            flags,
+            recursive,
+        } => {
+            let mut targets = vec![target.clone()];
+            if *recursive {
+                targets.extend(submounts(target)?);
+            }
+            for mount_point in targets {
+                remount_bind(&mount_point, *flags)?;
+            }
+        }
+        MountOp::Proc { target } => {
+            nix::mount::mount(
+                Some("proc"),
+                target,
+                Some("proc"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )?;
+        }
+        MountOp::PivotRoot { new_root } => {
+            // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
+            // drops the old root (and every host mount under it) from this namespace for good.
+            nix::unistd::chdir(new_root)?;
+            nix::unistd::pivot_root(".", ".")?;
+            nix::mount::umount2(".", MntFlags::MNT_DETACH)?;
+            nix::unistd::chdir("/")?;
+        }
+    }
+    Ok(())
+}
+
+/// `MS_REMOUNT|MS_BIND` sets exactly the per-mount flags given, so flags the mount already has
+/// (nosuid/noexec/rdonly/atime of the source) are re-applied; with a user namespace some of them are
+/// locked and omitting them would fail with EPERM.
+fn remount_bind(target: &Path, flags: MsFlags) -> io::Result<()> {
+    let current = nix::sys::statvfs::statvfs(target)?.flags();
+    let mut keep = MsFlags::empty();
+    for (fs_flag, ms_flag) in [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.contains(fs_flag) {
+            keep |= ms_flag;
+        }
+    }
+    nix::mount::mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags | keep,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+/// Mount points strictly below `target` in this mount namespace (a recursive bind brings them
+/// along, and a remount of the top does not restrict them).
+fn submounts(target: &Path) -> io::Result<Vec<PathBuf>> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(field))))
+        .filter(|path| path != target && path.starts_with(target))
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(octal) = bytes.get(i + 1..i + 4)
+            && let Ok(text) = std::str::from_utf8(octal)
+            && let Ok(value) = u8::from_str_radix(text, 8)
+        {
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Sets `path` as a C string.
+pub fn c_string(value: impl AsRef<std::ffi::OsStr>) -> Result<CString, Errno> {
+    CString::new(value.as_ref().as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+/// `fork(2)`.
+///
+/// The helper is single-threaded (checked at start), so the child may allocate and run arbitrary
+/// code: no other thread can hold a lock at the time of the fork.
+pub fn fork() -> Result<ForkResult, Errno> {
+    // SAFETY: the kiln-sandbox helper never starts a thread (`helper::main` refuses to run with more
+    // than one), so the child inherits no lock held by another thread.
+    unsafe { nix::unistd::fork() }
+}
+
+/// `_exit(2)`: leaves a forked process without running the parent's atexit handlers or flushing
+/// buffers that the parent will flush.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it terminates the calling process immediately.
+    unsafe { libc::_exit(code) }
+}
+
+/// Drops capability `cap` from the bounding set (`PR_CAPBSET_DROP`), so no later execve of a file
+/// with capabilities can regain it.
+pub fn drop_bounding_cap(cap: u32) -> Result<(), Errno> {
+    // SAFETY: PR_CAPBSET_DROP takes an integer capability number and no pointers.
+    let res = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+    Errno::result(res).map(drop)
+}
+
+/// Marks every fd from 3 up close-on-exec, so nothing the helper inherited or opened leaks into the
+/// step's program.
+pub fn cloexec_from_3() -> Result<(), Errno> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on fds; it closes nothing that
+    // Rust owns and takes no pointers.
+    let res = unsafe {
+        libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// Restores default signal handling for the step: the Rust runtime ignores SIGPIPE, and ignored
+/// signals survive execve (a `yes | head` pipeline would never end); the mask is emptied too.
+pub fn reset_signals() -> Result<(), Errno> {
+    // SAFETY: installing SIG_DFL registers no Rust code as a handler, so no signal-safety
+    // requirement applies.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) }?;
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), b"/a b\\c".to_vec());
+        assert_eq!(unescape_mountinfo(r"/plain\09"), b"/plain\\09".to_vec());
+    }
+}

@@ -1,0 +1,714 @@
+//! `kiln.db`: the SQLite index of jobs, steps, subjects, attestations and job events.
+//!
+//! The database only indexes; every attestation, log and artifact is a CAS blob. WAL mode with
+//! `synchronous=NORMAL`: a crash can lose the last transactions but never corrupts the file, and
+//! [`Db::recover_interrupted`] repairs the state of jobs that were running when kilnd stopped.
+//! Calls are short (indexed lookups), so they run under a mutex directly on the caller's thread.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use kiln_common::Digest;
+use kiln_common::api::{
+    Artifact, AttestationRef, Event, JobState, JobStatus, JobSummary, StepState, StepStatus,
+};
+use kiln_common::digest::TreeEntry;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Database failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite error.
+    #[error("kiln.db: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be decoded (the file was edited or is from another version).
+    #[error("kiln.db holds an invalid {what}: {value:?}")]
+    Invalid {
+        /// Column.
+        what: &'static str,
+        /// Value found.
+        value: String,
+    },
+    /// The lock was poisoned by a panic elsewhere.
+    #[error("kiln.db lock poisoned")]
+    Poisoned,
+}
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    pipeline TEXT NOT NULL,
+    pipeline_digest TEXT NOT NULL,
+    params TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    attestation TEXT
+);
+CREATE TABLE IF NOT EXISTS steps (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    output TEXT,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    error TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    duration_ms INTEGER,
+    log TEXT,
+    attestation TEXT,
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS subjects (
+    job_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    path TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    final_output INTEGER NOT NULL,
+    PRIMARY KEY (job_id, step, path)
+);
+CREATE INDEX IF NOT EXISTS subjects_by_digest ON subjects(digest);
+CREATE TABLE IF NOT EXISTS attestations (
+    digest TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    step TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+";
+
+/// A job as first recorded.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    /// Job id.
+    pub id: &'a str,
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// Pipeline digest (a CAS blob holding the exact text).
+    pub pipeline_digest: &'a Digest,
+    /// Bound parameters.
+    pub params: &'a BTreeMap<String, String>,
+    /// RFC 3339.
+    pub created_at: &'a str,
+    /// Steps in execution order: (name, kind, output workspace).
+    pub steps: Vec<(&'a str, &'a str, Option<&'a str>)>,
+}
+
+/// The attested output files of one step.
+#[derive(Debug, Clone)]
+pub struct StepOutputs<'a> {
+    /// Output workspace.
+    pub workspace: &'a str,
+    /// No later step transforms this workspace: an end product of the pipeline.
+    pub final_output: bool,
+    /// Files and digests.
+    pub entries: &'a [TreeEntry],
+}
+
+/// Fields of a step written when it changes state.
+#[derive(Debug, Clone, Default)]
+pub struct StepUpdate {
+    /// New state.
+    pub state: Option<StepState>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// RFC 3339.
+    pub started_at: Option<String>,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// Worker wall time.
+    pub duration_ms: Option<u64>,
+    /// Log blob.
+    pub log: Option<Digest>,
+    /// Envelope blob.
+    pub attestation: Option<Digest>,
+}
+
+/// The index database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+fn parse_digest(what: &'static str, s: Option<String>) -> Result<Option<Digest>, DbError> {
+    s.map(|v| v.parse().map_err(|_| DbError::Invalid { what, value: v }))
+        .transpose()
+}
+
+impl Db {
+    /// Open or create `path`, apply the schema, enable WAL.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<MutexGuard<'_, Connection>, DbError> {
+        self.conn.lock().map_err(|_| DbError::Poisoned)
+    }
+
+    /// Record a new queued job and its pending steps, atomically.
+    pub fn insert_job(&self, job: &NewJob<'_>) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let params_json = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
+        tx.execute(
+            "INSERT INTO jobs (id, pipeline, pipeline_digest, params, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![job.id, job.pipeline, job.pipeline_digest.to_string(), params_json, JobState::Queued.as_str(), job.created_at],
+        )?;
+        for (idx, (name, kind, output)) in job.steps.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO steps (job_id, idx, name, kind, output, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![job.id, idx as i64, name, kind, output, StepState::Pending.as_str()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Change a job's state; `time` goes to `started_at` for running and `finished_at` for terminal states.
+    pub fn set_job_state(
+        &self,
+        id: &str,
+        state: JobState,
+        error: Option<&str>,
+        time: &str,
+    ) -> Result<(), DbError> {
+        let conn = self.conn()?;
+        let column = if state == JobState::Running {
+            "started_at"
+        } else {
+            "finished_at"
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = ?1, error = COALESCE(?2, error), {column} = ?3 WHERE id = ?4"
+        );
+        conn.execute(&sql, params![state.as_str(), error, time, id])?;
+        Ok(())
+    }
+
+    /// Link the job-level attestation.
+    pub fn set_job_attestation(&self, id: &str, digest: &Digest) -> Result<(), DbError> {
+        self.conn()?.execute(
+            "UPDATE jobs SET attestation = ?1 WHERE id = ?2",
+            params![digest.to_string(), id],
+        )?;
+        Ok(())
+    }
+
+    /// Apply the set fields of `u` to a step.
+    pub fn update_step(&self, job_id: &str, step: &str, u: &StepUpdate) -> Result<(), DbError> {
+        self.conn()?.execute(
+            "UPDATE steps SET state = COALESCE(?1, state), exit_code = COALESCE(?2, exit_code),
+                error = COALESCE(?3, error), started_at = COALESCE(?4, started_at),
+                finished_at = COALESCE(?5, finished_at), duration_ms = COALESCE(?6, duration_ms),
+                log = COALESCE(?7, log), attestation = COALESCE(?8, attestation)
+             WHERE job_id = ?9 AND name = ?10",
+            params![
+                u.state.map(StepState::as_str),
+                u.exit_code,
+                u.error,
+                u.started_at,
+                u.finished_at,
+                u.duration_ms.map(|d| d as i64),
+                u.log.map(|d| d.to_string()),
+                u.attestation.map(|d| d.to_string()),
+                job_id,
+                step
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Record the output files of a step and its envelope, in one transaction.
+    pub fn record_attested_outputs(
+        &self,
+        job_id: &str,
+        step: &str,
+        outputs: Option<&StepOutputs<'_>>,
+        envelope: &Digest,
+        created_at: &str,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        if let Some(StepOutputs {
+            workspace: ws,
+            final_output,
+            entries,
+        }) = outputs
+        {
+            for e in *entries {
+                tx.execute(
+                    "INSERT INTO subjects (job_id, step, workspace, path, digest, final_output) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![job_id, step, ws, e.path, e.digest.to_string(), final_output],
+                )?;
+            }
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO attestations (digest, job_id, step, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![envelope.to_string(), job_id, step, created_at],
+        )?;
+        tx.execute(
+            "UPDATE steps SET attestation = ?1 WHERE job_id = ?2 AND name = ?3",
+            params![envelope.to_string(), job_id, step],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Record the job-level envelope.
+    pub fn record_job_attestation(
+        &self,
+        job_id: &str,
+        envelope: &Digest,
+        created_at: &str,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO attestations (digest, job_id, step, created_at) VALUES (?1, ?2, NULL, ?3)",
+            params![envelope.to_string(), job_id, created_at],
+        )?;
+        tx.execute(
+            "UPDATE jobs SET attestation = ?1 WHERE id = ?2",
+            params![envelope.to_string(), job_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Newest jobs first.
+    pub fn list_jobs(&self, limit: usize) -> Result<Vec<JobSummary>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, pipeline, state, created_at, finished_at, error FROM jobs ORDER BY created_at DESC, id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get::<_, String>(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, pipeline, state, created_at, finished_at, error) = row?;
+            let state = JobState::parse(&state).ok_or(DbError::Invalid {
+                what: "job state",
+                value: state,
+            })?;
+            out.push(JobSummary {
+                id,
+                pipeline,
+                state,
+                created_at,
+                finished_at,
+                error,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Full status of one job, or `None`.
+    pub fn job(&self, id: &str) -> Result<Option<JobStatus>, DbError> {
+        let conn = self.conn()?;
+        let job = conn
+            .query_row(
+                "SELECT pipeline, pipeline_digest, params, state, created_at, started_at, finished_at, error, attestation FROM jobs WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                        r.get::<_, Option<String>>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((
+            pipeline,
+            pdigest,
+            params_json,
+            state,
+            created_at,
+            started_at,
+            finished_at,
+            error,
+            att,
+        )) = job
+        else {
+            return Ok(None);
+        };
+        let pipeline_digest =
+            parse_digest("pipeline digest", Some(pdigest))?.ok_or(DbError::Invalid {
+                what: "pipeline digest",
+                value: String::new(),
+            })?;
+        let params: BTreeMap<String, String> =
+            serde_json::from_str(&params_json).map_err(|_| DbError::Invalid {
+                what: "params",
+                value: params_json.clone(),
+            })?;
+        let state = JobState::parse(&state).ok_or(DbError::Invalid {
+            what: "job state",
+            value: state,
+        })?;
+        let mut steps = Vec::new();
+        let mut stmt = conn.prepare(
+            "SELECT name, kind, state, exit_code, error, started_at, finished_at, duration_ms, log, attestation, output
+             FROM steps WHERE job_id = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt.query_map(params![id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<i32>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, Option<String>>(9)?,
+                r.get::<_, Option<String>>(10)?,
+            ))
+        })?;
+        let mut out_stmt = conn.prepare(
+            "SELECT path, digest FROM subjects WHERE job_id = ?1 AND step = ?2 ORDER BY path",
+        )?;
+        for row in rows {
+            let (
+                name,
+                kind,
+                st,
+                exit_code,
+                error,
+                started_at,
+                finished_at,
+                duration,
+                log,
+                att,
+                output,
+            ) = row?;
+            let state = StepState::parse(&st).ok_or(DbError::Invalid {
+                what: "step state",
+                value: st,
+            })?;
+            let mut outputs = Vec::new();
+            for o in out_stmt.query_map(params![id, name], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })? {
+                let (path, digest) = o?;
+                let digest =
+                    parse_digest("subject digest", Some(digest))?.ok_or(DbError::Invalid {
+                        what: "subject digest",
+                        value: String::new(),
+                    })?;
+                outputs.push(TreeEntry { path, digest });
+            }
+            steps.push(StepStatus {
+                name,
+                kind,
+                state,
+                exit_code,
+                error,
+                started_at,
+                finished_at,
+                duration_ms: duration.map(|d| d as u64),
+                log: parse_digest("log digest", log)?,
+                attestation: parse_digest("attestation digest", att)?,
+                output,
+                outputs,
+            });
+        }
+        Ok(Some(JobStatus {
+            id: id.to_owned(),
+            pipeline,
+            pipeline_digest,
+            params,
+            state,
+            created_at,
+            started_at,
+            finished_at,
+            error,
+            attestation: parse_digest("attestation digest", att)?,
+            steps,
+        }))
+    }
+
+    /// Output files of a job.
+    pub fn artifacts(&self, job_id: &str) -> Result<Vec<Artifact>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT step, workspace, path, digest, final_output FROM subjects WHERE job_id = ?1 ORDER BY step, path",
+        )?;
+        let rows = stmt.query_map(params![job_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (step, workspace, path, digest, final_output) = row?;
+            let digest = parse_digest("subject digest", Some(digest))?.ok_or(DbError::Invalid {
+                what: "subject digest",
+                value: String::new(),
+            })?;
+            out.push(Artifact {
+                step,
+                workspace,
+                path,
+                digest,
+                final_output,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every attested subject with this digest.
+    pub fn attestations_by_subject(&self, digest: &Digest) -> Result<Vec<AttestationRef>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT s.job_id, s.step, s.path, st.attestation FROM subjects s
+             JOIN steps st ON st.job_id = s.job_id AND st.name = s.step
+             WHERE s.digest = ?1 AND st.attestation IS NOT NULL ORDER BY s.job_id, s.step",
+        )?;
+        let rows = stmt.query_map(params![digest.to_string()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (job_id, step, subject, env) = row?;
+            let envelope =
+                parse_digest("attestation digest", Some(env))?.ok_or(DbError::Invalid {
+                    what: "attestation digest",
+                    value: String::new(),
+                })?;
+            out.push(AttestationRef {
+                job_id,
+                step,
+                subject,
+                envelope,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Append a job event (state events are persisted for replay).
+    pub fn append_event(&self, job_id: &str, event: &Event) -> Result<(), DbError> {
+        let json = serde_json::to_string(event).unwrap_or_default();
+        self.conn()?.execute(
+            "INSERT INTO events (job_id, seq, event) VALUES (?1, ?2, ?3)",
+            params![job_id, event.seq as i64, json],
+        )?;
+        Ok(())
+    }
+
+    /// Persisted events with `seq > after`.
+    pub fn events_after(&self, job_id: &str, after: u64) -> Result<Vec<Event>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt =
+            conn.prepare("SELECT event FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq")?;
+        let rows = stmt.query_map(params![job_id, after as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let json = row?;
+            out.push(serde_json::from_str(&json).map_err(|_| DbError::Invalid {
+                what: "event",
+                value: json,
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Highest persisted event sequence number of a job (0 if none).
+    pub fn last_event_seq(&self, job_id: &str) -> Result<u64, DbError> {
+        let seq: Option<i64> = self.conn()?.query_row(
+            "SELECT MAX(seq) FROM events WHERE job_id = ?1",
+            params![job_id],
+            |r| r.get(0),
+        )?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    /// After a crash or kill: jobs left queued/running are failed, their unfinished steps
+    /// cancelled or skipped. Returns the ids of the repaired jobs.
+    pub fn recover_interrupted(&self, now: &str) -> Result<Vec<String>, DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let ids: Vec<String> = {
+            let mut stmt =
+                tx.prepare("SELECT id FROM jobs WHERE state IN ('queued', 'running')")?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for id in &ids {
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', error = 'interrupted: kilnd stopped before the job finished', finished_at = ?1 WHERE id = ?2",
+                params![now, id],
+            )?;
+            tx.execute(
+                "UPDATE steps SET state = 'cancelled', error = 'interrupted: kilnd stopped', finished_at = ?1 WHERE job_id = ?2 AND state = 'running'",
+                params![now, id],
+            )?;
+            tx.execute(
+                "UPDATE steps SET state = 'skipped' WHERE job_id = ?1 AND state = 'pending'",
+                params![id],
+            )?;
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_common::api::EventKind;
+
+    fn sample(db: &Db, id: &str) {
+        let params = BTreeMap::from([("greeting".to_owned(), "hi".to_owned())]);
+        db.insert_job(&NewJob {
+            id,
+            pipeline: "p",
+            pipeline_digest: &Digest::of(b"p"),
+            params: &params,
+            created_at: "2026-01-01T00:00:00Z",
+            steps: vec![("a", "build", Some("out")), ("b", "test", None)],
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn job_lifecycle_and_subject_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("kiln.db")).unwrap();
+        sample(&db, "j1");
+        db.set_job_state("j1", JobState::Running, None, "t1")
+            .unwrap();
+        db.update_step(
+            "j1",
+            "a",
+            &StepUpdate {
+                state: Some(StepState::Succeeded),
+                exit_code: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let entries = vec![TreeEntry {
+            path: "x/y".into(),
+            digest: Digest::of(b"y"),
+        }];
+        let env = Digest::of(b"envelope");
+        let outputs = StepOutputs {
+            workspace: "out",
+            final_output: true,
+            entries: &entries,
+        };
+        db.record_attested_outputs("j1", "a", Some(&outputs), &env, "t2")
+            .unwrap();
+        let job = db.job("j1").unwrap().unwrap();
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.steps.len(), 2);
+        assert_eq!(job.steps[0].outputs, entries);
+        assert_eq!(job.steps[0].attestation, Some(env));
+        assert_eq!(job.steps[1].state, StepState::Pending);
+        let refs = db.attestations_by_subject(&Digest::of(b"y")).unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].envelope, env);
+        assert!(
+            db.attestations_by_subject(&Digest::of(b"z"))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(db.artifacts("j1").unwrap()[0].path, "x/y");
+        assert!(db.job("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn recovery_fails_interrupted_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            let db = Db::open(&path).unwrap();
+            sample(&db, "j1");
+            db.set_job_state("j1", JobState::Running, None, "t1")
+                .unwrap();
+            db.update_step(
+                "j1",
+                "a",
+                &StepUpdate {
+                    state: Some(StepState::Running),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.recover_interrupted("t9").unwrap(), vec!["j1".to_owned()]);
+        let job = db.job("j1").unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.error.unwrap().contains("interrupted"));
+        assert_eq!(job.steps[0].state, StepState::Cancelled);
+        assert_eq!(job.steps[1].state, StepState::Skipped);
+    }
+
+    #[test]
+    fn events_replay_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("kiln.db")).unwrap();
+        sample(&db, "j1");
+        for seq in 1..=3 {
+            let ev = Event {
+                seq,
+                time: "t".into(),
+                kind: EventKind::Job {
+                    state: JobState::Running,
+                    error: None,
+                },
+            };
+            db.append_event("j1", &ev).unwrap();
+        }
+        assert_eq!(db.last_event_seq("j1").unwrap(), 3);
+        let evs = db.events_after("j1", 1).unwrap();
+        assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+    }
+}

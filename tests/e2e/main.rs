@@ -1,0 +1,492 @@
+//! End-to-end: the real kilnd (root, namespaces), the real CLI, the example pipeline, and the
+//! bad-input and tamper cases of the foundation issue.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    clippy::many_single_char_names,
+    reason = "test code: a failed unwrap is a failed test"
+)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_e2e::{
+    Kilnd, expect_code, follow, pipeline_file, privileged, repo, status, stderr, stdout, submit,
+};
+
+/// Processes on the host whose command line contains `marker`.
+fn host_processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+fn wait_for_step_state(k: &Kilnd, job: &str, step: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let st = status(k, job);
+        if st["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == step && s["state"] == state)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("step {step} never reached {state}: {}", status(k, job));
+}
+
+#[test]
+fn example_pipeline_end_to_end_with_tamper_cases() {
+    if !privileged("example_pipeline_end_to_end_with_tamper_cases") {
+        return;
+    }
+    let k = Kilnd::start("");
+    let example = repo().join("examples/hello-c/pipeline.toml");
+    let job = submit(&k, &example, &["--param", "greeting=hello from the test"]);
+    let f = follow(&k, &job);
+    expect_code(&f, 0, "follow example job");
+    assert!(stdout(&f).contains("job succeeded"), "{}", stdout(&f));
+
+    let st = status(&k, &job);
+    assert_eq!(st["state"], "succeeded");
+    for s in st["steps"].as_array().unwrap() {
+        assert_eq!(s["state"], "succeeded", "{s}");
+        assert!(
+            s["attestation"].is_string(),
+            "step without attestation: {s}"
+        );
+        assert!(s["log"].is_string(), "step without log: {s}");
+    }
+    assert_eq!(st["params"]["greeting"], "hello from the test");
+
+    let out = k.dir.path().join("out");
+    let o = k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]);
+    expect_code(&o, 0, "artifacts");
+    let artifact = out.join("hello-c.tar.gz");
+    assert!(artifact.is_file(), "{}", stdout(&o));
+    // Artifacts are never overwritten: a second download into the same directory fails.
+    expect_code(
+        &k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]),
+        1,
+        "artifacts twice",
+    );
+
+    let key = k.dir.path().join("node.pub");
+    let o = k.kiln(&["node", "--public-key"]);
+    expect_code(&o, 0, "node key");
+    std::fs::write(&key, stdout(&o)).unwrap();
+
+    let verify = |path: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "verify",
+            path.to_str().unwrap(),
+            "--trusted-key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        k.kiln(&args)
+    };
+    let o = verify(&artifact, &[]);
+    expect_code(&o, 0, "verify");
+    assert!(
+        stdout(&o).contains("verified hello-c.tar.gz"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).contains("package"),
+        "chain should name the package step: {}",
+        stdout(&o)
+    );
+
+    // The artifact reproduces the build: the program inside prints the parameter.
+    let unpack = k.dir.path().join("unpack");
+    std::fs::create_dir(&unpack).unwrap();
+    let t = Command::new("tar")
+        .arg("-xzf")
+        .arg(&artifact)
+        .arg("-C")
+        .arg(&unpack)
+        .status()
+        .unwrap();
+    assert!(t.success());
+
+    // Tampered artifact: one byte flipped.
+    let tampered = k.dir.path().join("tampered");
+    std::fs::create_dir(&tampered).unwrap();
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(tampered.join("hello-c.tar.gz"), &bytes).unwrap();
+    let bundle = out.join("kiln-bundle.json");
+    let o = verify(
+        &tampered.join("hello-c.tar.gz"),
+        &["--bundle", bundle.to_str().unwrap()],
+    );
+    expect_code(&o, 1, "verify tampered artifact");
+    assert!(stderr(&o).contains("hello-c.tar.gz"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).to_lowercase().contains("modified") || stderr(&o).contains("subject"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Tampered envelope: the package step's payload altered (signature no longer matches).
+    let mut b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+    let payload = b["steps"]["package"]["payload"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut chars: Vec<char> = payload.chars().collect();
+    let i = chars.len() / 3;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    b["steps"]["package"]["payload"] = serde_json::Value::String(chars.into_iter().collect());
+    let bad_bundle = k.dir.path().join("bad-bundle.json");
+    std::fs::write(&bad_bundle, serde_json::to_vec(&b).unwrap()).unwrap();
+    let o = verify(&artifact, &["--bundle", bad_bundle.to_str().unwrap()]);
+    expect_code(&o, 1, "verify tampered envelope");
+    assert!(stderr(&o).contains("signature"), "{}", stderr(&o));
+
+    // Wrong key: a key this node never used.
+    let other = k.dir.path().join("other.pub");
+    let keygen = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl ecparam -genkey -name prime256v1 | openssl ec -pubout -out {}",
+            other.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        keygen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keygen.stderr)
+    );
+    let o = k.kiln(&[
+        "verify",
+        artifact.to_str().unwrap(),
+        "--trusted-key",
+        other.to_str().unwrap(),
+    ]);
+    expect_code(&o, 1, "verify with wrong key");
+    assert!(stderr(&o).contains("trusted"), "{}", stderr(&o));
+
+    // Lookup by subject digest.
+    let o = k.kiln(&["--json", "attestations", artifact.to_str().unwrap()]);
+    expect_code(&o, 0, "attestations by subject");
+    let refs: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(refs[0]["job_id"], job.as_str());
+    assert_eq!(refs[0]["step"], "package");
+
+    // curl works on the socket, as docs/api.md says.
+    let c = Command::new("curl")
+        .args([
+            "-s",
+            "--unix-socket",
+            k.socket.to_str().unwrap(),
+            &format!("http://kiln/v1/jobs/{job}"),
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&c.stdout).unwrap();
+    assert_eq!(v["state"], "succeeded");
+
+    // A blob corrupted on disk is detected on read, never served.
+    let digest = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "package")
+        .unwrap()["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["path"] == "hello-c.tar.gz")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let hex = digest.trim_start_matches("sha256:");
+    let blob = k.state().join("cas/sha256").join(&hex[..2]).join(hex);
+    std::fs::set_permissions(&blob, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut content = std::fs::read(&blob).unwrap();
+    content[10] ^= 0xff;
+    std::fs::write(&blob, content).unwrap();
+    let o = k.kiln(&[
+        "artifacts",
+        &job,
+        "--out",
+        k.dir.path().join("out2").to_str().unwrap(),
+    ]);
+    expect_code(&o, 1, "artifacts with a corrupted blob");
+    assert!(stderr(&o).contains("corrupted"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_pipelines_are_rejected_with_their_location() {
+    if !privileged("bad_pipelines_are_rejected_with_their_location") {
+        return;
+    }
+    let k = Kilnd::start("");
+    let d = k.dir.path();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "malformed.toml",
+            "version = 1\nname = \"x\"\n[[steps]\n",
+            "malformed.toml:3:",
+        ),
+        (
+            "kind.toml",
+            "version = 1\nname = \"x\"\n[workspaces.out]\n[[steps]]\nname = \"a\"\nkind = \"deploy\"\noutput = \"out\"\nrun = [\"true\"]\n",
+            "kind.toml:6:",
+        ),
+        (
+            "param.toml",
+            "version = 1\nname = \"x\"\n[workspaces.out]\n[[steps]]\nname = \"a\"\nkind = \"build\"\noutput = \"out\"\nrun = [\"echo\", \"${params.nope}\"]\n",
+            "nope",
+        ),
+        (
+            "escape.toml",
+            "version = 1\nname = \"x\"\n[workspaces.src]\nsource = \"../../etc\"\n[[steps]]\nname = \"a\"\nkind = \"build\"\ninputs = [\"src\"]\nrun = [\"true\"]\n",
+            "escape.toml:4:",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let f = pipeline_file(d, name, text);
+        let o = k.kiln(&["submit", f.to_str().unwrap()]);
+        expect_code(&o, 2, name);
+        assert!(
+            stderr(&o).contains(expected),
+            "{name}: expected {expected:?} in:\n{}",
+            stderr(&o)
+        );
+    }
+    // The daemon validates too (a client may skip local checks): 422 with located details.
+    let body = serde_json::json!({ "pipeline": cases[1].1, "file_name": "kind.toml" }).to_string();
+    let c = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            k.socket.to_str().unwrap(),
+        ])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body,
+            "http://kiln/v1/jobs",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&c.stdout);
+    assert!(text.ends_with("422"), "{text}");
+    assert!(text.contains("kind.toml:6:"), "{text}");
+
+    // Parameters: wrong type and undeclared name are both reported.
+    let f = pipeline_file(
+        d,
+        "typed.toml",
+        "version = 1\nname = \"x\"\n[params.count]\ntype = \"int\"\ndefault = 1\n[workspaces.out]\n[[steps]]\nname = \"a\"\nkind = \"build\"\noutput = \"out\"\nrun = [\"echo\", \"${params.count}\"]\n",
+    );
+    let o = k.kiln(&[
+        "submit",
+        f.to_str().unwrap(),
+        "--param",
+        "count=many",
+        "--param",
+        "colour=red",
+    ]);
+    expect_code(&o, 2, "bad params");
+    assert!(
+        stderr(&o).contains("count") && stderr(&o).contains("colour"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Unknown job.
+    expect_code(&k.kiln(&["status", "no-such-job"]), 5, "unknown job");
+    // Nothing was admitted.
+    let o = k.kiln(&["--json", "jobs"]);
+    assert_eq!(stdout(&o).trim(), "[]");
+}
+
+#[test]
+fn oversized_requests_get_413() {
+    if !privileged("oversized_requests_get_413") {
+        return;
+    }
+    let k = Kilnd::start("[api]\nmax_request_bytes = 4096\nmax_blob_bytes = 2048\n");
+    let d = k.dir.path();
+    let big = "x".repeat(8000);
+    let f = pipeline_file(
+        d,
+        "big.toml",
+        &format!(
+            "version = 1\nname = \"x\"\ndescription = \"{big}\"\n[workspaces.out]\n[[steps]]\nname = \"a\"\nkind = \"build\"\noutput = \"out\"\nrun = [\"true\"]\n"
+        ),
+    );
+    let o = k.kiln(&["submit", f.to_str().unwrap()]);
+    expect_code(&o, 2, "oversized pipeline");
+    assert!(stderr(&o).contains("413"), "{}", stderr(&o));
+
+    std::fs::create_dir(d.join("src")).unwrap();
+    std::fs::write(d.join("src/big.c"), "y".repeat(10_000)).unwrap();
+    let f = pipeline_file(
+        d,
+        "src.toml",
+        "version = 1\nname = \"x\"\n[workspaces.src]\nsource = \"src\"\n[[steps]]\nname = \"a\"\nkind = \"build\"\ninputs = [\"src\"]\nrun = [\"true\"]\n",
+    );
+    let o = k.kiln(&["submit", f.to_str().unwrap()]);
+    expect_code(&o, 2, "oversized blob");
+    assert!(stderr(&o).contains("limit of 2048 bytes"), "{}", stderr(&o));
+}
+
+#[test]
+fn peers_are_authorized_by_credentials() {
+    if !privileged("peers_are_authorized_by_credentials") {
+        return;
+    }
+    // nobody (65534) is in the audit group "nogroup" (gid 65534) here; no one is in the submit group.
+    let k =
+        Kilnd::start("[api]\nsubmit_group = \"kiln-e2e-nonexistent\"\naudit_group = \"nogroup\"\n");
+    let as_user = |gid: &str, args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "--",
+        ]);
+        c.arg(kiln_e2e::bin("kiln"))
+            .arg("--socket")
+            .arg(&k.socket)
+            .args(args)
+            .current_dir("/");
+        c.output().unwrap()
+    };
+    let o = as_user("65534", &["jobs"]);
+    expect_code(&o, 0, "audit group may read");
+    let example = repo().join("examples/hello-c/pipeline.toml");
+    let o = as_user("65534", &["submit", example.to_str().unwrap()]);
+    expect_code(&o, 4, "audit group may not submit");
+    assert!(stderr(&o).contains("not authorized"), "{}", stderr(&o));
+    let o = as_user("65533", &["jobs"]);
+    expect_code(&o, 4, "stranger may not read");
+}
+
+#[test]
+fn failing_step_is_attested_and_later_steps_skipped() {
+    if !privileged("failing_step_is_attested_and_later_steps_skipped") {
+        return;
+    }
+    let k = Kilnd::start("");
+    let f = pipeline_file(
+        k.dir.path(),
+        "fail.toml",
+        "version = 1\nname = \"fail\"\n[workspaces.a]\n[[steps]]\nname = \"first\"\nkind = \"build\"\noutput = \"a\"\nscript = \"echo oops-from-step; exit 3\"\n[[steps]]\nname = \"second\"\nkind = \"test\"\ninputs = [\"a\"]\nrun = [\"true\"]\n",
+    );
+    let job = submit(&k, &f, &[]);
+    let o = follow(&k, &job);
+    expect_code(&o, 1, "follow failing job");
+    assert!(
+        stdout(&o).contains("[first] oops-from-step"),
+        "live log missing:\n{}",
+        stdout(&o)
+    );
+    let st = status(&k, &job);
+    assert_eq!(st["state"], "failed");
+    assert_eq!(st["steps"][0]["state"], "failed");
+    assert_eq!(st["steps"][0]["exit_code"], 3);
+    assert!(st["steps"][0]["attestation"].is_string());
+    assert_eq!(st["steps"][1]["state"], "skipped");
+    let o = k.kiln(&["logs", &job, "first"]);
+    assert!(stdout(&o).contains("oops-from-step"));
+}
+
+#[test]
+fn timeout_kills_the_whole_step() {
+    if !privileged("timeout_kills_the_whole_step") {
+        return;
+    }
+    let k = Kilnd::start("");
+    let f = pipeline_file(
+        k.dir.path(),
+        "slow.toml",
+        "version = 1\nname = \"slow\"\n[[steps]]\nname = \"sleepy\"\nkind = \"run\"\ntimeout = \"1s\"\nscript = \"sleep 3011 & (setsid sleep 3012 &) ; sleep 3013\"\n",
+    );
+    let job = submit(&k, &f, &[]);
+    let t = Instant::now();
+    expect_code(&follow(&k, &job), 1, "follow timed-out job");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let st = status(&k, &job);
+    assert_eq!(st["steps"][0]["state"], "timed-out");
+    assert!(
+        st["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1s")
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    for m in ["sleep 3011", "sleep 3012", "sleep 3013"] {
+        assert!(
+            host_processes_with(m).is_empty(),
+            "{m} survived the step: {:?}",
+            host_processes_with(m)
+        );
+    }
+}
+
+#[test]
+fn sigterm_cancels_running_jobs_and_keeps_state_consistent() {
+    if !privileged("sigterm_cancels_running_jobs_and_keeps_state_consistent") {
+        return;
+    }
+    let mut k = Kilnd::start("");
+    let f = pipeline_file(
+        k.dir.path(),
+        "long.toml",
+        "version = 1\nname = \"long\"\n[workspaces.o]\n[[steps]]\nname = \"long\"\nkind = \"run\"\noutput = \"o\"\nrun = [\"sleep\", \"3021\"]\n[[steps]]\nname = \"after\"\nkind = \"run\"\ninputs = [\"o\"]\nrun = [\"true\"]\n",
+    );
+    let job = submit(&k, &f, &[]);
+    wait_for_step_state(&k, &job, "long", "running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host_processes_with("sleep 3021").is_empty() {
+        assert!(Instant::now() < deadline, "the step never started its process");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = k.stop();
+    assert!(s.success(), "kilnd exit status {s}\n{}", k.log());
+    assert!(
+        host_processes_with("sleep 3021").is_empty(),
+        "worker survived kilnd shutdown"
+    );
+    assert!(!k.socket.exists(), "socket left behind");
+    k.spawn();
+    let st = status(&k, &job);
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert_eq!(st["steps"][0]["state"], "cancelled");
+    assert_eq!(st["steps"][1]["state"], "cancelled");
+    assert!(
+        st["attestation"].is_string(),
+        "cancelled job must still be attested: {st}"
+    );
+    assert!(
+        !k.state().join("work").join(&job).exists(),
+        "work dir left behind"
+    );
+}
