@@ -466,7 +466,10 @@ fn sigterm_cancels_running_jobs_and_keeps_state_consistent() {
     wait_for_step_state(&k, &job, "long", "running");
     let deadline = Instant::now() + Duration::from_secs(10);
     while host_processes_with("sleep 3021").is_empty() {
-        assert!(Instant::now() < deadline, "the step never started its process");
+        assert!(
+            Instant::now() < deadline,
+            "the step never started its process"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let s = k.stop();

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use kiln_common::Digest;
-use kiln_common::api::{BlobRef, Event, EventKind, NodeInfo, SubmitJobRequest};
+use kiln_common::api::{BlobRef, Event, EventKind, JobStatus, NodeInfo, SubmitJobRequest};
 use kiln_common::dsse::Envelope;
 use kiln_common::intoto::BUNDLE_MEDIA_TYPE;
 use kiln_common::verify::Bundle;
@@ -45,8 +45,13 @@ fn cas_error(e: CasError) -> ApiError {
     }
 }
 
-fn unknown_job(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("job {id} not found"))
+/// A job's status, or 404.
+fn load_job(node: &Node, id: &str) -> ApiResult<JobStatus> {
+    node.store
+        .db
+        .job(id)
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("job {id} not found")))
 }
 
 pub async fn health() -> Json<serde_json::Value> {
@@ -107,12 +112,7 @@ pub async fn job_status(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = node
-        .store
-        .db
-        .job(&id)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_job(&id))?;
+    let job = load_job(&node, &id)?;
     Ok(Json(job).into_response())
 }
 
@@ -120,12 +120,7 @@ pub async fn cancel_job(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = node
-        .store
-        .db
-        .job(&id)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_job(&id))?;
+    let job = load_job(&node, &id)?;
     if node.cancel(&id) {
         Ok((
             StatusCode::ACCEPTED,
@@ -144,22 +139,13 @@ pub async fn artifacts(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    node.store
-        .db
-        .job(&id)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_job(&id))?;
+    load_job(&node, &id)?;
     Ok(Json(node.store.db.artifacts(&id).map_err(internal)?).into_response())
 }
 
 /// `GET /v1/jobs/{id}/attestations`: the job envelope and every step envelope, as a bundle.
 pub async fn bundle(State(node): State<Arc<Node>>, Path(id): Path<String>) -> ApiResult<Response> {
-    let job = node
-        .store
-        .db
-        .job(&id)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_job(&id))?;
+    let job = load_job(&node, &id)?;
     let job_digest = job.attestation.ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -192,12 +178,7 @@ pub async fn step_log(
     State(node): State<Arc<Node>>,
     Path((id, step)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let job = node
-        .store
-        .db
-        .job(&id)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_job(&id))?;
+    let job = load_job(&node, &id)?;
     let s = job.steps.iter().find(|s| s.name == step).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -306,11 +287,7 @@ pub async fn events(
 ) -> ApiResult<Response> {
     // Subscribe before reading the database so no event falls between the two.
     let live = node.job_handle(&id).map(|h| h.subscribe());
-    node.store
-        .db
-        .job(&id)
-        .map_err(internal)?
-        .ok_or_else(|| unknown_job(&id))?;
+    load_job(&node, &id)?;
     let past = node.store.db.events_after(&id, q.after).map_err(internal)?;
     let state = EventStream {
         node,

@@ -348,24 +348,11 @@ impl Node {
             finished_on: now(),
         };
         let statement = provenance::job_statement(predicate);
-        match self.signer.sign_statement(&statement) {
-            Ok((bytes, digest)) => {
-                let stored = self
-                    .store
-                    .cas
-                    .put_bytes(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|d| {
-                        self.store
-                            .db
-                            .record_job_attestation(&run.id, &d, &now())
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(err) = stored {
-                    error!(%err, %digest, "cannot store job attestation");
-                }
-            }
-            Err(err) => error!(?err, "cannot sign job statement"),
+        let job_id = run.id.clone();
+        if let Err(err) = self.attest(&statement, |d| {
+            self.store.db.record_job_attestation(&job_id, d, &now())
+        }) {
+            error!(%err, "cannot attest the job");
         }
         if let Err(err) = self
             .store
@@ -694,37 +681,19 @@ impl Node {
             }),
             _ => None,
         };
-        let envelope = match self.signer.sign_statement(&statement) {
-            Ok((bytes, digest)) => {
-                let stored = self
-                    .store
-                    .cas
-                    .put_bytes(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|_| {
-                        self.store
-                            .db
-                            .record_attested_outputs(
-                                &run.id,
-                                &step.name,
-                                attested.as_ref(),
-                                &digest,
-                                &finished_on,
-                            )
-                            .map_err(|e| e.to_string())
-                    });
-                match stored {
-                    Ok(()) => Some(digest),
-                    Err(e) => {
-                        state = StepState::Failed;
-                        error = Some(format!("cannot store attestation: {e}"));
-                        None
-                    }
-                }
-            }
+        let envelope = match self.attest(&statement, |d| {
+            self.store.db.record_attested_outputs(
+                &run.id,
+                &step.name,
+                attested.as_ref(),
+                d,
+                &finished_on,
+            )
+        }) {
+            Ok(d) => Some(d),
             Err(e) => {
                 state = StepState::Failed;
-                error = Some(format!("cannot sign provenance: {e}"));
+                error = Some(e);
                 None
             }
         };
@@ -749,6 +718,25 @@ impl Node {
             envelope,
             outputs,
         }
+    }
+
+    /// Sign a statement, store the envelope in the CAS, then index it with `record` (only after
+    /// the blob is durable, so the index never points at a missing envelope).
+    fn attest<P: serde::Serialize>(
+        &self,
+        statement: &kiln_common::intoto::Statement<P>,
+        record: impl FnOnce(&Digest) -> Result<(), crate::store::DbError>,
+    ) -> Result<Digest, String> {
+        let (bytes, digest) = self
+            .signer
+            .sign_statement(statement)
+            .map_err(|e| format!("cannot sign provenance: {e}"))?;
+        self.store
+            .cas
+            .put_bytes(&bytes)
+            .map_err(|e| format!("cannot store attestation: {e}"))?;
+        record(&digest).map_err(|e| format!("cannot index attestation: {e}"))?;
+        Ok(digest)
     }
 
     /// Forward log chunks as events and keep up to `max_log_bytes` of them.

@@ -143,9 +143,12 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
+fn required_digest(what: &'static str, s: String) -> Result<Digest, DbError> {
+    s.parse().map_err(|_| DbError::Invalid { what, value: s })
+}
+
 fn parse_digest(what: &'static str, s: Option<String>) -> Result<Option<Digest>, DbError> {
-    s.map(|v| v.parse().map_err(|_| DbError::Invalid { what, value: v }))
-        .transpose()
+    s.map(|v| required_digest(what, v)).transpose()
 }
 
 impl Db {
@@ -367,11 +370,7 @@ impl Db {
         else {
             return Ok(None);
         };
-        let pipeline_digest =
-            parse_digest("pipeline digest", Some(pdigest))?.ok_or(DbError::Invalid {
-                what: "pipeline digest",
-                value: String::new(),
-            })?;
+        let pipeline_digest = required_digest("pipeline digest", pdigest)?;
         let params: BTreeMap<String, String> =
             serde_json::from_str(&params_json).map_err(|_| DbError::Invalid {
                 what: "params",
@@ -427,11 +426,7 @@ impl Db {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
             })? {
                 let (path, digest) = o?;
-                let digest =
-                    parse_digest("subject digest", Some(digest))?.ok_or(DbError::Invalid {
-                        what: "subject digest",
-                        value: String::new(),
-                    })?;
+                let digest = required_digest("subject digest", digest)?;
                 outputs.push(TreeEntry { path, digest });
             }
             steps.push(StepStatus {
@@ -482,10 +477,7 @@ impl Db {
         let mut out = Vec::new();
         for row in rows {
             let (step, workspace, path, digest, final_output) = row?;
-            let digest = parse_digest("subject digest", Some(digest))?.ok_or(DbError::Invalid {
-                what: "subject digest",
-                value: String::new(),
-            })?;
+            let digest = required_digest("subject digest", digest)?;
             out.push(Artifact {
                 step,
                 workspace,
@@ -516,11 +508,7 @@ impl Db {
         let mut out = Vec::new();
         for row in rows {
             let (job_id, step, subject, env) = row?;
-            let envelope =
-                parse_digest("attestation digest", Some(env))?.ok_or(DbError::Invalid {
-                    what: "attestation digest",
-                    value: String::new(),
-                })?;
+            let envelope = required_digest("attestation digest", env)?;
             out.push(AttestationRef {
                 job_id,
                 step,
