@@ -29,8 +29,9 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Per-step daemon overhead benchmark.
-bench-steps: build
-	scripts/bench/steps
+bench-steps:
+	$(CARGO) build --release --workspace --bins
+	BIN=target/release scripts/bench/steps
 
 ## Install binaries, profiles and systemd units on this host.
 install: build

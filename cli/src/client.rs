@@ -103,7 +103,7 @@ impl Client {
             .into_body()
             .collect()
             .await
-            .map(|b| b.to_bytes())
+            .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
         let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
             error: format!(

@@ -1,5 +1,9 @@
 //! Real sandbox tests: run steps through the `kiln-sandbox` helper as root and try to defeat each
 //! control. Outside CI they skip (with a printed reason) when not root; under `CI=true` they fail.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns: a failed setup is a failed test"
+)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -57,7 +61,7 @@ fn fixture(argv: &[&str]) -> Fixture {
         cwd: "/workspace/out".into(),
         hostname: "kiln-step".into(),
         root_dir: root.path().to_owned(),
-        host_paths: hermetic.host_paths_present(),
+        host_paths: hermetic.host_paths.clone(),
         workspaces: vec![
             WorkspaceMount {
                 name: "in".into(),

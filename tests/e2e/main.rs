@@ -8,6 +8,7 @@
     reason = "test code: a failed unwrap is a failed test"
 )]
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -326,11 +327,13 @@ fn bad_pipelines_are_rejected_with_their_location() {
 }
 
 #[test]
-fn oversized_requests_get_413() {
-    if !privileged("oversized_requests_get_413") {
+fn oversized_and_stalled_requests_are_refused() {
+    if !privileged("oversized_and_stalled_requests_are_refused") {
         return;
     }
-    let k = Kilnd::start("[api]\nmax_request_bytes = 4096\nmax_blob_bytes = 2048\n");
+    let k = Kilnd::start(
+        "[api]\nmax_request_bytes = 4096\nmax_blob_bytes = 2048\nrequest_timeout = \"1s\"\n",
+    );
     let d = k.dir.path();
     let big = "x".repeat(8000);
     let f = pipeline_file(
@@ -354,6 +357,18 @@ fn oversized_requests_get_413() {
     let o = k.kiln(&["submit", f.to_str().unwrap()]);
     expect_code(&o, 2, "oversized blob");
     assert!(stderr(&o).contains("limit of 2048 bytes"), "{}", stderr(&o));
+
+    // A client that announces a body and stalls is cut off with 408 after request_timeout.
+    let mut conn = std::os::unix::net::UnixStream::connect(&k.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"POST /v1/jobs HTTP/1.1\r\nhost: kiln\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"pipe")
+        .unwrap();
+    let t = Instant::now();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //!    through a status pipe; when it exits the kernel kills whatever the step left behind;
 //! 3. the *step* drops every privilege and execs the step's program.
 //!
-//! Later hardening slots in at marked places: seccomp and landlock in [`drop_privileges`] (just
+//! Later hardening slots in at marked places: seccomp and landlock at the end of `drop_privileges` (just
 //! before exec), cgroups around the fork of pid 1, a user namespace in the unshare.
 
 use std::ffi::CString;

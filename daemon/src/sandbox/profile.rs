@@ -14,7 +14,9 @@ use toml::Spanned;
 pub struct Profile {
     /// What the profile is for.
     pub description: String,
-    /// Host paths made visible read-only (absolute, normal, non-nesting).
+    /// Host paths made visible read-only (absolute, normal, non-nesting). [`load_profiles`] keeps
+    /// only those present on this host (`lstat`), so one profile serves hosts with and without e.g.
+    /// `/lib64`; the others are skipped with a debug log.
     pub host_paths: Vec<PathBuf>,
     /// `PATH` of the step's environment.
     pub path_env: String,
@@ -24,24 +26,6 @@ pub struct Profile {
     pub gid: u32,
     /// Size limit of the private `/tmp`, in bytes.
     pub tmp_size_bytes: u64,
-}
-
-impl Profile {
-    /// The profile's host paths that exist on this host (`lstat`); the others are skipped with a
-    /// debug log, so one profile serves hosts with and without e.g. `/lib64`.
-    pub fn host_paths_present(&self) -> Vec<PathBuf> {
-        self.host_paths
-            .iter()
-            .filter(|path| {
-                let present = path.symlink_metadata().is_ok();
-                if !present {
-                    tracing::debug!(path = %path.display(), "profile host path not on this host, skipped");
-                }
-                present
-            })
-            .cloned()
-            .collect()
-    }
 }
 
 /// A profile file that cannot be used.
@@ -105,7 +89,8 @@ struct ProfileFile {
     tmp_size: Spanned<String>,
 }
 
-/// Loads every `*.toml` in `dir`; the file stem is the profile name.
+/// Loads every `*.toml` in `dir`; the file stem is the profile name. Host paths missing on this host
+/// are dropped (debug log).
 pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Profile>, ProfileError> {
     let read_dir_error = |source| ProfileError::ReadDir {
         dir: dir.to_owned(),
@@ -125,7 +110,14 @@ pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Profile>, ProfileErr
             file: path.clone(),
             source,
         })?;
-        let profile = parse_profile(&path, &text)?;
+        let mut profile = parse_profile(&path, &text)?;
+        profile.host_paths.retain(|host_path| {
+            let present = host_path.symlink_metadata().is_ok();
+            if !present {
+                tracing::debug!(profile = %name, path = %host_path.display(), "host path not on this host, skipped");
+            }
+            present
+        });
         profiles.insert(name, profile);
     }
     Ok(profiles)
@@ -287,6 +279,17 @@ tmp_size = "256MiB"
         assert_eq!(hermetic.uid, 65534);
         assert_eq!(hermetic.tmp_size_bytes, 256 << 20);
         assert!(hermetic.host_paths.contains(&PathBuf::from("/usr")));
+    }
+
+    #[test]
+    fn load_drops_host_paths_missing_on_this_host() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let text = GOOD.replace("\"/bin\"", "\"/kiln-not-on-this-host\"");
+        std::fs::write(dir.path().join("p.toml"), text).unwrap();
+        std::fs::write(dir.path().join("notes.md"), "ignored").unwrap();
+        let profiles = load_profiles(dir.path()).unwrap();
+        assert_eq!(profiles.keys().collect::<Vec<_>>(), ["p"]);
+        assert_eq!(profiles["p"].host_paths, vec![PathBuf::from("/usr")]);
     }
 
     #[test]

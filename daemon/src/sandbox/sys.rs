@@ -170,7 +170,7 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
     out
 }
 
-/// Sets `path` as a C string.
+/// `value` as a C string (`EINVAL` if it contains a NUL byte).
 pub fn c_string(value: impl AsRef<std::ffi::OsStr>) -> Result<CString, Errno> {
     CString::new(value.as_ref().as_bytes()).map_err(|_| Errno::EINVAL)
 }
