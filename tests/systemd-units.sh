@@ -26,8 +26,8 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 units_dir="$repo/systemd"
-# Measured on systemd 252: 4.4. Raising it is a reviewed decision, not a test fix.
-max_exposure=${KILN_MAX_EXPOSURE:-4.4}
+# Measured on systemd 252: 4.1. Raising it is a reviewed decision, not a test fix.
+max_exposure=${KILN_MAX_EXPOSURE:-4.1}
 
 failures=0
 fail() { echo "FAIL: $*" >&2; failures=$((failures + 1)); }
@@ -66,6 +66,7 @@ if [[ ${#exec_paths[@]} -eq 0 ]]; then
     fail "no Exec*= line found in kilnd.service"
 fi
 for path in "${exec_paths[@]}"; do
+    [[ -n "$path" ]] || continue  # "ExecStart=" (reset) lines name no binary
     mkdir -p "$root$(dirname "$path")"
     printf '#!/bin/sh\nexit 0\n' >"$root$path"
     chmod 0755 "$root$path"
