@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup build demo test lint unit e2e units bench-steps install clean
+.PHONY: all setup build demo test lint bench bench-steps bench-sandbox install clean
 
 all: build
 
@@ -28,10 +28,17 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Per-step daemon overhead benchmark.
+## Benchmarks (ratios against baselines measured in the same run).
+bench: bench-steps bench-sandbox
+
+## Per-step daemon overhead.
 bench-steps:
 	$(CARGO) build --release --workspace --bins
 	BIN=target/release scripts/bench/steps
+
+## Sandbox start latency vs bwrap, and a real build inside the worker vs bare.
+bench-sandbox:
+	scripts/bench/sandbox
 
 ## Install binaries, profiles and systemd units on this host.
 install: build

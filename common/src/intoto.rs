@@ -126,6 +126,12 @@ pub struct InternalParameters {
     pub outcome: String,
     /// Which key signed this statement and what protects it.
     pub signing_key: SigningKeyInfo,
+    /// The node verified after the step that nothing of its worker survived: its cgroups were
+    /// killed, emptied and removed, no process of them was left (a `/proc` scan), no mount under the
+    /// sandbox root or a workspace remained, and the scratch root was empty. A step whose teardown
+    /// is not verified fails. Absent (false) in statements from before the check existed.
+    #[serde(default)]
+    pub teardown_verified: bool,
 }
 
 /// Description of the node key that signed an attestation.

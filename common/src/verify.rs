@@ -717,6 +717,7 @@ pub(crate) mod fixture {
                                 exit_code: Some(0),
                                 outcome: "succeeded".into(),
                                 signing_key: signing_key.clone(),
+                                teardown_verified: true,
                             },
                             resolved_dependencies: inputs
                                 .iter()

@@ -2,6 +2,7 @@
 //!
 //! One module per Secure Software Factory component:
 //! - [`api`]: HTTP/JSON API on the Unix socket, authorization by peer credentials.
+//! - [`attest`]: node attestor: the TPM wrapper (EK, AK, node key, quotes) and measured start.
 //! - [`pipeline`]: job queue and scheduler; runs each step in a fresh worker.
 //! - [`sandbox`]: the single-use build worker (`kiln-sandbox` helper) and its profiles.
 //! - [`provenance`]: in-toto/SLSA statements for steps and jobs, signed as DSSE.
@@ -9,8 +10,10 @@
 //! - [`config`]: `/etc/kiln/kilnd.toml`; [`daemon`]: start-up and shutdown.
 
 pub mod api;
+pub mod attest;
 pub mod config;
 pub mod daemon;
+pub mod observe;
 pub mod pipeline;
 pub mod provenance;
 pub mod sandbox;

@@ -48,6 +48,18 @@ fn fixture(argv: &[&str]) -> Fixture {
     std::fs::write(input.path().join("input.txt"), "input data\n").unwrap();
     let output = TempDir::new().unwrap();
     prepare_output_dir(output.path(), hermetic.uid, hermetic.gid).unwrap();
+    let workspaces = vec![
+        WorkspaceMount {
+            name: "in".into(),
+            host_path: input.path().to_owned(),
+            access: Access::ReadOnly,
+        },
+        WorkspaceMount {
+            name: "out".into(),
+            host_path: output.path().to_owned(),
+            access: Access::ReadWrite,
+        },
+    ];
     let spec = SandboxSpec {
         argv: argv.iter().map(ToString::to_string).collect(),
         env: vec![
@@ -62,22 +74,16 @@ fn fixture(argv: &[&str]) -> Fixture {
         hostname: "kiln-step".into(),
         root_dir: root.path().to_owned(),
         host_paths: hermetic.host_paths.clone(),
-        workspaces: vec![
-            WorkspaceMount {
-                name: "in".into(),
-                host_path: input.path().to_owned(),
-                access: Access::ReadOnly,
-            },
-            WorkspaceMount {
-                name: "out".into(),
-                host_path: output.path().to_owned(),
-                access: Access::ReadWrite,
-            },
-        ],
+        // The hermetic profile's seccomp filter, rlimits and Landlock rules (tests/seccomp.rs
+        // tries to defeat them).
+        confinement: hermetic.confinement(&workspaces),
+        workspaces,
         timeout_ms: 20_000,
         uid: hermetic.uid,
         gid: hermetic.gid,
         tmp_size_bytes: hermetic.tmp_size_bytes,
+        // Cgroups, limits and teardown are tested in tests/cgroups.rs.
+        cgroups: None,
     };
     Fixture {
         _root: root,

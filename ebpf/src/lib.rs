@@ -1,4 +1,409 @@
 //! kiln-ebpf: the pipeline observer's BPF programs and the `#[repr(C)]` mirrors of their events.
 //!
-//! Empty until the observer lands: the C CO-RE sources will live in `src/bpf/`, the shared
-//! event header in `src/bpf/events.h`, and `build.rs` will compile and embed them.
+//! Owns the kernel/userspace boundary of the observer:
+//! - `src/bpf/*.bpf.c`: C CO-RE programs, one file per program family; today `process`
+//!   (exec, fork, exit), embedded as [`PROCESS_BPF`] by `build.rs` (`KILN_SKIP_BPF=1` embeds
+//!   an empty object instead, see [`BPF_BUILT`]);
+//! - `src/bpf/events.h`: the one definition of every ring-buffer record; this file mirrors it
+//!   (keep in sync with events.h) and a test compares sizes, offsets and constants with what
+//!   the C compiler reports;
+//! - [`Record::read`]: the only place raw ring-buffer bytes become typed records.
+//!
+//! Loading, attaching and decoding into rich events live in the daemon (`kilnd::observe`).
+
+/// Whether `build.rs` really compiled the BPF programs (false under `KILN_SKIP_BPF=1`).
+pub const BPF_BUILT: bool = !cfg!(kiln_bpf_skipped);
+
+/// The `process` family (`src/bpf/process.bpf.c`): programs `kiln_exec`, `kiln_fork`,
+/// `kiln_exit` (tp_btf), maps [`maps::OBSERVED_CGROUPS`], [`maps::EVENTS`], [`maps::LOST_EVENTS`].
+/// Empty when [`BPF_BUILT`] is false.
+pub static PROCESS_BPF: &[u8] = &PROCESS_OBJECT.bytes;
+
+static PROCESS_OBJECT: &AlignedObject<[u8]> = &AlignedObject {
+    _align: [],
+    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/process.bpf.o")),
+};
+
+/// ELF parsers read headers in place: keep an embedded object 8-byte aligned.
+#[repr(C)]
+struct AlignedObject<Bytes: ?Sized> {
+    _align: [u64; 0],
+    bytes: Bytes,
+}
+
+/// Names shared with the C sources (keep in sync with process.bpf.c).
+pub mod maps {
+    /// `BPF_MAP_TYPE_HASH` cgroup v2 id (u64) -> events lost for that cgroup (u64).
+    pub const OBSERVED_CGROUPS: &str = "observed_cgroups";
+    /// `BPF_MAP_TYPE_RINGBUF` of records (default 16 MiB).
+    pub const EVENTS: &str = "events";
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY`, one u64: events lost on each CPU, all cgroups.
+    pub const LOST_EVENTS: &str = "lost_events";
+    /// Read-only globals the loader sets: bytes of unread data that force a wakeup, and the
+    /// longest time between forced wakeups while events flow.
+    pub const WAKEUP_THRESHOLD: &str = "kiln_wakeup_threshold";
+    pub const WAKEUP_INTERVAL_NS: &str = "kiln_wakeup_interval_ns";
+    /// Programs and the tracepoints they attach to (tp_btf).
+    pub const PROGRAMS: &[(&str, &str)] = &[
+        ("kiln_exec", "sched_process_exec"),
+        ("kiln_fork", "sched_process_fork"),
+        ("kiln_exit", "sched_process_exit"),
+    ];
+}
+
+// Keep in sync with events.h: constants.
+/// Bytes of `filename` in an exec record (the path as passed to execve, NUL included).
+pub const FILENAME_MAX: usize = 256;
+/// Bytes of `exe` and `cwd` in an exec record.
+pub const PATH_MAX: usize = 512;
+/// Bytes of argv captured per exec; longer argument areas are cut and flagged.
+pub const ARGV_MAX: usize = 1024;
+/// Most path components one dentry walk follows.
+pub const PATH_COMPONENTS_MAX: usize = 48;
+
+/// `kiln_event_header.type` values (enum kiln_event_type).
+pub const EVENT_EXEC: u32 = 1;
+pub const EVENT_FORK: u32 = 2;
+pub const EVENT_EXIT: u32 = 3;
+
+/// `kiln_exec_event.flags` bits.
+pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 0;
+pub const EXEC_ARGV_TRUNCATED: u32 = 1 << 1;
+/// argv could not be read from user memory; `argv_len` is 0.
+pub const EXEC_ARGV_FAULT: u32 = 1 << 2;
+pub const EXEC_EXE_TRUNCATED: u32 = 1 << 3;
+pub const EXEC_CWD_TRUNCATED: u32 = 1 << 4;
+
+/// Common header of every record (struct kiln_event_header; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventHeader {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// Bytes of the whole record, header included.
+    pub size: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ktime_ns: u64,
+    /// cgroup v2 id (the inode number of the cgroup2 directory).
+    pub cgroup_id: u64,
+    /// Kernel pid (thread id) of the task the event is about.
+    pub pid: u32,
+    /// Its thread group id (the userspace pid).
+    pub tgid: u32,
+}
+
+/// A successful execve (struct kiln_exec_event; keep in sync with events.h, which documents
+/// each field's encoding: `exe`/`cwd` are components leaf first, each NUL-terminated).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub hdr: EventHeader,
+    /// When the process was forked, CLOCK_MONOTONIC ns.
+    pub start_ns: u64,
+    /// tgid of the real parent.
+    pub ppid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub euid: u32,
+    pub egid: u32,
+    /// Number of arguments (all of them, also when `argv` was cut).
+    pub argc: u32,
+    /// `EXEC_*` bits.
+    pub flags: u32,
+    pub filename_len: u16,
+    pub argv_len: u16,
+    pub exe_len: u16,
+    pub cwd_len: u16,
+    /// Explicit padding (`_pad0` in C).
+    pub pad0: u32,
+    pub filename: [u8; FILENAME_MAX],
+    pub exe: [u8; PATH_MAX],
+    pub cwd: [u8; PATH_MAX],
+    pub argv: [u8; ARGV_MAX],
+}
+
+/// A new process (struct kiln_fork_event; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkEvent {
+    /// `pid`/`tgid` are the forking thread; `cgroup_id` is the child's.
+    pub hdr: EventHeader,
+    /// The child's real parent.
+    pub parent_tgid: u32,
+    pub child_tgid: u32,
+    /// CLOCK_MONOTONIC ns.
+    pub child_start_ns: u64,
+}
+
+/// The last thread of a process exited (struct kiln_exit_event; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub hdr: EventHeader,
+    /// Raw wait status: `(code << 8) | signal | 0x80 if core dumped`.
+    pub status: u32,
+    /// Exit code, meaningful when `signal == 0`.
+    pub code: u32,
+    /// Terminating signal, 0 on a normal exit.
+    pub signal: u32,
+    /// Explicit padding (`_pad0` in C).
+    pub pad0: u32,
+    /// When the process was forked, CLOCK_MONOTONIC ns.
+    pub start_ns: u64,
+}
+
+impl ExecEvent {
+    /// The path as passed to execve.
+    pub fn filename(&self) -> &[u8] {
+        clamp(&self.filename, self.filename_len)
+    }
+    /// The argument area: arguments, each NUL-terminated (the last one may be cut).
+    pub fn argv(&self) -> &[u8] {
+        clamp(&self.argv, self.argv_len)
+    }
+    /// The executable's path components, leaf first, each NUL-terminated.
+    pub fn exe(&self) -> &[u8] {
+        clamp(&self.exe, self.exe_len)
+    }
+    /// The working directory's path components, leaf first, each NUL-terminated.
+    pub fn cwd(&self) -> &[u8] {
+        clamp(&self.cwd, self.cwd_len)
+    }
+}
+
+fn clamp(bytes: &[u8], len: u16) -> &[u8] {
+    &bytes[..usize::from(len).min(bytes.len())]
+}
+
+/// A ring-buffer record type.
+///
+/// # Safety
+///
+/// Implementors are `#[repr(C)]`, contain only integers and integer arrays (every bit pattern
+/// is valid) and have no implicit padding (the layout test checks that the field sizes add up
+/// to the struct size).
+pub unsafe trait Record: Copy {
+    /// `EventHeader::kind` of this record, or `None` for the header itself.
+    const KIND: Option<u32>;
+
+    /// Reads a record from the start of `bytes` (any alignment). `None` if `bytes` is too short.
+    fn read(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: `bytes` holds at least size_of::<Self>() readable bytes (checked above),
+        // read_unaligned has no alignment requirement, and every bit pattern is a valid Self
+        // (trait contract).
+        Some(unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() })
+    }
+
+    /// The record's bytes, as the BPF program would have written them (for tests and replays).
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `self` is a valid reference to size_of::<Self>() initialized bytes: the type
+        // has no implicit padding (trait contract), so every byte belongs to an initialized field.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(self).cast::<u8>(), size_of::<Self>())
+        }
+    }
+}
+
+// SAFETY: repr(C), u32/u64 fields only, no padding (layout test).
+unsafe impl Record for EventHeader {
+    const KIND: Option<u32> = None;
+}
+// SAFETY: repr(C), integer and u8-array fields only, explicit padding (layout test).
+unsafe impl Record for ExecEvent {
+    const KIND: Option<u32> = Some(EVENT_EXEC);
+}
+// SAFETY: repr(C), integer fields only, no padding (layout test).
+unsafe impl Record for ForkEvent {
+    const KIND: Option<u32> = Some(EVENT_FORK);
+}
+// SAFETY: repr(C), integer fields only, explicit padding (layout test).
+unsafe impl Record for ExitEvent {
+    const KIND: Option<u32> = Some(EVENT_EXIT);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use super::{
+        ARGV_MAX, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EXEC_ARGV_FAULT, EXEC_ARGV_TRUNCATED,
+        EXEC_CWD_TRUNCATED, EXEC_EXE_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventHeader, ExecEvent,
+        ExitEvent, FILENAME_MAX, ForkEvent, PATH_COMPONENTS_MAX, PATH_MAX, Record,
+    };
+
+    /// `(field, offset, size)`.
+    type CField = (&'static str, usize, usize);
+    /// `(struct, size, fields)`.
+    type CStruct = (&'static str, usize, &'static [CField]);
+    /// `(name, value)`.
+    type CConstant = (&'static str, u64);
+
+    /// What the C compiler reports for events.h (generated by build.rs from layout.c).
+    mod c {
+        include!(concat!(env!("OUT_DIR"), "/c_layout.rs"));
+    }
+
+    type Fields = Vec<(&'static str, usize, usize)>;
+
+    const fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
+        size_of::<F>()
+    }
+
+    /// `(C struct name, Rust size, [(C field name, Rust offset, Rust size)])`.
+    macro_rules! mirror {
+        ($c_struct:literal, $ty:ty { $($c_field:literal => $field:ident),* $(,)? }) => {
+            (
+                $c_struct,
+                size_of::<$ty>(),
+                vec![$(($c_field, offset_of!($ty, $field), field_size(|s: &$ty| &s.$field))),*],
+            )
+        };
+    }
+
+    fn rust_structs() -> Vec<(&'static str, usize, Fields)> {
+        vec![
+            mirror!("kiln_event_header", EventHeader {
+                "type" => kind, "size" => size, "ktime_ns" => ktime_ns,
+                "cgroup_id" => cgroup_id, "pid" => pid, "tgid" => tgid,
+            }),
+            mirror!("kiln_exec_event", ExecEvent {
+                "hdr" => hdr, "start_ns" => start_ns, "ppid" => ppid, "uid" => uid,
+                "gid" => gid, "euid" => euid, "egid" => egid, "argc" => argc, "flags" => flags,
+                "filename_len" => filename_len, "argv_len" => argv_len, "exe_len" => exe_len,
+                "cwd_len" => cwd_len, "_pad0" => pad0, "filename" => filename, "exe" => exe,
+                "cwd" => cwd, "argv" => argv,
+            }),
+            mirror!("kiln_fork_event", ForkEvent {
+                "hdr" => hdr, "parent_tgid" => parent_tgid, "child_tgid" => child_tgid,
+                "child_start_ns" => child_start_ns,
+            }),
+            mirror!("kiln_exit_event", ExitEvent {
+                "hdr" => hdr, "status" => status, "code" => code, "signal" => signal,
+                "_pad0" => pad0, "start_ns" => start_ns,
+            }),
+        ]
+    }
+
+    fn rust_constants() -> Vec<(&'static str, u64)> {
+        let usize_constants = [
+            ("KILN_FILENAME_MAX", FILENAME_MAX),
+            ("KILN_PATH_MAX", PATH_MAX),
+            ("KILN_ARGV_MAX", ARGV_MAX),
+            ("KILN_PATH_COMPONENTS_MAX", PATH_COMPONENTS_MAX),
+        ];
+        let u32_constants = [
+            ("KILN_EVENT_EXEC", EVENT_EXEC),
+            ("KILN_EVENT_FORK", EVENT_FORK),
+            ("KILN_EVENT_EXIT", EVENT_EXIT),
+            ("KILN_EXEC_FILENAME_TRUNCATED", EXEC_FILENAME_TRUNCATED),
+            ("KILN_EXEC_ARGV_TRUNCATED", EXEC_ARGV_TRUNCATED),
+            ("KILN_EXEC_ARGV_FAULT", EXEC_ARGV_FAULT),
+            ("KILN_EXEC_EXE_TRUNCATED", EXEC_EXE_TRUNCATED),
+            ("KILN_EXEC_CWD_TRUNCATED", EXEC_CWD_TRUNCATED),
+        ];
+        usize_constants
+            .into_iter()
+            .map(|(name, value)| (name, value as u64))
+            .chain(
+                u32_constants
+                    .into_iter()
+                    .map(|(name, value)| (name, u64::from(value))),
+            )
+            .collect()
+    }
+
+    /// The C layout is missing only under KILN_SKIP_BPF=1; CI must never get here.
+    fn c_layout_available() -> bool {
+        if !c::C_STRUCTS.is_empty() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "built with KILN_SKIP_BPF=1 under CI=true: the layout test cannot run"
+        );
+        eprintln!("skipping: built with KILN_SKIP_BPF=1, no C layout to compare against");
+        false
+    }
+
+    #[test]
+    fn rust_mirrors_match_the_c_layout_of_events_h() {
+        if !c_layout_available() {
+            return;
+        }
+        let rust = rust_structs();
+        assert_eq!(
+            rust.iter().map(|s| s.0).collect::<Vec<_>>(),
+            c::C_STRUCTS.iter().map(|s| s.0).collect::<Vec<_>>(),
+            "every record in events.h needs a Rust mirror (and a line in layout.c)"
+        );
+        for ((name, rust_size, rust_fields), (_, c_size, c_fields)) in rust.iter().zip(c::C_STRUCTS)
+        {
+            assert_eq!(rust_size, c_size, "size of struct {name}");
+            assert_eq!(
+                &rust_fields[..],
+                *c_fields,
+                "fields (name, offset, size) of struct {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn mirrors_have_no_implicit_padding() {
+        // Record::as_bytes relies on it: every byte belongs to a named field.
+        for (name, size, fields) in rust_structs() {
+            let covered: usize = fields.iter().map(|f| f.2).sum();
+            assert_eq!(covered, size, "struct {name} has implicit padding");
+            assert_eq!(
+                size % 8,
+                0,
+                "struct {name}: ring records are 8-byte multiples"
+            );
+        }
+    }
+
+    #[test]
+    fn constants_match_events_h() {
+        if !c_layout_available() {
+            return;
+        }
+        assert_eq!(rust_constants(), c::C_CONSTANTS);
+    }
+
+    #[test]
+    fn bpf_object_is_embedded_unless_skipped() {
+        if super::BPF_BUILT {
+            assert_eq!(&super::PROCESS_BPF[..4], b"\x7fELF");
+            assert_eq!(super::PROCESS_BPF.as_ptr().align_offset(8), 0);
+        } else {
+            assert!(super::PROCESS_BPF.is_empty());
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_bytes() {
+        let exit = ExitEvent {
+            hdr: EventHeader {
+                kind: EVENT_EXIT,
+                size: size_of::<ExitEvent>() as u32,
+                ktime_ns: 7,
+                cgroup_id: 42,
+                pid: 100,
+                tgid: 100,
+            },
+            status: 2 << 8,
+            code: 2,
+            signal: 0,
+            pad0: 0,
+            start_ns: 3,
+        };
+        let mut bytes = vec![0xaa];
+        bytes.extend_from_slice(exit.as_bytes());
+        // Unaligned on purpose.
+        assert_eq!(ExitEvent::read(&bytes[1..]), Some(exit));
+        assert_eq!(EventHeader::read(&bytes[1..]), Some(exit.hdr));
+        assert_eq!(ExitEvent::read(&bytes[1..bytes.len() - 1]), None);
+    }
+}

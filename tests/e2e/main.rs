@@ -416,6 +416,16 @@ fn failing_step_is_attested_and_later_steps_skipped() {
         "version = 1\nname = \"fail\"\n[workspaces.a]\n[[steps]]\nname = \"first\"\nkind = \"build\"\noutput = \"a\"\nscript = \"echo oops-from-step; exit 3\"\n[[steps]]\nname = \"second\"\nkind = \"test\"\ninputs = [\"a\"]\nrun = [\"true\"]\n",
     );
     let job = submit(&k, &f, &[]);
+    // Follow only after the job has ended: the stored log must be replayed, not lost.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&k, &job)["state"] != "failed" {
+        assert!(
+            Instant::now() < deadline,
+            "job never failed: {}",
+            status(&k, &job)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let o = follow(&k, &job);
     expect_code(&o, 1, "follow failing job");
     assert!(
@@ -507,4 +517,64 @@ fn sigterm_cancels_running_jobs_and_keeps_state_consistent() {
         !k.state().join("work").join(&job).exists(),
         "work dir left behind"
     );
+}
+
+#[test]
+fn step_provenance_records_verified_teardown() {
+    if !privileged("step_provenance_records_verified_teardown") {
+        return;
+    }
+    let k = Kilnd::start("");
+    // A daemon that tries to outlive the step must not stop the teardown from being verified.
+    let f = pipeline_file(
+        k.dir.path(),
+        "teardown.toml",
+        "version = 1\nname = \"teardown\"\n[workspaces.out]\n[[steps]]\nname = \"make\"\nkind = \"build\"\noutput = \"out\"\nscript = \"(setsid sleep 3031 &); echo made > /workspace/out/made.txt\"\n",
+    );
+    let job = submit(&k, &f, &[]);
+    expect_code(&follow(&k, &job), 0, "follow teardown job");
+    let out = k.dir.path().join("out");
+    let o = k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]);
+    expect_code(&o, 0, "artifacts");
+    let bundle: kiln_common::verify::Bundle =
+        serde_json::from_slice(&std::fs::read(out.join("kiln-bundle.json")).unwrap()).unwrap();
+    let statement = bundle.steps["make"]
+        .decode_statement::<serde_json::Value>()
+        .unwrap();
+    let internal = &statement.predicate["buildDefinition"]["internalParameters"];
+    assert_eq!(internal["teardownVerified"], true, "{internal}");
+    assert!(
+        host_processes_with("sleep 3031").is_empty(),
+        "the step's daemon survived"
+    );
+    // The step's cgroups are gone. kilnd inherited this test's cgroups, and kiln nests its own
+    // below them: `<mount>/<own cgroup>/kiln/<job>[/-]make`.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    for (hierarchy, controller, leaf) in [
+        ("unified", "", format!("{job}/make")),
+        ("memory", "memory", format!("{job}-make")),
+        ("pids", "pids", format!("{job}-make")),
+        ("cpu", "cpu", format!("{job}-make")),
+    ] {
+        let path = own
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+                let matches = if controller.is_empty() {
+                    controllers.is_empty()
+                } else {
+                    controllers.split(',').any(|c| c == controller)
+                };
+                matches.then_some(path)
+            })
+            .unwrap();
+        let kiln = Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(path.trim_start_matches('/'))
+            .join("kiln");
+        for dir in [kiln.join(&leaf), kiln.join(&job)] {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
+    }
 }

@@ -285,15 +285,47 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Response> {
-    // Subscribe before reading the database so no event falls between the two.
-    let live = node.job_handle(&id).map(|h| h.subscribe());
-    load_job(&node, &id)?;
-    let past = node.store.db.events_after(&id, q.after).map_err(internal)?;
+    let job = load_job(&node, &id)?;
+    let start = node.follow(&id, q.after).map_err(internal)?;
+    // Output that happened before this request: stored logs of finished steps are replayed just
+    // before their terminal event, the running step's log so far right after its start event.
+    let mut pending = std::collections::VecDeque::new();
+    for ev in start.replay {
+        if let EventKind::Step { step, state, .. } = &ev.kind {
+            let log_event = |data: String| Event {
+                seq: ev.seq,
+                time: ev.time.clone(),
+                kind: EventKind::Log {
+                    step: step.clone(),
+                    data,
+                },
+            };
+            if state.is_terminal() {
+                let stored = job
+                    .steps
+                    .iter()
+                    .find(|s| &s.name == step)
+                    .and_then(|s| s.log);
+                if let Some(text) = stored.and_then(|d| replayable_log(&node, &d, &id, step)) {
+                    pending.push_back(log_event(text));
+                }
+                pending.push_back(ev);
+                continue;
+            }
+            if let Some(log) = start.running_logs.get(step).filter(|l| !l.is_empty()) {
+                let text = String::from_utf8_lossy(log).into_owned();
+                pending.push_back(ev.clone());
+                pending.push_back(log_event(text));
+                continue;
+            }
+        }
+        pending.push_back(ev);
+    }
     let state = EventStream {
         node,
         id,
-        pending: past.into(),
-        live,
+        pending,
+        live: start.live,
         last: q.after,
         done: false,
     };
@@ -308,6 +340,24 @@ pub async fn events(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Largest stored log replayed inline in an event stream.
+const MAX_REPLAYED_LOG: usize = 1 << 20;
+
+/// A finished step's stored log for replay, or a pointer to `kiln logs` when it is large.
+fn replayable_log(node: &Node, digest: &Digest, job: &str, step: &str) -> Option<String> {
+    let bytes = node.store.cas.get(digest).ok()?;
+    if bytes.is_empty() {
+        return None;
+    }
+    if bytes.len() > MAX_REPLAYED_LOG {
+        return Some(format!(
+            "kiln: log of {} bytes not replayed; see `kiln logs {job} {step}`\n",
+            bytes.len()
+        ));
+    }
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 struct EventStream {

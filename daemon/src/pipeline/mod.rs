@@ -26,7 +26,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::Config;
 use crate::provenance::{self, NodeSigner, StepRecord};
-use crate::sandbox::{self, Access, Profile, Sandbox, SandboxSpec, StepEnd, WorkspaceMount};
+use crate::sandbox::{
+    self, Access, Profile, Sandbox, SandboxOutcome, SandboxSpec, StepEnd, WorkspaceMount,
+};
 use crate::store::Store;
 use crate::store::db::{NewJob, StepOutputs, StepUpdate};
 
@@ -68,14 +70,29 @@ pub struct JobHandle {
     /// Cancels the job (child of the daemon's shutdown token).
     pub cancel: CancellationToken,
     events: broadcast::Sender<Event>,
-    seq: Mutex<u64>,
+    /// Sequence numbers and the logs of running steps. Every event is numbered, persisted and
+    /// broadcast under this lock, so a follower that subscribes under it sees each event exactly
+    /// once: either in the replay or live.
+    stream: Mutex<StreamState>,
 }
 
-impl JobHandle {
-    /// Subscribe to live events.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
-    }
+#[derive(Debug, Default)]
+struct StreamState {
+    seq: u64,
+    /// Log so far of each running step (capped at `max_log_bytes`); removed when the step's
+    /// terminal event is emitted, by which time the log is a CAS blob named in the step's row.
+    running_logs: HashMap<String, Vec<u8>>,
+}
+
+/// What a follower of a job's events starts from.
+#[derive(Debug)]
+pub struct FollowStart {
+    /// Persisted state events after the requested sequence number.
+    pub replay: Vec<Event>,
+    /// Output so far of steps that are running now.
+    pub running_logs: HashMap<String, Vec<u8>>,
+    /// Live events after the replay; `None` if the job has already ended.
+    pub live: Option<broadcast::Receiver<Event>>,
 }
 
 /// The node: configuration, store, signer, profiles and the running jobs.
@@ -249,7 +266,7 @@ impl Node {
         let handle = Arc::new(JobHandle {
             cancel: self.shutdown.child_token(),
             events,
-            seq: Mutex::new(0),
+            stream: Mutex::new(StreamState::default()),
         });
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.insert(id.clone(), handle.clone());
@@ -281,22 +298,87 @@ impl Node {
         })
     }
 
+    /// Start following a job: replay, running logs and the live channel, taken atomically.
+    pub fn follow(&self, id: &str, after: u64) -> Result<FollowStart, crate::store::DbError> {
+        if let Some(handle) = self.job_handle(id)
+            && let Ok(stream) = handle.stream.lock()
+        {
+            return Ok(FollowStart {
+                live: Some(handle.events.subscribe()),
+                replay: self.store.db.events_after(id, after)?,
+                running_logs: stream.running_logs.clone(),
+            });
+        }
+        Ok(FollowStart {
+            replay: self.store.db.events_after(id, after)?,
+            running_logs: HashMap::new(),
+            live: None,
+        })
+    }
+
+    /// Number, persist (state events) and broadcast an event.
     fn emit(&self, run: &JobRun, kind: EventKind) {
-        let is_log = matches!(kind, EventKind::Log { .. });
-        let Ok(mut seq) = run.handle.seq.lock() else {
+        let Ok(mut stream) = run.handle.stream.lock() else {
             return;
         };
-        *seq += 1;
+        self.emit_locked(run, &mut stream, kind);
+    }
+
+    fn emit_locked(&self, run: &JobRun, stream: &mut StreamState, kind: EventKind) {
+        stream.seq += 1;
+        if let EventKind::Step { step, state, .. } = &kind
+            && state.is_terminal()
+        {
+            stream.running_logs.remove(step);
+        }
         let event = Event {
-            seq: *seq,
+            seq: stream.seq,
             time: now(),
             kind,
         };
-        if !is_log && let Err(err) = self.store.db.append_event(&run.id, &event) {
+        if !matches!(event.kind, EventKind::Log { .. })
+            && let Err(err) = self.store.db.append_event(&run.id, &event)
+        {
             error!(?err, "cannot persist job event");
         }
         // Sending fails only when nobody listens.
         let _ = run.handle.events.send(event);
+    }
+
+    /// Append a chunk of a running step's output (kept up to `max_log_bytes`) and broadcast it.
+    fn emit_log(&self, run: &JobRun, step: &str, chunk: &[u8]) {
+        let limit = self.config.jobs.max_log_bytes as usize;
+        let Ok(mut stream) = run.handle.stream.lock() else {
+            return;
+        };
+        let log = stream.running_logs.entry(step.to_owned()).or_default();
+        let take = chunk.len().min(limit.saturating_sub(log.len()));
+        log.extend_from_slice(&chunk[..take]);
+        if take < chunk.len() && log.len() == limit {
+            log.extend_from_slice(format!("\nkiln: log truncated at {limit} bytes\n").as_bytes());
+        }
+        if chunk.is_empty() {
+            return;
+        }
+        let data = String::from_utf8_lossy(chunk).into_owned();
+        self.emit_locked(
+            run,
+            &mut stream,
+            EventKind::Log {
+                step: step.to_owned(),
+                data,
+            },
+        );
+    }
+
+    /// The log a running step has written so far.
+    fn running_log(run: &JobRun, step: &str) -> Vec<u8> {
+        run.handle
+            .stream
+            .lock()
+            .ok()
+            .and_then(|s| s.running_logs.get(step).cloned())
+            .unwrap_or_default()
     }
 
     async fn run_job(self: Arc<Self>, run: JobRun) {
@@ -577,6 +659,17 @@ impl Node {
                 format!("cannot create {}: {e}", root_dir.display()),
             );
         }
+        // The step's own cgroups, with the profile's limits: the helper joins them before it forks,
+        // `Sandbox::run` kills and removes them and verifies the teardown.
+        let cgroups = match sandbox::cgroup::create_step(&run.id, &step.name, &profile.limits) {
+            Ok(paths) => paths,
+            Err(e) => {
+                return failed(
+                    StepState::Failed,
+                    format!("cannot create the step's cgroups: {e}"),
+                );
+            }
+        };
         let spec = SandboxSpec {
             argv: rendered.argv,
             env: env.into_iter().collect(),
@@ -584,11 +677,14 @@ impl Node {
             hostname: "kiln-worker".into(),
             root_dir,
             host_paths: profile.host_paths.clone(),
+            // Before `workspaces` takes `mounts`: the Landlock rules follow the same workspaces.
+            confinement: profile.confinement(&mounts),
             workspaces: mounts,
             timeout_ms: step.timeout.as_millis() as u64,
             uid: profile.uid,
             gid: profile.gid,
             tmp_size_bytes: profile.tmp_size_bytes,
+            cgroups: Some(cgroups),
         };
         let started_on = now();
         self.set_step(run, &step.name, StepState::Running, None, None);
@@ -596,21 +692,23 @@ impl Node {
 
         let (log_tx, log_rx) = mpsc::channel(64);
         let collector = self.collect_log(run, &step.name, log_rx);
-        let (outcome, log) = tokio::join!(
+        let (outcome, ()) = tokio::join!(
             self.sandbox
                 .run(&spec, log_tx, run.handle.cancel.child_token()),
             collector
         );
         let finished_on = now();
 
+        let teardown_verified = outcome
+            .as_ref()
+            .is_ok_and(|o| o.teardown.as_ref().is_some_and(|t| t.verified));
         let (mut state, exit_code, mut error, duration_ms) = match outcome {
             Ok(o) => {
-                let (state, code, err) = describe_end(&o.end, step.timeout);
+                let (state, code, err) = describe_end(&o, step.timeout);
                 (state, code, err, Some(o.wall_ms))
             }
             Err(e) => (StepState::Failed, None, Some(format!("sandbox: {e}")), None),
         };
-        let mut log = log;
         let mut outputs = None;
         if state == StepState::Succeeded
             && let Some(out) = &step.output
@@ -620,12 +718,10 @@ impl Node {
             match tokio::task::spawn_blocking(move || workspace::collect(&dir, Some(&cas))).await {
                 Ok(Ok(c)) => {
                     for s in &c.skipped_symlinks {
-                        log.extend_from_slice(
-                            format!(
-                                "kiln: symlink {s} is not attested (symlinks are never followed)\n"
-                            )
-                            .as_bytes(),
+                        let note = format!(
+                            "kiln: symlink {s} is not attested (symlinks are never followed)\n"
                         );
+                        self.emit_log(run, &step.name, note.as_bytes());
                     }
                     outputs = Some(c.entries);
                 }
@@ -639,6 +735,7 @@ impl Node {
                 }
             }
         }
+        let log = Self::running_log(run, &step.name);
         let log_digest = match self.store.cas.put_bytes(&log) {
             Ok(d) => Some(d),
             Err(err) => {
@@ -664,6 +761,7 @@ impl Node {
             started_on: &started_on,
             finished_on: &finished_on,
             log: log_digest,
+            teardown_verified,
         };
         let statement = provenance::step_statement(&rec, &self.signer);
         // Final = no later step transforms it (steps without outputs, like tests, only read).
@@ -739,35 +837,13 @@ impl Node {
         Ok(digest)
     }
 
-    /// Forward log chunks as events and keep up to `max_log_bytes` of them.
-    async fn collect_log(
-        &self,
-        run: &JobRun,
-        step: &str,
-        mut rx: mpsc::Receiver<bytes::Bytes>,
-    ) -> Vec<u8> {
-        let limit = self.config.jobs.max_log_bytes as usize;
-        let mut log = Vec::new();
-        let mut truncated = false;
+    /// Forward log chunks as events (the running log keeps up to `max_log_bytes` of them).
+    async fn collect_log(&self, run: &JobRun, step: &str, mut rx: mpsc::Receiver<bytes::Bytes>) {
+        // A step that prints nothing still has a (empty) running log.
+        self.emit_log(run, step, b"");
         while let Some(chunk) = rx.recv().await {
-            if log.len() < limit {
-                let take = chunk.len().min(limit - log.len());
-                log.extend_from_slice(&chunk[..take]);
-            } else if !truncated {
-                truncated = true;
-            }
-            self.emit(
-                run,
-                EventKind::Log {
-                    step: step.to_owned(),
-                    data: String::from_utf8_lossy(&chunk).into_owned(),
-                },
-            );
+            self.emit_log(run, step, &chunk);
         }
-        if truncated {
-            log.extend_from_slice(format!("\nkiln: log truncated at {limit} bytes\n").as_bytes());
-        }
-        log
     }
 
     /// Stop accepting jobs, cancel running ones, and wait (up to the configured grace) for them to
@@ -784,8 +860,50 @@ impl Node {
     }
 }
 
-/// Map a worker's end to a step state, exit code and reason.
+/// Map a worker's end to a step state, exit code and reason. A teardown that was not verified
+/// fails the step whatever its exit (nothing it produced can be vouched for); so does a limit the
+/// kernel enforced (which fork or allocation failed decides what the step produced), with the
+/// limit as the reason ("out of memory: limit 2 GiB").
 fn describe_end(
+    outcome: &SandboxOutcome,
+    timeout: std::time::Duration,
+) -> (StepState, Option<i32>, Option<String>) {
+    let (state, code, reason) = describe_exit(&outcome.end, timeout);
+    let mut reasons: Vec<String> = Vec::new();
+    if state != StepState::Cancelled && !outcome.limits_hit.is_empty() {
+        reasons.extend(outcome.limits_hit.iter().map(ToString::to_string));
+        if let Some(reason) = &reason {
+            reasons.push(format!("then {reason}"));
+        }
+    }
+    if let Some(teardown) = &outcome.teardown
+        && !teardown.verified
+    {
+        if reasons.is_empty()
+            && let Some(reason) = &reason
+        {
+            reasons.push(reason.clone());
+        }
+        reasons.push(format!(
+            "teardown not verified: {}",
+            teardown.problems.join("; ")
+        ));
+    }
+    if reasons.is_empty() {
+        (state, code, reason)
+    } else {
+        let state = match state {
+            StepState::Cancelled => state,
+            // A limit, not the clock, is why it never finished.
+            StepState::TimedOut if outcome.limits_hit.is_empty() => state,
+            _ => StepState::Failed,
+        };
+        (state, code, Some(reasons.join("; ")))
+    }
+}
+
+/// Map how the step's process ended to a step state, exit code and reason.
+fn describe_exit(
     end: &StepEnd,
     timeout: std::time::Duration,
 ) -> (StepState, Option<i32>, Option<String>) {
@@ -824,5 +942,86 @@ fn describe_end(
             Some(format!("sandbox setup failed at {stage}: {error}")),
         ),
         StepEnd::Cancelled => (StepState::Cancelled, None, Some("cancelled".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::sandbox::{LimitHit, TeardownReport};
+
+    fn outcome(end: StepEnd, limits_hit: Vec<LimitHit>, verified: bool) -> SandboxOutcome {
+        SandboxOutcome {
+            end,
+            wall_ms: 1,
+            user_ms: 0,
+            sys_ms: 0,
+            max_rss_kib: 0,
+            limits_hit,
+            teardown: Some(TeardownReport {
+                verified,
+                problems: if verified {
+                    Vec::new()
+                } else {
+                    vec!["process 42 is still in the step's cgroup".into()]
+                },
+            }),
+            landlock: None,
+        }
+    }
+
+    #[test]
+    fn limits_and_teardown_explain_the_end() {
+        let timeout = Duration::from_secs(5);
+        let oom = LimitHit::Memory {
+            limit_bytes: 2 << 30,
+            oom_kills: 1,
+        };
+        let pids = LimitHit::Pids {
+            limit: 512,
+            refused_forks: 3,
+        };
+        assert_eq!(
+            describe_end(&outcome(StepEnd::Exited { code: 0 }, vec![], true), timeout),
+            (StepState::Succeeded, Some(0), None)
+        );
+        assert_eq!(
+            describe_end(
+                &outcome(StepEnd::Exited { code: 137 }, vec![oom.clone()], true),
+                timeout
+            ),
+            (
+                StepState::Failed,
+                Some(137),
+                Some("out of memory: limit 2 GiB; then exited with code 137".into())
+            )
+        );
+        // A limit hit fails even a step that exited 0.
+        let (state, _, reason) = describe_end(
+            &outcome(StepEnd::Exited { code: 0 }, vec![oom], true),
+            timeout,
+        );
+        assert_eq!(state, StepState::Failed);
+        assert_eq!(reason.as_deref(), Some("out of memory: limit 2 GiB"));
+        let (state, _, reason) =
+            describe_end(&outcome(StepEnd::TimedOut, vec![pids], true), timeout);
+        assert_eq!(state, StepState::Failed);
+        assert_eq!(
+            reason.as_deref(),
+            Some("process limit reached: 512; then timed out after 5s")
+        );
+        let (state, _, reason) = describe_end(
+            &outcome(StepEnd::Exited { code: 0 }, vec![], false),
+            timeout,
+        );
+        assert_eq!(state, StepState::Failed);
+        assert_eq!(
+            reason.as_deref(),
+            Some("teardown not verified: process 42 is still in the step's cgroup")
+        );
+        let (state, _, _) = describe_end(&outcome(StepEnd::Cancelled, vec![], false), timeout);
+        assert_eq!(state, StepState::Cancelled);
     }
 }

@@ -46,6 +46,26 @@ pub enum WorkspaceError {
         /// File type.
         kind: &'static str,
     },
+    /// A setuid or setgid output: whoever unpacks the artifact as root would install a
+    /// privilege-granting binary nobody reviewed.
+    #[error("output {path:?} has mode {mode:04o}: setuid/setgid files are refused")]
+    SetId {
+        /// Path relative to the workspace.
+        path: String,
+        /// Permission bits found.
+        mode: u32,
+    },
+    /// An output with more than one hard link: it may be a link to a host file outside the
+    /// workspace, which the step would then attest (and export) as its own output.
+    #[error(
+        "output {path:?} has {links} hard links: hard-linked outputs are refused (a link may point outside the workspace)"
+    )]
+    HardLink {
+        /// Path relative to the workspace.
+        path: String,
+        /// Link count.
+        links: u64,
+    },
     /// Storing a file.
     #[error(transparent)]
     Cas(#[from] CasError),
@@ -123,6 +143,9 @@ pub struct Collected {
 
 /// Hash every regular file under `root` (and store it in `cas` if given). Symlinks are never
 /// followed: walkdir does not descend through them and files are opened with `O_NOFOLLOW`.
+/// Device nodes, fifos, sockets, setuid/setgid files and files with more than one hard link are
+/// refused, naming the file. (Collection runs after the step's teardown, so no step process can
+/// change a file between these checks and the hashing.)
 pub fn collect(root: &Path, cas: Option<&Cas>) -> Result<Collected, WorkspaceError> {
     let mut out = Collected::default();
     for entry in walkdir::WalkDir::new(root)
@@ -171,6 +194,27 @@ pub fn collect(root: &Path, cas: Option<&Cas>) -> Result<Collected, WorkspaceErr
                 path: rel_str,
                 kind,
             });
+        }
+        // walkdir's metadata is lstat (links are not followed).
+        let meta = entry.metadata().map_err(|e| WorkspaceError::Io {
+            path: entry.path().to_owned(),
+            source: e.into(),
+        })?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o6000 != 0 {
+                return Err(WorkspaceError::SetId {
+                    path: rel_str,
+                    mode,
+                });
+            }
+            if meta.nlink() > 1 {
+                return Err(WorkspaceError::HardLink {
+                    path: rel_str,
+                    links: meta.nlink(),
+                });
+            }
         }
         let digest = if let Some(cas) = cas {
             cas.put_file(entry.path())?.0
@@ -258,5 +302,66 @@ mod tests {
         nix::unistd::mkfifo(&dir.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         let err = collect(dir.path(), None).unwrap_err();
         assert!(err.to_string().contains("fifo"), "{err}");
+    }
+
+    #[test]
+    fn collect_refuses_setuid_and_setgid_files() {
+        use std::os::unix::fs::PermissionsExt;
+        for mode in [0o4755, 0o2755] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("ok"), b"ok").unwrap();
+            fs::create_dir(dir.path().join("bin")).unwrap();
+            let file = dir.path().join("bin/su");
+            fs::write(&file, b"#!/bin/sh\n").unwrap();
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+            let err = collect(dir.path(), None).unwrap_err();
+            assert!(
+                matches!(&err, WorkspaceError::SetId { path, mode: m } if path == "bin/su" && *m == mode),
+                "{err}"
+            );
+            assert!(err.to_string().contains("bin/su"), "{err}");
+        }
+    }
+
+    #[test]
+    fn collect_refuses_hard_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        // A link to a file outside the workspace (the attack) ...
+        fs::write(outside.path().join("host-secret"), b"s").unwrap();
+        fs::hard_link(outside.path().join("host-secret"), dir.path().join("copy")).unwrap();
+        let err = collect(dir.path(), None).unwrap_err();
+        assert!(
+            matches!(&err, WorkspaceError::HardLink { path, links: 2 } if path == "copy"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"copy\""), "{err}");
+        // ... and, indistinguishably, two names inside it.
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), b"a").unwrap();
+        fs::hard_link(dir.path().join("a"), dir.path().join("b")).unwrap();
+        let err = collect(dir.path(), None).unwrap_err();
+        assert!(matches!(err, WorkspaceError::HardLink { .. }), "{err}");
+    }
+
+    #[test]
+    fn collect_refuses_device_nodes() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: mknod of a device node needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        nix::sys::stat::mknod(
+            &dir.path().join("null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+        let err = collect(dir.path(), None).unwrap_err();
+        assert!(
+            err.to_string().contains("\"null\" is a device node"),
+            "{err}"
+        );
     }
 }

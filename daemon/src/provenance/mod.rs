@@ -175,6 +175,8 @@ pub struct StepRecord<'a> {
     pub finished_on: &'a str,
     /// Log blob digest.
     pub log: Option<Digest>,
+    /// Whether kilnd verified that nothing of the step's worker survived.
+    pub teardown_verified: bool,
 }
 
 /// Build a step's SLSA provenance statement.
@@ -233,6 +235,7 @@ pub fn step_statement(rec: &StepRecord<'_>, signer: &NodeSigner) -> StepStatemen
                     exit_code: rec.exit_code,
                     outcome: rec.outcome.into(),
                     signing_key: signer.info.clone(),
+                    teardown_verified: rec.teardown_verified,
                 },
                 resolved_dependencies,
             },

@@ -9,8 +9,9 @@
 //!    through a status pipe; when it exits the kernel kills whatever the step left behind;
 //! 3. the *step* drops every privilege and execs the step's program.
 //!
-//! Later hardening slots in at marked places: seccomp and landlock at the end of `drop_privileges` (just
-//! before exec), cgroups around the fork of pid 1, a user namespace in the unshare.
+//! The step's confinement (`spec.confinement`) is applied in `prepare_step`: rlimits and locked
+//! securebits during the privilege drop, then Landlock, and the profile's compiled seccomp filter
+//! last, right before `execve`. A user namespace would slot into the unshare.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -23,13 +24,15 @@ use nix::fcntl::OFlag;
 use nix::mount::MsFlags;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sched::CloneFlags;
-use nix::sys::resource::{UsageWho, getrusage};
+use nix::sys::resource::{Resource, UsageWho, getrusage, setrlimit};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 
+use super::cgroup;
+use super::confine::{self, LandlockEnforcement};
 use super::rootfs::{RealHost, plan_root};
 use super::spec::{SandboxOutcome, SandboxSpec, StepEnd};
 use super::sys;
@@ -53,9 +56,11 @@ impl Failure {
     }
 }
 
-/// What the step process reports on its CLOEXEC error pipe when it does not reach its program.
+/// What the step process reports on its CLOEXEC error pipe (a sequence of JSON values): how far
+/// Landlock was enforced, and, only if it does not reach its program, why.
 #[derive(Debug, Serialize, Deserialize)]
-enum StepFailure {
+enum StepReport {
+    Confined(LandlockEnforcement),
     Setup(Failure),
     Exec(String),
 }
@@ -72,6 +77,9 @@ pub fn main() -> ExitCode {
         user_ms: 0,
         sys_ms: 0,
         max_rss_kib: 0,
+        limits_hit: Vec::new(),
+        teardown: None,
+        landlock: None,
     });
     let mut stdout = std::io::stdout().lock();
     let written = serde_json::to_writer(&mut stdout, &outcome)
@@ -91,16 +99,26 @@ fn supervise() -> Result<SandboxOutcome, Failure> {
     ensure_single_threaded()?;
     let spec = read_spec()?;
 
+    // Into the step's cgroups first, while this is the only process: everything forked below —
+    // pid 1, the step, whatever it spawns or daemonizes — inherits them, so the limits hold for
+    // all of it and kilnd's cgroup.kill reaches all of it.
+    if let Some(cgroups) = &spec.cgroups {
+        cgroup::join(cgroups).map_err(|err| Failure::new("cgroup", err))?;
+    }
+
     // New namespaces for everything the step could see or change: its own mount table (the root is
     // built there), pids (it sees only its own tree; killing pid 1 kills all of it), network (empty:
-    // only a down loopback, no route anywhere), UTS (own hostname), IPC (no SysV IPC with the host).
+    // only a down loopback, no route anywhere), UTS (own hostname), IPC (no SysV IPC with the host),
+    // cgroup (entered after joining the step's cgroups, so the step's view of /proc/self/cgroup is
+    // rooted at its own cgroup and names nothing of the host's hierarchy).
     // Only the next child enters the new pid namespace (as pid 1); this process stays outside.
     nix::sched::unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC,
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(|err| Failure::new("unshare", err))?;
     // The copied mount table keeps the host's propagation: with shared mounts our tmpfs and binds
@@ -223,6 +241,9 @@ fn wait_for_init(
                 user_ms: 0,
                 sys_ms: 0,
                 max_rss_kib: 0,
+                limits_hit: Vec::new(),
+                teardown: None,
+                landlock: None,
             })
         }
     }
@@ -262,6 +283,9 @@ fn children_usage() -> SandboxOutcome {
         user_ms,
         sys_ms,
         max_rss_kib,
+        limits_hit: Vec::new(),
+        teardown: None,
+        landlock: None,
     }
 }
 
@@ -284,6 +308,9 @@ fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd) -> ! {
         user_ms: 0,
         sys_ms: 0,
         max_rss_kib: 0,
+        limits_hit: Vec::new(),
+        teardown: None,
+        landlock: None,
     });
     if let Ok(json) = serde_json::to_vec(&outcome) {
         write_all(status_write, &json);
@@ -336,7 +363,7 @@ fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Fa
         ForkResult::Parent { child } => child,
     };
     drop(error_write);
-    let step_failure = read_to_end(&error_read);
+    let step_report = read_to_end(&error_read);
 
     // As pid 1 we inherit every orphan in the namespace: reap them all while waiting for the step.
     let status = loop {
@@ -347,13 +374,24 @@ fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Fa
         }
     };
     let wall_ms = millis(started.elapsed());
-    let end = match serde_json::from_slice::<StepFailure>(&step_failure) {
-        Ok(StepFailure::Exec(error)) => StepEnd::ExecFailed { error },
-        Ok(StepFailure::Setup(failure)) => StepEnd::SetupFailed {
-            stage: failure.stage,
-            error: failure.error,
-        },
-        Err(_) => match status {
+    let mut landlock = None;
+    let mut failure = None;
+    for report in serde_json::Deserializer::from_slice(&step_report).into_iter::<StepReport>() {
+        match report {
+            Ok(StepReport::Confined(enforcement)) => landlock = Some(enforcement),
+            Ok(StepReport::Exec(error)) => failure = Some(StepEnd::ExecFailed { error }),
+            Ok(StepReport::Setup(setup)) => {
+                failure = Some(StepEnd::SetupFailed {
+                    stage: setup.stage,
+                    error: setup.error,
+                });
+            }
+            Err(_) => break,
+        }
+    }
+    let end = match failure {
+        Some(end) => end,
+        None => match status {
             WaitStatus::Exited(_, code) => StepEnd::Exited { code },
             WaitStatus::Signaled(_, signal, _) => StepEnd::Signaled {
                 signal: signal as i32,
@@ -364,6 +402,7 @@ fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Fa
     Ok(SandboxOutcome {
         end,
         wall_ms,
+        landlock,
         ..children_usage()
     })
 }
@@ -373,6 +412,8 @@ struct Program {
     argv: Vec<CString>,
     env: Vec<CString>,
     candidates: Vec<CString>,
+    /// The profile's seccomp filter, decoded before the fork.
+    seccomp: Vec<libc::sock_filter>,
 }
 
 impl Program {
@@ -405,15 +446,18 @@ impl Program {
             argv,
             env,
             candidates,
+            seccomp: spec.confinement.seccomp.to_filter(),
         })
     }
 }
 
 /// The step process: drop everything, exec; on failure report through `error_write` and exit 127.
 fn run_step(spec: &SandboxSpec, program: &Program, error_write: &OwnedFd) -> ! {
-    let failure = match prepare_step(spec) {
-        Ok(()) => StepFailure::Exec(exec(spec, program)),
-        Err(failure) => StepFailure::Setup(failure),
+    let failure = match prepare_step(spec, program, error_write) {
+        // The seccomp filter is in place: only what the profile allows from here on (execve,
+        // write and exit_group at least).
+        Ok(()) => StepReport::Exec(exec(spec, program)),
+        Err(failure) => StepReport::Setup(failure),
     };
     if let Ok(json) = serde_json::to_vec(&failure) {
         write_all(error_write, &json);
@@ -421,7 +465,11 @@ fn run_step(spec: &SandboxSpec, program: &Program, error_write: &OwnedFd) -> ! {
     sys::exit_now(127)
 }
 
-fn prepare_step(spec: &SandboxSpec) -> Result<(), Failure> {
+fn prepare_step(
+    spec: &SandboxSpec,
+    program: &Program,
+    error_write: &OwnedFd,
+) -> Result<(), Failure> {
     // A session of its own: no controlling terminal, and job-control signals aimed at the helper's
     // process group do not reach it.
     nix::unistd::setsid().map_err(|err| Failure::new("session", err))?;
@@ -430,15 +478,50 @@ fn prepare_step(spec: &SandboxSpec) -> Result<(), Failure> {
     sys::reset_signals().map_err(|err| Failure::new("signals", err))?;
     // Nothing but fds 0-2 crosses the execve.
     sys::cloexec_from_3().map_err(|err| Failure::new("fds", err))?;
+    // The Landlock ruleset is built while still root, so every rule path opens whatever its mode;
+    // its fds are close-on-exec.
+    let landlock = spec
+        .confinement
+        .landlock
+        .as_ref()
+        .map(confine::prepare_landlock)
+        .transpose()
+        .map_err(|err| Failure::new("landlock", error_chain(&err)))?;
     drop_privileges(spec)?;
     // After the drop: the step's user must be allowed to enter its working directory.
     nix::unistd::chdir(&spec.cwd)
         .map_err(|err| Failure::new("cwd", format!("{}: {err}", spec.cwd.display())))?;
+    // Defence in depth under the mount setup: the step reaches only the listed paths, no TCP
+    // bind/connect, no signal or abstract socket outside its own processes. Best effort on older
+    // kernels; how far it got is reported and recorded in the outcome.
+    let enforcement = match landlock {
+        Some(prepared) => confine::enforce_landlock(prepared)
+            .map_err(|err| Failure::new("landlock", error_chain(&err)))?,
+        None => LandlockEnforcement::Disabled,
+    };
+    if let Ok(json) = serde_json::to_vec(&StepReport::Confined(enforcement)) {
+        write_all(error_write, &json);
+    }
+    // Last before execve: the profile's syscall allowlist (no_new_privs is set). Nothing after
+    // this may need a syscall the profile does not allow.
+    sys::install_seccomp(&program.seccomp).map_err(|err| Failure::new("seccomp", err))?;
     Ok(())
 }
 
-/// Root with all capabilities → `spec.uid`/`spec.gid` with none, for good (seccomp and landlock
-/// will be installed at the end of this function).
+/// `err` with its sources, `: `-separated.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Root with all capabilities → `spec.uid`/`spec.gid` with none, for good: bounding set, locked
+/// securebits, rlimits, ids, capability sets, no_new_privs.
 fn drop_privileges(spec: &SandboxSpec) -> Result<(), Failure> {
     let fail = |what: &str, err: &dyn std::fmt::Display| {
         Failure::new("privileges", format!("{what}: {err}"))
@@ -457,6 +540,24 @@ fn drop_privileges(spec: &SandboxSpec) -> Result<(), Failure> {
                 ));
             }
         }
+    }
+    // Lock the securebits while CAP_SETPCAP is still effective: no later uid change or execve can
+    // make root capabilities come back, and the lock cannot be undone.
+    sys::lock_securebits().map_err(|err| fail("PR_SET_SECUREBITS", &err))?;
+    // Limits as both soft and hard value while still privileged (CAP_SYS_RESOURCE may raise a hard
+    // limit kilnd inherited); unprivileged, the step can only lower them.
+    let rlimits = &spec.confinement.rlimits;
+    for (resource, limit) in [
+        (Resource::RLIMIT_CORE, rlimits.core_bytes),
+        (Resource::RLIMIT_NOFILE, rlimits.nofile),
+        (Resource::RLIMIT_FSIZE, rlimits.fsize_bytes),
+    ] {
+        let limit = if limit == u64::MAX {
+            libc::RLIM_INFINITY
+        } else {
+            limit
+        };
+        setrlimit(resource, limit, limit).map_err(|err| fail(&format!("{resource:?}"), &err))?;
     }
     // Root's supplementary groups (disk, adm, …) must not survive.
     nix::unistd::setgroups(&[]).map_err(|err| fail("setgroups", &err))?;
@@ -499,6 +600,18 @@ fn verify_unprivileged(spec: &SandboxSpec) -> Result<(), Failure> {
         ("Gid", ids(spec.gid)),
         ("Groups", String::new()),
     ];
+    match sys::securebits() {
+        Ok(bits) if bits == sys::LOCKED_SECUREBITS => {}
+        other => {
+            return Err(Failure::new(
+                "privileges",
+                format!(
+                    "securebits not locked: {other:?}, expected {:#x}",
+                    sys::LOCKED_SECUREBITS
+                ),
+            ));
+        }
+    }
     for (field, want) in expected {
         let got = status
             .lines()

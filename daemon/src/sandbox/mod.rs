@@ -7,13 +7,19 @@
 //!
 //! Module map: [`spec`] wire types and their validation, [`rootfs`] the root filesystem as a
 //! reviewed plan, [`sys`] the privileged-syscall seam (every `unsafe`), [`helper`] the helper's
-//! process logic, [`profile`] the TOML profiles in `profiles/`.
+//! process logic, [`profile`] the TOML profiles in `profiles/`, [`seccomp`] the profile's syscall
+//! allowlist compiled to BPF (kilnd side), [`confine`] the seccomp/rlimit/Landlock wire types and
+//! the Landlock enforcement (helper side).
 
+pub mod cgroup;
+pub mod confine;
 pub mod helper;
 pub mod profile;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod sys;
+pub mod teardown;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,8 +32,14 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use cgroup::{CgroupPaths, LimitHit, Limits};
+pub use confine::{
+    Confinement, LandlockAccess, LandlockEnforcement, LandlockPolicy, LandlockRule, Rlimits,
+    SeccompProgram,
+};
 pub use profile::{Profile, ProfileError, load_profiles};
 pub use spec::{Access, SandboxOutcome, SandboxSpec, SpecError, StepEnd, WorkspaceMount};
+pub use teardown::TeardownReport;
 
 /// Grace period on top of a spec's own timeout before kilnd gives up on the helper itself.
 pub const SAFETY_NET: Duration = Duration::from_secs(10);
@@ -118,7 +130,43 @@ impl Sandbox {
     ///
     /// A dropped `log` receiver does not stop the step: the log is then drained and discarded.
     /// Cancellation returns `Ok` with [`StepEnd::Cancelled`] once the helper is reaped.
+    ///
+    /// Once the helper is reaped — however the step ended, errors included — the step's cgroups
+    /// (`spec.cgroups`) are killed and removed and the teardown is verified
+    /// ([`teardown::teardown`]); the outcome carries the [`TeardownReport`] and the limits the
+    /// kernel enforced.
     pub async fn run(
+        &self,
+        spec: &SandboxSpec,
+        log: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+    ) -> Result<SandboxOutcome, SandboxError> {
+        // Validation is `run_helper`'s first step; the teardown checks the cgroup paths itself
+        // before touching them, so cgroups of an invalid spec are still removed.
+        let result = self.run_helper(spec, log, cancel).await;
+        let scope = teardown::TeardownScope::of(spec);
+        let (limits_hit, report) =
+            match tokio::task::spawn_blocking(move || teardown::teardown(&scope)).await {
+                Ok(done) => done,
+                Err(err) => (
+                    Vec::new(),
+                    TeardownReport {
+                        verified: false,
+                        problems: vec![format!("teardown task failed: {err}")],
+                    },
+                ),
+            };
+        if !report.verified {
+            tracing::warn!(problems = ?report.problems, "sandbox teardown not verified");
+        }
+        let mut outcome = result?;
+        outcome.limits_hit = limits_hit;
+        outcome.teardown = Some(report);
+        Ok(outcome)
+    }
+
+    /// [`Sandbox::run`] up to the reaping of the helper.
+    async fn run_helper(
         &self,
         spec: &SandboxSpec,
         log: mpsc::Sender<Bytes>,
@@ -198,6 +246,9 @@ impl Sandbox {
                     user_ms: 0,
                     sys_ms: 0,
                     max_rss_kib: 0,
+                    limits_hit: Vec::new(),
+                    teardown: None,
+                    landlock: None,
                 })
             }
             Ended::Hung => {

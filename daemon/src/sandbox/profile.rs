@@ -9,6 +9,13 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::cgroup::{Limits, format_bytes};
+use super::confine::{
+    Confinement, LandlockAccess, LandlockPolicy, LandlockRule, Rlimits, SeccompProgram,
+};
+use super::seccomp::{self, SeccompError, SeccompPolicy, Syscall};
+use super::spec::{Access, WorkspaceMount};
+
 /// A loaded, validated profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
@@ -26,6 +33,83 @@ pub struct Profile {
     pub gid: u32,
     /// Size limit of the private `/tmp`, in bytes.
     pub tmp_size_bytes: u64,
+    /// Resource limits of the step's cgroups (`[limits]`).
+    pub limits: Limits,
+    /// The `[seccomp]` allowlist, compiled once at load.
+    pub seccomp: SeccompProgram,
+    /// `[rlimits]`.
+    pub rlimits: Rlimits,
+    /// `[landlock]`; `None` if the profile disables Landlock.
+    pub landlock: Option<ProfileLandlock>,
+}
+
+/// The `[landlock]` paths of a profile; host paths and workspaces are added per step
+/// ([`Profile::confinement`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileLandlock {
+    /// Device nodes the step may read, write and ioctl.
+    pub devices: Vec<PathBuf>,
+    /// Paths the step may read.
+    pub read: Vec<PathBuf>,
+    /// Paths the step may read, write and execute in.
+    pub read_write: Vec<PathBuf>,
+    /// TCP ports the step may connect to.
+    pub tcp_connect_ports: Vec<u16>,
+}
+
+impl Profile {
+    /// The step's [`Confinement`]: the compiled filter, the rlimits, and the Landlock rules — the
+    /// profile's host paths read+execute, its `[landlock]` paths, input workspaces read+execute and
+    /// output workspaces read-write (at `/workspace/<name>`, as mounted).
+    pub fn confinement(&self, workspaces: &[WorkspaceMount]) -> Confinement {
+        let landlock = self.landlock.as_ref().map(|landlock| {
+            let rule = |path: &Path, access| LandlockRule {
+                path: path.to_owned(),
+                access,
+            };
+            let mut rules: Vec<LandlockRule> = Vec::new();
+            rules.extend(
+                self.host_paths
+                    .iter()
+                    .map(|path| rule(path, LandlockAccess::ReadExecute)),
+            );
+            rules.extend(
+                landlock
+                    .devices
+                    .iter()
+                    .map(|path| rule(path, LandlockAccess::Device)),
+            );
+            rules.extend(
+                landlock
+                    .read
+                    .iter()
+                    .map(|path| rule(path, LandlockAccess::Read)),
+            );
+            rules.extend(
+                landlock
+                    .read_write
+                    .iter()
+                    .map(|path| rule(path, LandlockAccess::ReadWrite)),
+            );
+            rules.extend(workspaces.iter().map(|workspace| {
+                let access = match workspace.access {
+                    // Inputs hold the programs earlier steps built (tests run them).
+                    Access::ReadOnly => LandlockAccess::ReadExecute,
+                    Access::ReadWrite => LandlockAccess::ReadWrite,
+                };
+                rule(&Path::new("/workspace").join(&workspace.name), access)
+            }));
+            LandlockPolicy {
+                rules,
+                tcp_connect_ports: landlock.tcp_connect_ports.clone(),
+            }
+        });
+        Confinement {
+            seccomp: self.seccomp.clone(),
+            rlimits: self.rlimits,
+            landlock,
+        }
+    }
 }
 
 /// A profile file that cannot be used.
@@ -61,6 +145,15 @@ pub enum ProfileError {
         /// The TOML parser's message.
         message: String,
     },
+    /// The profile's seccomp allowlist could not be compiled.
+    #[error("{file}: cannot compile the seccomp filter", file = file.display())]
+    Seccomp {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        #[source]
+        source: SeccompError,
+    },
     /// A field has a value kiln refuses.
     #[error("{file}:{line}:{column}: {field}: {message}", file = file.display())]
     Invalid {
@@ -87,7 +180,68 @@ struct ProfileFile {
     uid: Spanned<u32>,
     gid: Spanned<u32>,
     tmp_size: Spanned<String>,
+    #[serde(default)]
+    limits: LimitsFile,
+    seccomp: SeccompFile,
+    rlimits: RlimitsFile,
+    landlock: LandlockFile,
 }
+
+/// `[seccomp]`: a default-deny allowlist.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeccompFile {
+    errno: Spanned<String>,
+    allow: Spanned<Vec<Spanned<String>>>,
+}
+
+/// `[rlimits]`: all required (inheriting kilnd's limits would make steps depend on the unit file).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RlimitsFile {
+    core: Spanned<u64>,
+    nofile: Spanned<u64>,
+    fsize: Spanned<String>,
+}
+
+/// `[landlock]`: enabled unless `enabled = false`; path lists default to empty.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LandlockFile {
+    #[serde(default = "enabled")]
+    enabled: bool,
+    #[serde(default)]
+    devices: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    read: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    read_write: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    tcp_connect_ports: Vec<u16>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// `[limits]`: every key optional, defaults from [`Limits::default`].
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    memory: Option<Spanned<String>>,
+    pids: Option<Spanned<u64>>,
+    cpu: Option<Spanned<f64>>,
+}
+
+/// Smallest `[limits] memory`: the helper, the namespace's pid 1 and a shell need a few MiB; below
+/// this the OOM killer would hit the sandbox itself rather than the build.
+const MIN_MEMORY_BYTES: u64 = 16 << 20;
+/// Smallest `[limits] pids`: the helper, pid 1, the step and a few children.
+const MIN_PIDS: u64 = 8;
+/// Largest `[limits] pids`: the kernel's `pid_max` ceiling.
+const MAX_PIDS: u64 = 1 << 22;
+/// Largest `[limits] cpu`, in cores.
+const MAX_CPU_CORES: f64 = 1024.0;
 
 /// Loads every `*.toml` in `dir`; the file stem is the profile name. Host paths missing on this host
 /// are dropped (debug log).
@@ -118,6 +272,11 @@ pub fn load_profiles(dir: &Path) -> Result<BTreeMap<String, Profile>, ProfileErr
             }
             present
         });
+        tracing::debug!(
+            profile = %name,
+            instructions = profile.seccomp.instructions(),
+            "seccomp filter compiled"
+        );
         profiles.insert(name, profile);
     }
     Ok(profiles)
@@ -195,6 +354,92 @@ pub fn parse_profile(file: &Path, text: &str) -> Result<Profile, ProfileError> {
     }
     let tmp_size_bytes = parse_size(raw.tmp_size.get_ref())
         .map_err(|message| invalid(raw.tmp_size.span(), "tmp_size", message))?;
+    let mut limits = Limits::default();
+    if let Some(memory) = &raw.limits.memory {
+        limits.memory_bytes = parse_size(memory.get_ref())
+            .and_then(|bytes| {
+                if bytes < MIN_MEMORY_BYTES {
+                    Err(format!(
+                        "{:?} is below the minimum of {}",
+                        memory.get_ref(),
+                        format_bytes(MIN_MEMORY_BYTES)
+                    ))
+                } else {
+                    Ok(bytes)
+                }
+            })
+            .map_err(|message| invalid(memory.span(), "limits.memory", message))?;
+    }
+    if let Some(pids) = &raw.limits.pids {
+        let value = *pids.get_ref();
+        if !(MIN_PIDS..=MAX_PIDS).contains(&value) {
+            return Err(invalid(
+                pids.span(),
+                "limits.pids",
+                format!("{value} is outside {MIN_PIDS}..={MAX_PIDS}"),
+            ));
+        }
+        limits.pids = value;
+    }
+    if let Some(cpu) = &raw.limits.cpu {
+        let cores = *cpu.get_ref();
+        if !(0.01..=MAX_CPU_CORES).contains(&cores) {
+            return Err(invalid(
+                cpu.span(),
+                "limits.cpu",
+                format!("{cores} cores is outside 0.01..={MAX_CPU_CORES}"),
+            ));
+        }
+        limits.cpu_millicores = (cores * 1000.0).round() as u64;
+    }
+    let policy = seccomp_policy(&raw.seccomp)
+        .map_err(|(span, field, message)| invalid(span, field, message))?;
+    let seccomp = seccomp::compile(&policy).map_err(|source| ProfileError::Seccomp {
+        file: file.to_owned(),
+        source,
+    })?;
+    let rlimits = Rlimits {
+        core_bytes: *raw.rlimits.core.get_ref(),
+        nofile: *raw.rlimits.nofile.get_ref(),
+        fsize_bytes: match raw.rlimits.fsize.get_ref().trim() {
+            "unlimited" => u64::MAX,
+            size => parse_size(size)
+                .map_err(|message| invalid(raw.rlimits.fsize.span(), "rlimits.fsize", message))?,
+        },
+    };
+    if !(16..=1 << 20).contains(&rlimits.nofile) {
+        return Err(invalid(
+            raw.rlimits.nofile.span(),
+            "rlimits.nofile",
+            format!("{} is outside 16..=1048576", rlimits.nofile),
+        ));
+    }
+    let landlock = if raw.landlock.enabled {
+        let paths = |list: &[Spanned<PathBuf>], field| {
+            list.iter()
+                .map(|path| {
+                    let value = path.get_ref();
+                    if is_absolute_normal(value) {
+                        Ok(value.clone())
+                    } else {
+                        Err(invalid(
+                            path.span(),
+                            field,
+                            format!("{} must be absolute, without '.' or '..'", value.display()),
+                        ))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Some(ProfileLandlock {
+            devices: paths(&raw.landlock.devices, "landlock.devices")?,
+            read: paths(&raw.landlock.read, "landlock.read")?,
+            read_write: paths(&raw.landlock.read_write, "landlock.read_write")?,
+            tcp_connect_ports: raw.landlock.tcp_connect_ports,
+        })
+    } else {
+        None
+    };
     Ok(Profile {
         description: raw.description,
         host_paths,
@@ -202,7 +447,69 @@ pub fn parse_profile(file: &Path, text: &str) -> Result<Profile, ProfileError> {
         uid: raw.uid.into_inner(),
         gid: raw.gid.into_inner(),
         tmp_size_bytes,
+        limits,
+        seccomp,
+        rlimits,
+        landlock,
     })
+}
+
+/// Resolves and checks `[seccomp]`; an error carries the span of the offending value.
+fn seccomp_policy(
+    raw: &SeccompFile,
+) -> Result<SeccompPolicy, (Range<usize>, &'static str, String)> {
+    let errno = seccomp::errno_value(raw.errno.get_ref()).ok_or_else(|| {
+        (
+            raw.errno.span(),
+            "seccomp.errno",
+            format!(
+                "unknown errno {:?}; use EPERM, EACCES or ENOSYS",
+                raw.errno.get_ref()
+            ),
+        )
+    })?;
+    let mut allow: Vec<Syscall> = Vec::new();
+    for name in raw.allow.get_ref() {
+        let value = name.get_ref();
+        let refuse = |message: String| (name.span(), "seccomp.allow", message);
+        if seccomp::ALWAYS_DENIED.contains(&value.as_str()) {
+            return Err(refuse(format!(
+                "{value:?} is always denied by kiln and cannot be allowed"
+            )));
+        }
+        if value == "clone3" {
+            return Err(refuse(
+                "\"clone3\" always fails with ENOSYS so that libc falls back to the filtered clone; remove it"
+                    .into(),
+            ));
+        }
+        if allow.iter().any(|known| known.name == *value) {
+            return Err(refuse(format!("{value:?} is listed twice")));
+        }
+        let number =
+            seccomp::resolve(value).ok_or_else(|| refuse(format!("unknown syscall {value:?}")))?;
+        allow.push(Syscall {
+            name: value.clone(),
+            number,
+        });
+    }
+    for required in seccomp::REQUIRED {
+        if !allow.iter().any(|known| known.name == *required) {
+            return Err((
+                raw.allow.span(),
+                "seccomp.allow",
+                format!("must allow {required:?}: no step can run without it"),
+            ));
+        }
+    }
+    Ok(SeccompPolicy { errno, allow })
+}
+
+fn is_absolute_normal(path: &Path) -> bool {
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// Parses a byte size: an integer with an optional binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`).
@@ -259,6 +566,15 @@ path_env = "/usr/bin:/bin"
 uid = 65534
 gid = 65534
 tmp_size = "256MiB"
+[seccomp]
+errno = "EPERM"
+allow = ["read", "write", "execve", "exit_group", "clone"]
+[rlimits]
+core = 0
+nofile = 1024
+fsize = "1GiB"
+[landlock]
+read_write = ["/tmp"]
 "#;
 
     #[test]
@@ -278,6 +594,14 @@ tmp_size = "256MiB"
         let hermetic = &profiles["hermetic"];
         assert_eq!(hermetic.uid, 65534);
         assert_eq!(hermetic.tmp_size_bytes, 256 << 20);
+        assert_eq!(
+            hermetic.limits,
+            Limits {
+                memory_bytes: 2 << 30,
+                pids: 512,
+                cpu_millicores: 2000
+            }
+        );
         assert!(hermetic.host_paths.contains(&PathBuf::from("/usr")));
     }
 
@@ -297,7 +621,7 @@ tmp_size = "256MiB"
         let text = format!("{GOOD}network = true\n");
         let err = parse_profile(Path::new("p/x.toml"), &text).unwrap_err();
         let shown = err.to_string();
-        assert!(shown.starts_with("p/x.toml:8:1: "), "{shown}");
+        assert!(shown.starts_with("p/x.toml:17:1: "), "{shown}");
         assert!(shown.contains("network"), "{shown}");
     }
 
@@ -316,6 +640,189 @@ tmp_size = "256MiB"
         let text = GOOD.replace("uid = 65534", "uid = 0");
         let err = parse_profile(Path::new("x.toml"), &text).unwrap_err();
         assert!(err.to_string().starts_with("x.toml:5:7: uid:"), "{err}");
+    }
+
+    #[test]
+    fn limits_section() {
+        let profile = parse_profile(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(profile.limits, Limits::default(), "[limits] is optional");
+        let text = format!("{GOOD}[limits]\nmemory = \"64MiB\"\npids = 64\ncpu = 0.5\n");
+        let profile = parse_profile(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(
+            profile.limits,
+            Limits {
+                memory_bytes: 64 << 20,
+                pids: 64,
+                cpu_millicores: 500
+            }
+        );
+        let text = format!("{GOOD}[limits]\ncpu = 2\n");
+        let profile = parse_profile(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(profile.limits.cpu_millicores, 2000, "integer cores");
+        for (limits, expected) in [
+            (
+                "memory = \"1MiB\"",
+                "x.toml:18:10: limits.memory: \"1MiB\" is below the minimum of 16 MiB",
+            ),
+            (
+                "pids = 2",
+                "x.toml:18:8: limits.pids: 2 is outside 8..=4194304",
+            ),
+            ("cpu = 0.0", "x.toml:18:7: limits.cpu: 0 cores is outside"),
+            ("swap = 1", "x.toml:18:1: "),
+        ] {
+            let text = format!("{GOOD}[limits]\n{limits}\n");
+            let err = parse_profile(Path::new("x.toml"), &text).unwrap_err();
+            assert!(err.to_string().starts_with(expected), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_syscall_names_file_line_column() {
+        let text = GOOD.replace("\"clone\"]", "\"clone\", \"kiln_nope\"]");
+        let err = parse_profile(Path::new("p/x.toml"), &text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p/x.toml:10:60: seccomp.allow: unknown syscall \"kiln_nope\""
+        );
+        // And kilnd's loader refuses the directory (kilnd then refuses to start).
+        let dir = tempfile::TempDir::new().unwrap();
+        std::fs::write(dir.path().join("bad.toml"), &text).unwrap();
+        let err = load_profiles(dir.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("bad.toml:10:60: seccomp.allow: unknown syscall"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn seccomp_section_is_checked() {
+        for (from, to, expected) in [
+            (
+                "\"clone\"]",
+                "\"clone\", \"unshare\"]",
+                "10:60: seccomp.allow: \"unshare\" is always denied",
+            ),
+            (
+                "\"clone\"]",
+                "\"clone\", \"mount\"]",
+                "10:60: seccomp.allow: \"mount\" is always denied",
+            ),
+            (
+                "\"clone\"]",
+                "\"clone\", \"clone3\"]",
+                "10:60: seccomp.allow: \"clone3\" always fails with ENOSYS",
+            ),
+            (
+                "\"clone\"]",
+                "\"clone\", \"read\"]",
+                "10:60: seccomp.allow: \"read\" is listed twice",
+            ),
+            (
+                "\"execve\", ",
+                "",
+                "10:9: seccomp.allow: must allow \"execve\"",
+            ),
+            (
+                "\"EPERM\"",
+                "\"EIO\"",
+                "9:9: seccomp.errno: unknown errno \"EIO\"",
+            ),
+            (
+                "nofile = 1024",
+                "nofile = 3",
+                "13:10: rlimits.nofile: 3 is outside",
+            ),
+            (
+                "fsize = \"1GiB\"",
+                "fsize = \"1GB\"",
+                "14:9: rlimits.fsize: unknown size unit",
+            ),
+            (
+                "[\"/tmp\"]",
+                "[\"tmp\"]",
+                "16:15: landlock.read_write: tmp must be absolute",
+            ),
+        ] {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "{from}");
+            let err = parse_profile(Path::new("x.toml"), &text).unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("x.toml:{expected}")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn compiled_filter_is_cached_in_the_profile_below_the_cap() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+        let profiles = load_profiles(&dir).unwrap();
+        for name in ["hermetic", "fetch", "test"] {
+            let profile = &profiles[name];
+            let instructions = profile.seccomp.instructions();
+            assert!(
+                instructions > 100 && instructions <= seccomp::MAX_INSTRUCTIONS,
+                "{name}: {instructions} instructions"
+            );
+            assert_eq!(profile.rlimits.core_bytes, 0, "{name}");
+            assert!(profile.landlock.is_some(), "{name}: landlock on by default");
+        }
+        let hermetic = &profiles["hermetic"];
+        assert_eq!(
+            hermetic.rlimits,
+            Rlimits {
+                core_bytes: 0,
+                nofile: 4096,
+                fsize_bytes: 16 << 30
+            }
+        );
+        // Profiles are cloned per step: the program is shared, not copied.
+        let clone = hermetic.clone();
+        assert!(std::ptr::eq(
+            clone.seccomp.as_bytes().as_ptr(),
+            hermetic.seccomp.as_bytes().as_ptr()
+        ));
+    }
+
+    #[test]
+    fn confinement_follows_profile_and_workspaces() {
+        let profile = parse_profile(Path::new("t.toml"), GOOD).unwrap();
+        let workspaces = [
+            WorkspaceMount {
+                name: "src".into(),
+                host_path: "/var/lib/kiln/ws/src".into(),
+                access: Access::ReadOnly,
+            },
+            WorkspaceMount {
+                name: "out".into(),
+                host_path: "/var/lib/kiln/ws/out".into(),
+                access: Access::ReadWrite,
+            },
+        ];
+        let confinement = profile.confinement(&workspaces);
+        assert_eq!(confinement.seccomp, profile.seccomp);
+        let rules: Vec<(String, LandlockAccess)> = confinement
+            .landlock
+            .unwrap()
+            .rules
+            .into_iter()
+            .map(|rule| (rule.path.display().to_string(), rule.access))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("/usr".to_owned(), LandlockAccess::ReadExecute),
+                ("/bin".to_owned(), LandlockAccess::ReadExecute),
+                ("/tmp".to_owned(), LandlockAccess::ReadWrite),
+                ("/workspace/src".to_owned(), LandlockAccess::ReadExecute),
+                ("/workspace/out".to_owned(), LandlockAccess::ReadWrite),
+            ]
+        );
+        let text = GOOD.replace("[landlock]\n", "[landlock]\nenabled = false\n");
+        let profile = parse_profile(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(profile.confinement(&workspaces).landlock, None);
     }
 
     #[test]

@@ -10,6 +10,10 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::cgroup::{CgroupPathError, CgroupPaths, LimitHit};
+use super::confine::{Confinement, LandlockEnforcement};
+use super::teardown::TeardownReport;
+
 /// Mount points the sandbox creates itself; host paths may neither cover nor sit inside them.
 pub const RESERVED_PATHS: [&str; 4] = ["/dev", "/proc", "/tmp", "/workspace"];
 
@@ -41,6 +45,13 @@ pub struct SandboxSpec {
     pub gid: u32,
     /// Size limit of the private `/tmp` (and `/dev/shm`) tmpfs, in bytes.
     pub tmp_size_bytes: u64,
+    /// The step's cgroups (created by kilnd with the profile's limits): the helper joins them
+    /// before it unshares or forks, kilnd kills and removes them after the step.
+    #[serde(default)]
+    pub cgroups: Option<CgroupPaths>,
+    /// seccomp filter, rlimits and Landlock ruleset, from the profile (required: a spec never
+    /// runs unconfined).
+    pub confinement: Confinement,
 }
 
 impl fmt::Debug for SandboxSpec {
@@ -59,6 +70,8 @@ impl fmt::Debug for SandboxSpec {
             .field("uid", &self.uid)
             .field("gid", &self.gid)
             .field("tmp_size_bytes", &self.tmp_size_bytes)
+            .field("cgroups", &self.cgroups)
+            .field("confinement", &self.confinement)
             .finish()
     }
 }
@@ -99,6 +112,17 @@ pub struct SandboxOutcome {
     pub sys_ms: u64,
     /// Largest resident set of any process in the tree, in KiB.
     pub max_rss_kib: u64,
+    /// Limits the kernel enforced on the step (OOM kills, refused forks); filled in by kilnd from
+    /// the step's cgroups after the helper exited. A step that hit one failed because of it.
+    #[serde(default)]
+    pub limits_hit: Vec<LimitHit>,
+    /// kilnd's check that nothing of the step survived (`None` from the helper; kilnd fills it in).
+    #[serde(default)]
+    pub teardown: Option<TeardownReport>,
+    /// Whether the step's Landlock ruleset was fully enforced, as reported by the step process
+    /// (`None` if the step never got that far, or its report was lost to a timeout).
+    #[serde(default)]
+    pub landlock: Option<LandlockEnforcement>,
 }
 
 /// The end of a step.
@@ -207,6 +231,15 @@ pub enum SpecError {
         /// `uid` or `gid`.
         field: &'static str,
     },
+    /// The open-files limit is unusable.
+    #[error("confinement.rlimits.nofile must be between 16 and 1048576, got {nofile}")]
+    Nofile {
+        /// The limit.
+        nofile: u64,
+    },
+    /// A cgroup path is not one of kiln's step cgroups.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupPathError),
 }
 
 impl SandboxSpec {
@@ -293,6 +326,20 @@ impl SandboxSpec {
         if self.gid == 0 {
             return Err(SpecError::RootId { field: "gid" });
         }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.validate()?;
+        }
+        if let Some(landlock) = &self.confinement.landlock {
+            for rule in &landlock.rules {
+                absolute_normal("confinement.landlock.rules.path", &rule.path)?;
+            }
+        }
+        // The step needs fds to run at all; the kernel refuses more than fs.nr_open (2^20 default).
+        if !(16..=1 << 20).contains(&self.confinement.rlimits.nofile) {
+            return Err(SpecError::Nofile {
+                nofile: self.confinement.rlimits.nofile,
+            });
+        }
         Ok(())
     }
 
@@ -364,6 +411,31 @@ pub(crate) mod tests {
             uid: 65534,
             gid: 65534,
             tmp_size_bytes: 1 << 20,
+            cgroups: Some(super::super::cgroup::CgroupPaths {
+                unified: "/sys/fs/cgroup/unified/kiln/job/step".into(),
+                memory: "/sys/fs/cgroup/memory/kiln/job-step".into(),
+                pids: "/sys/fs/cgroup/pids/kiln/job-step".into(),
+                cpu: "/sys/fs/cgroup/cpu/kiln/job-step".into(),
+            }),
+            confinement: crate::sandbox::confine::Confinement {
+                // A one-instruction program: SECCOMP_RET_ALLOW.
+                seccomp: crate::sandbox::confine::SeccompProgram::new(vec![
+                    6, 0, 0, 0, 0, 0, 0xff, 0x7f,
+                ])
+                .unwrap(),
+                rlimits: crate::sandbox::confine::Rlimits {
+                    core_bytes: 0,
+                    nofile: 1024,
+                    fsize_bytes: 1 << 30,
+                },
+                landlock: Some(crate::sandbox::confine::LandlockPolicy {
+                    rules: vec![crate::sandbox::confine::LandlockRule {
+                        path: "/usr".into(),
+                        access: crate::sandbox::confine::LandlockAccess::ReadExecute,
+                    }],
+                    tcp_connect_ports: Vec::new(),
+                }),
+            },
         }
     }
 
@@ -387,6 +459,21 @@ pub(crate) mod tests {
         type Mutation = fn(&mut SandboxSpec);
         let cases: Vec<(Mutation, SpecError)> = vec![
             (|s| s.argv.clear(), SpecError::EmptyArgv),
+            (
+                |s| s.confinement.rlimits.nofile = 3,
+                SpecError::Nofile { nofile: 3 },
+            ),
+            (
+                |s| {
+                    if let Some(landlock) = &mut s.confinement.landlock {
+                        landlock.rules[0].path = "tmp".into();
+                    }
+                },
+                SpecError::NotAbsoluteNormal {
+                    field: "confinement.landlock.rules.path",
+                    path: "tmp".into(),
+                },
+            ),
             (
                 |s| s.host_paths.push("/usr/../etc".into()),
                 SpecError::NotAbsoluteNormal {
@@ -429,6 +516,18 @@ pub(crate) mod tests {
             ),
             (|s| s.uid = 0, SpecError::RootId { field: "uid" }),
             (
+                |s| {
+                    if let Some(c) = s.cgroups.as_mut() {
+                        c.memory = "/sys/fs/cgroup/memory".into();
+                    }
+                },
+                SpecError::Cgroup(CgroupPathError {
+                    controller: "memory",
+                    path: "/sys/fs/cgroup/memory".into(),
+                    shape: "<job>-<step>",
+                }),
+            ),
+            (
                 |s| s.hostname = "a b".into(),
                 SpecError::Hostname {
                     hostname: "a b".into(),
@@ -460,6 +559,9 @@ pub(crate) mod tests {
             user_ms: 0,
             sys_ms: 0,
             max_rss_kib: 10,
+            limits_hit: Vec::new(),
+            teardown: None,
+            landlock: Some(crate::sandbox::confine::LandlockEnforcement::FullyEnforced),
         };
         let json = serde_json::to_string(&outcome).unwrap();
         assert!(

@@ -140,12 +140,19 @@ fn remount_bind(target: &Path, flags: MsFlags) -> io::Result<()> {
 /// Mount points strictly below `target` in this mount namespace (a recursive bind brings them
 /// along, and a remount of the top does not restrict them).
 fn submounts(target: &Path) -> io::Result<Vec<PathBuf>> {
+    Ok(mount_points()?
+        .into_iter()
+        .filter(|path| path != target && path.starts_with(target))
+        .collect())
+}
+
+/// Every mount point of the calling process's mount namespace (`/proc/self/mountinfo`).
+pub fn mount_points() -> io::Result<Vec<PathBuf>> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(|field| PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(field))))
-        .filter(|path| path != target && path.starts_with(target))
         .collect())
 }
 
@@ -210,6 +217,71 @@ pub fn cloexec_from_3() -> Result<(), Errno> {
             3,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// Securebits the step runs with, all locked: uid 0 gets no capabilities from execve
+/// (`NOROOT`), uid changes never add or remove capabilities implicitly (`NO_SETUID_FIXUP`; the
+/// helper clears every set explicitly), `KEEP_CAPS` stays off for good, and no ambient capability
+/// can be raised. Locked bits cannot be changed back, even by a process that regains privileges.
+pub const LOCKED_SECUREBITS: u32 = {
+    const NOROOT: u32 = 1 << 0;
+    const NOROOT_LOCKED: u32 = 1 << 1;
+    const NO_SETUID_FIXUP: u32 = 1 << 2;
+    const NO_SETUID_FIXUP_LOCKED: u32 = 1 << 3;
+    const KEEP_CAPS_LOCKED: u32 = 1 << 5;
+    const NO_CAP_AMBIENT_RAISE: u32 = 1 << 6;
+    const NO_CAP_AMBIENT_RAISE_LOCKED: u32 = 1 << 7;
+    NOROOT
+        | NOROOT_LOCKED
+        | NO_SETUID_FIXUP
+        | NO_SETUID_FIXUP_LOCKED
+        | KEEP_CAPS_LOCKED
+        | NO_CAP_AMBIENT_RAISE
+        | NO_CAP_AMBIENT_RAISE_LOCKED
+};
+
+/// `PR_SET_SECUREBITS` to [`LOCKED_SECUREBITS`] (needs `CAP_SETPCAP` in the effective set).
+pub fn lock_securebits() -> Result<(), Errno> {
+    // SAFETY: PR_SET_SECUREBITS takes an integer bit mask and no pointers.
+    let res = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            libc::c_ulong::from(LOCKED_SECUREBITS),
+            0,
+            0,
+            0,
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// `PR_GET_SECUREBITS` of the calling thread.
+pub fn securebits() -> Result<u32, Errno> {
+    // SAFETY: PR_GET_SECUREBITS takes no arguments and returns the bits as the result.
+    let res = unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) };
+    Errno::result(res).map(|bits| bits as u32)
+}
+
+/// Installs a classic-BPF seccomp filter on the calling (single-threaded) process:
+/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, &prog)`. `no_new_privs` must already be set.
+pub fn install_seccomp(filter: &[libc::sock_filter]) -> Result<(), Errno> {
+    let len = u16::try_from(filter.len()).map_err(|_| Errno::E2BIG)?;
+    let prog = libc::sock_fprog {
+        len,
+        // The kernel copies the program and never writes through this pointer.
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points to `len` initialized instructions that outlive the call; the kernel
+    // copies (and verifies) them before returning. No TSYNC flag: the step process has one thread.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &raw const prog,
         )
     };
     Errno::result(res).map(drop)

@@ -1,0 +1,361 @@
+//! Decoding ring-buffer records (`kiln_ebpf` mirrors of events.h) into [`Event`]s.
+//!
+//! Pure: no kernel needed, so every quirk of the wire format (leaf-first paths, cut argv) is
+//! unit-tested here.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+
+use kiln_ebpf::{EventHeader, ExecEvent, ExitEvent, ForkEvent, Record};
+
+/// One observed process event, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Exec(Exec),
+    Fork(Fork),
+    Exit(Exit),
+}
+
+/// Fields every event carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// CLOCK_MONOTONIC nanoseconds when the event happened.
+    pub ktime_ns: u64,
+    /// cgroup v2 id of the task (for a fork: of the child).
+    pub cgroup_id: u64,
+    /// Kernel thread id of the task the event is about (for a fork: the forking thread).
+    pub pid: u32,
+    /// Its process id.
+    pub tgid: u32,
+}
+
+/// A successful execve: the process `header.tgid` now runs `exe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exec {
+    pub header: Header,
+    /// Parent process id.
+    pub ppid: u32,
+    /// When the process was forked (CLOCK_MONOTONIC ns).
+    pub start_ns: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub euid: u32,
+    pub egid: u32,
+    /// The path as passed to execve (after the caller's PATH search).
+    pub filename: PathBuf,
+    /// The executable's path from the task's root; relative when the walk was cut (then
+    /// `flags` has [`kiln_ebpf::EXEC_EXE_TRUNCATED`]).
+    pub exe: PathBuf,
+    /// The working directory, same rules as `exe` ([`kiln_ebpf::EXEC_CWD_TRUNCATED`]).
+    pub cwd: PathBuf,
+    /// The arguments captured (at most [`kiln_ebpf::ARGV_MAX`] bytes); `argc` counts all.
+    pub argv: Vec<OsString>,
+    pub argc: u32,
+    /// `kiln_ebpf::EXEC_*` bits: which fields are incomplete.
+    pub flags: u32,
+}
+
+impl Exec {
+    /// Whether every captured field is complete (nothing cut or unreadable).
+    pub fn is_complete(&self) -> bool {
+        self.flags == 0
+    }
+}
+
+/// A new process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fork {
+    /// `cgroup_id` is the child's; `pid`/`tgid` are the forking thread.
+    pub header: Header,
+    /// The child's parent process (differs from `header.tgid` with CLONE_PARENT).
+    pub parent_tgid: u32,
+    pub child_tgid: u32,
+    pub child_start_ns: u64,
+}
+
+/// The last thread of process `header.tgid` exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub header: Header,
+    /// Exit code, meaningful when `signal == 0`.
+    pub code: u32,
+    /// Terminating signal, 0 on a normal exit.
+    pub signal: u32,
+    /// The process dumped core.
+    pub core_dumped: bool,
+    /// When the process was forked (CLOCK_MONOTONIC ns).
+    pub start_ns: u64,
+}
+
+impl Event {
+    pub fn header(&self) -> &Header {
+        match self {
+            Event::Exec(exec) => &exec.header,
+            Event::Fork(fork) => &fork.header,
+            Event::Exit(exit) => &exit.header,
+        }
+    }
+}
+
+/// A record that does not match events.h: the BPF object and this decoder disagree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("ring buffer record of {len} bytes is shorter than the {need}-byte record it claims")]
+    Short { len: usize, need: usize },
+    #[error("ring buffer record has unknown event type {kind}")]
+    UnknownKind { kind: u32 },
+    #[error("event type {kind} record has size {size}, expected {expected}")]
+    SizeMismatch {
+        kind: u32,
+        size: u32,
+        expected: usize,
+    },
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    match header.kind {
+        kiln_ebpf::EVENT_EXEC => {
+            let exec: ExecEvent = read_sized(bytes, &header)?;
+            Ok(Event::Exec(decode_exec(&exec)))
+        }
+        kiln_ebpf::EVENT_FORK => {
+            let fork: ForkEvent = read_sized(bytes, &header)?;
+            Ok(Event::Fork(Fork {
+                header: decode_header(&fork.hdr),
+                parent_tgid: fork.parent_tgid,
+                child_tgid: fork.child_tgid,
+                child_start_ns: fork.child_start_ns,
+            }))
+        }
+        kiln_ebpf::EVENT_EXIT => {
+            let exit: ExitEvent = read_sized(bytes, &header)?;
+            Ok(Event::Exit(Exit {
+                header: decode_header(&exit.hdr),
+                code: exit.code,
+                signal: exit.signal,
+                core_dumped: exit.status & 0x80 != 0,
+                start_ns: exit.start_ns,
+            }))
+        }
+        kind => Err(DecodeError::UnknownKind { kind }),
+    }
+}
+
+fn read<T: Record>(bytes: &[u8]) -> Result<T, DecodeError> {
+    T::read(bytes).ok_or(DecodeError::Short {
+        len: bytes.len(),
+        need: size_of::<T>(),
+    })
+}
+
+fn read_sized<T: Record>(bytes: &[u8], header: &EventHeader) -> Result<T, DecodeError> {
+    if header.size as usize != size_of::<T>() {
+        return Err(DecodeError::SizeMismatch {
+            kind: header.kind,
+            size: header.size,
+            expected: size_of::<T>(),
+        });
+    }
+    read(bytes)
+}
+
+fn decode_header(hdr: &EventHeader) -> Header {
+    Header {
+        ktime_ns: hdr.ktime_ns,
+        cgroup_id: hdr.cgroup_id,
+        pid: hdr.pid,
+        tgid: hdr.tgid,
+    }
+}
+
+fn decode_exec(exec: &ExecEvent) -> Exec {
+    Exec {
+        header: decode_header(&exec.hdr),
+        ppid: exec.ppid,
+        start_ns: exec.start_ns,
+        uid: exec.uid,
+        gid: exec.gid,
+        euid: exec.euid,
+        egid: exec.egid,
+        filename: PathBuf::from(OsString::from_vec(exec.filename().to_vec())),
+        exe: leaf_first_path(exec.exe(), exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0),
+        cwd: leaf_first_path(exec.cwd(), exec.flags & kiln_ebpf::EXEC_CWD_TRUNCATED != 0),
+        argv: split_argv(exec.argv()),
+        argc: exec.argc,
+        flags: exec.flags,
+    }
+}
+
+/// Rebuilds a path from its components leaf first, each NUL-terminated (events.h). A cut walk
+/// lost root-side components: the result is then relative, and a component missing its NUL
+/// (cut mid-name) is dropped.
+fn leaf_first_path(bytes: &[u8], truncated: bool) -> PathBuf {
+    let mut components: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    // The last piece follows the last NUL: empty when the walk ended cleanly, else a cut name.
+    components.pop();
+    let mut path = Vec::with_capacity(bytes.len() + 1);
+    for (i, component) in components.iter().rev().enumerate() {
+        if i > 0 || !truncated {
+            path.push(b'/');
+        }
+        path.extend_from_slice(component);
+    }
+    if path.is_empty() && !truncated {
+        path.push(b'/');
+    }
+    PathBuf::from(OsString::from_vec(path))
+}
+
+/// Splits the argument area at NULs; a last argument cut at the limit is kept as captured.
+fn split_argv(bytes: &[u8]) -> Vec<OsString> {
+    let bytes = bytes.strip_suffix(b"\0").unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    bytes
+        .split(|&b| b == 0)
+        .map(|arg| OsString::from_vec(arg.to_vec()))
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn header(kind: u32, size: usize) -> EventHeader {
+        EventHeader {
+            kind,
+            size: size as u32,
+            ktime_ns: 1_000,
+            cgroup_id: 77,
+            pid: 10,
+            tgid: 10,
+        }
+    }
+
+    fn put(dst: &mut [u8], src: &[u8]) -> u16 {
+        dst[..src.len()].copy_from_slice(src);
+        src.len() as u16
+    }
+
+    /// A raw exec record as the BPF program writes it.
+    pub(crate) fn raw_exec(
+        filename: &[u8],
+        exe: &[u8],
+        cwd: &[u8],
+        argv: &[u8],
+        flags: u32,
+    ) -> ExecEvent {
+        let mut ev = ExecEvent {
+            hdr: header(kiln_ebpf::EVENT_EXEC, size_of::<ExecEvent>()),
+            start_ns: 500,
+            ppid: 1,
+            uid: 1000,
+            gid: 1000,
+            euid: 1000,
+            egid: 1000,
+            argc: 0,
+            flags,
+            filename_len: 0,
+            argv_len: 0,
+            exe_len: 0,
+            cwd_len: 0,
+            pad0: 0,
+            filename: [0xee; kiln_ebpf::FILENAME_MAX],
+            exe: [0xee; kiln_ebpf::PATH_MAX],
+            cwd: [0xee; kiln_ebpf::PATH_MAX],
+            argv: [0xee; kiln_ebpf::ARGV_MAX],
+        };
+        ev.filename_len = put(&mut ev.filename, filename);
+        ev.exe_len = put(&mut ev.exe, exe);
+        ev.cwd_len = put(&mut ev.cwd, cwd);
+        ev.argv_len = put(&mut ev.argv, argv);
+        ev
+    }
+
+    #[test]
+    fn exec_paths_are_rebuilt_root_first() {
+        let raw = raw_exec(b"/bin/tr", b"tr\0bin\0usr\0", b"", b"tr\0a\0b\0", 0);
+        let Ok(Event::Exec(exec)) = decode(raw.as_bytes()) else {
+            panic!("not an exec");
+        };
+        assert_eq!(exec.filename, PathBuf::from("/bin/tr"));
+        assert_eq!(exec.exe, PathBuf::from("/usr/bin/tr"));
+        assert_eq!(exec.cwd, PathBuf::from("/"), "zero components is the root");
+        assert_eq!(exec.argv, ["tr", "a", "b"]);
+        assert!(exec.is_complete());
+    }
+
+    #[test]
+    fn truncated_paths_are_relative_and_drop_a_cut_component() {
+        assert_eq!(
+            leaf_first_path(b"tr\0bin\0us", true),
+            PathBuf::from("bin/tr")
+        );
+        assert_eq!(leaf_first_path(b"tr\0bin\0", true), PathBuf::from("bin/tr"));
+        assert_eq!(leaf_first_path(b"", true), PathBuf::new());
+    }
+
+    #[test]
+    fn argv_keeps_empty_and_cut_arguments() {
+        assert_eq!(split_argv(b"sh\0\0-c\0"), ["sh", "", "-c"]);
+        assert_eq!(split_argv(b"echo\0abcd"), ["echo", "abcd"]);
+        assert!(split_argv(b"").is_empty());
+    }
+
+    #[test]
+    fn fork_and_exit_decode() {
+        let fork = ForkEvent {
+            hdr: header(kiln_ebpf::EVENT_FORK, size_of::<ForkEvent>()),
+            parent_tgid: 10,
+            child_tgid: 11,
+            child_start_ns: 900,
+        };
+        assert_eq!(
+            decode(fork.as_bytes()),
+            Ok(Event::Fork(Fork {
+                header: decode_header(&fork.hdr),
+                parent_tgid: 10,
+                child_tgid: 11,
+                child_start_ns: 900
+            }))
+        );
+        let exit = ExitEvent {
+            hdr: header(kiln_ebpf::EVENT_EXIT, size_of::<ExitEvent>()),
+            status: 9 | 0x80,
+            code: 0,
+            signal: 9,
+            pad0: 0,
+            start_ns: 500,
+        };
+        let Ok(Event::Exit(decoded)) = decode(exit.as_bytes()) else {
+            panic!("not an exit");
+        };
+        assert_eq!((decoded.signal, decoded.core_dumped), (9, true));
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        assert_eq!(
+            decode(&[0; 8]),
+            Err(DecodeError::Short { len: 8, need: 32 })
+        );
+        let unknown = header(99, 32);
+        assert_eq!(
+            decode(unknown.as_bytes()),
+            Err(DecodeError::UnknownKind { kind: 99 })
+        );
+        let wrong_size = header(kiln_ebpf::EVENT_FORK, 40);
+        assert_eq!(
+            decode(wrong_size.as_bytes()),
+            Err(DecodeError::SizeMismatch {
+                kind: kiln_ebpf::EVENT_FORK,
+                size: 40,
+                expected: 48
+            })
+        );
+    }
+}

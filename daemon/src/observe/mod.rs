@@ -1,0 +1,374 @@
+//! Pipeline observer: loads kiln's BPF programs (`kiln_ebpf`), filters them in the kernel to
+//! the cgroups of running steps, and turns the ring buffer into events and process trees.
+//!
+//! Owns: loading and attaching (aya 0.14, tp_btf only: kprobes, fentry and BPF LSM do not load
+//! on the target kernel), the `observed_cgroups` filter, the ring-buffer consumer
+//! ([`EventStream`]), lost-event accounting, and trace assembly ([`ProcessTree`]).
+//!
+//! Lifecycle for a step: [`Observer::observe_cgroup`] with the step's cgroup v2 id BEFORE the
+//! worker execs; consume [`EventStream`] (events carry `cgroup_id` to route them); after the
+//! last process exited, drain, then [`Observer::unobserve_cgroup`], which returns the events
+//! lost for that cgroup. A trace is complete only if that is 0.
+//!
+//! Requires root (CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN for cgroup ids and bpffs) and kernel
+//! BTF. No RLIMIT_MEMLOCK change: memcg accounts BPF memory on 6.x kernels.
+
+mod event;
+mod stream;
+mod sys;
+mod tree;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, MapType, PerCpuArray, RingBuf};
+use aya::programs::{BtfTracePoint, ProgramError};
+use aya::{Btf, Ebpf, EbpfLoader};
+
+pub use event::{DecodeError, Event, Exec, Exit, Fork, Header, decode};
+pub use stream::EventStream;
+pub use sys::{BPFFS, CgroupId, KERNEL_BTF, ensure_bpffs};
+pub use tree::{ExitStatus, ProcessNode, ProcessTree};
+
+/// The `process` BPF object's name in errors.
+const PROCESS_OBJECT: &str = "process.bpf.o";
+
+/// Tuning of one [`Observer`]. The defaults are the measured ones (DESIGN.md, Observer).
+#[derive(Debug, Clone)]
+pub struct ObserverConfig {
+    /// Ring buffer bytes: a power of two and a multiple of the page size. Default 16 MiB;
+    /// 256 KiB rings were measured to drop events under a storm.
+    pub ring_bytes: u32,
+    /// Unread bytes in the ring that make a submit wake the consumer (capped at a quarter of
+    /// the ring). Default 256 KiB.
+    pub wakeup_threshold_bytes: u64,
+    /// Longest time between forced wakeups while events flow. Default 10 ms.
+    pub wakeup_interval: Duration,
+    /// The consumer also drains this often without a wakeup (the tail of a burst). Default 25 ms.
+    pub poll_interval: Duration,
+    /// Mount bpffs at /sys/fs/bpf if it is not there. Default true.
+    pub mount_bpffs: bool,
+}
+
+impl Default for ObserverConfig {
+    fn default() -> Self {
+        Self {
+            ring_bytes: 16 << 20,
+            wakeup_threshold_bytes: 256 << 10,
+            wakeup_interval: Duration::from_millis(10),
+            poll_interval: Duration::from_millis(25),
+            mount_bpffs: true,
+        }
+    }
+}
+
+/// Errors of the observer.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// kiln-ebpf was built with `KILN_SKIP_BPF=1`.
+    #[error(
+        "kiln-ebpf was built with KILN_SKIP_BPF=1 and embeds no BPF programs; rebuild it with clang-19 and bpftool installed"
+    )]
+    NotBuilt,
+    /// No kernel BTF: tp_btf programs and CO-RE need CONFIG_DEBUG_INFO_BTF.
+    #[error(
+        "kernel BTF not found at {path} (the observer needs a kernel built with CONFIG_DEBUG_INFO_BTF)"
+    )]
+    BtfMissing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kernel BTF exists but could not be parsed.
+    #[error("parsing kernel BTF at {KERNEL_BTF} failed")]
+    BtfParse(#[source] aya::BtfError),
+    /// The kernel lacks a program or map type the observer needs.
+    #[error("the kernel does not support {kind} (needed for {needed_for})")]
+    Unsupported {
+        kind: String,
+        needed_for: &'static str,
+    },
+    /// Probing kernel support failed in an unexpected way.
+    #[error("probing kernel support for BPF {kind} failed")]
+    Probe {
+        kind: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A ring size the kernel would refuse.
+    #[error(
+        "ring buffer size must be a power of two and a multiple of the page size ({page_size} bytes), got {bytes}"
+    )]
+    InvalidRingSize { bytes: u32, page_size: u64 },
+    /// Creating maps or relocating the object failed.
+    #[error("loading BPF object {object} failed")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// The object lacks a program or map this code expects (object and code out of sync).
+    #[error("BPF object {object} has no {what} named {name}")]
+    Missing {
+        object: &'static str,
+        what: &'static str,
+        name: &'static str,
+    },
+    /// The verifier or the kernel refused a program (the source chain has the verifier log).
+    #[error("loading BPF program {program} (tp_btf/{tracepoint}) failed")]
+    ProgramLoad {
+        program: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching BPF program {program} to tp_btf/{tracepoint} failed")]
+    Attach {
+        program: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// A map has an unexpected type or a map operation failed.
+    #[error("BPF map {map}: {operation} failed")]
+    Map {
+        map: &'static str,
+        operation: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("mounting bpffs at {path} failed")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path} is not on a cgroup v2 filesystem (f_type {fs_type:#x})")]
+    NotCgroup2 { path: PathBuf, fs_type: u64 },
+    #[error("reading cgroup {path} failed")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// [`Observer::load`] was called outside a tokio runtime.
+    #[error("the observer must be loaded inside a tokio runtime (its consumer is an AsyncFd)")]
+    NoRuntime,
+    #[error("registering the ring buffer with the tokio reactor failed")]
+    Register {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for ring buffer readiness failed")]
+    Poll {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The loaded and attached observer. Dropping it detaches the programs and frees the maps.
+pub struct Observer {
+    observed: BpfHashMap<MapData, u64, u64>,
+    lost: PerCpuArray<MapData, u64>,
+    /// Owns the programs and their links: dropping it detaches them. The kernel keeps the maps
+    /// alive for as long as a program references them, so field order does not matter.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer")
+            .field(
+                "observed_cgroups",
+                &self.observed.keys().flatten().collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Observer {
+    /// Loads the `process` programs, attaches them, and returns the observer and the consumer
+    /// of its ring buffer. Must run inside a tokio runtime. No cgroup is observed yet.
+    pub fn load(config: &ObserverConfig) -> Result<(Self, EventStream), ObserveError> {
+        if !kiln_ebpf::BPF_BUILT {
+            return Err(ObserveError::NotBuilt);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ObserveError::NoRuntime);
+        }
+        let page_size = sys::page_size();
+        if !config.ring_bytes.is_power_of_two()
+            || !u64::from(config.ring_bytes).is_multiple_of(page_size)
+        {
+            return Err(ObserveError::InvalidRingSize {
+                bytes: config.ring_bytes,
+                page_size,
+            });
+        }
+        sys::require_kernel_btf()?;
+        require_ringbuf()?;
+        if config.mount_bpffs {
+            // Nothing is pinned yet; bpffs is for pinned maps/links later, so a failure here is
+            // reported but does not stop observation.
+            if let Err(err) = sys::ensure_bpffs() {
+                tracing::warn!(%err, "bpffs unavailable; continuing without it");
+            }
+        }
+        let btf = Btf::from_sys_fs().map_err(ObserveError::BtfParse)?;
+
+        let threshold = config
+            .wakeup_threshold_bytes
+            .min(u64::from(config.ring_bytes) / 4);
+        let interval_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .map_max_entries(kiln_ebpf::maps::EVENTS, config.ring_bytes)
+            .override_global(kiln_ebpf::maps::WAKEUP_THRESHOLD, &threshold, true)
+            .override_global(kiln_ebpf::maps::WAKEUP_INTERVAL_NS, &interval_ns, true)
+            .load(kiln_ebpf::PROCESS_BPF)
+            .map_err(|source| ObserveError::Load {
+                object: PROCESS_OBJECT,
+                source,
+            })?;
+
+        // Maps first: the filter must exist (empty: nothing observed) before programs run.
+        let observed =
+            BpfHashMap::try_from(take_map(&mut ebpf, kiln_ebpf::maps::OBSERVED_CGROUPS)?).map_err(
+                map_err(
+                    kiln_ebpf::maps::OBSERVED_CGROUPS,
+                    "open as HashMap<u64, u64>",
+                ),
+            )?;
+        let lost =
+            PerCpuArray::try_from(take_map(&mut ebpf, kiln_ebpf::maps::LOST_EVENTS)?).map_err(
+                map_err(kiln_ebpf::maps::LOST_EVENTS, "open as PerCpuArray<u64>"),
+            )?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, kiln_ebpf::maps::EVENTS)?)
+            .map_err(map_err(kiln_ebpf::maps::EVENTS, "open as RingBuf"))?;
+        let stream = EventStream::new(ring, config.poll_interval)?;
+
+        for &(program, tracepoint) in kiln_ebpf::maps::PROGRAMS {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(program)
+                .ok_or(ObserveError::Missing {
+                    object: PROCESS_OBJECT,
+                    what: "program",
+                    name: program,
+                })?
+                .try_into()
+                .map_err(|source| ObserveError::ProgramLoad {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
+            prog.load(tracepoint, &btf).map_err(|source| match source {
+                // The kernel BTF has no btf_trace_<tracepoint> typedef: no such tracepoint.
+                ProgramError::Btf(_) => ObserveError::Unsupported {
+                    kind: format!(
+                        "tp_btf tracepoint {tracepoint} (no btf_trace_{tracepoint} in kernel BTF)"
+                    ),
+                    needed_for: program,
+                },
+                source => ObserveError::ProgramLoad {
+                    program,
+                    tracepoint,
+                    source,
+                },
+            })?;
+            prog.attach().map_err(|source| ObserveError::Attach {
+                program,
+                tracepoint,
+                source,
+            })?;
+        }
+        tracing::info!(
+            ring_bytes = config.ring_bytes,
+            wakeup_threshold_bytes = threshold,
+            "observer attached (tp_btf sched_process_exec/fork/exit)"
+        );
+        Ok((
+            Self {
+                observed,
+                lost,
+                _ebpf: ebpf,
+            },
+            stream,
+        ))
+    }
+
+    /// Starts recording every process in cgroup `id` (idempotent; keeps its lost count).
+    pub fn observe_cgroup(&mut self, id: CgroupId) -> Result<(), ObserveError> {
+        match self.observed.get(&id.0, 0) {
+            Ok(_) => Ok(()),
+            Err(MapError::KeyNotFound) => self
+                .observed
+                .insert(id.0, 0, 0)
+                .map_err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "insert")),
+            Err(source) => Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "lookup")(source)),
+        }
+    }
+
+    /// Stops recording cgroup `id` and returns how many of its events were lost (0 if it was
+    /// not observed). Call after draining the stream.
+    pub fn unobserve_cgroup(&mut self, id: CgroupId) -> Result<u64, ObserveError> {
+        let lost = self.lost_in_cgroup(id)?.unwrap_or(0);
+        match self.observed.remove(&id.0) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(lost),
+            Err(source) => Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "remove")(source)),
+        }
+    }
+
+    /// Events lost so far for cgroup `id`, or `None` if it is not observed.
+    pub fn lost_in_cgroup(&self, id: CgroupId) -> Result<Option<u64>, ObserveError> {
+        match self.observed.get(&id.0, 0) {
+            Ok(lost) => Ok(Some(lost)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "lookup")(source)),
+        }
+    }
+
+    /// Events lost since load, all cgroups, summed over the per-CPU counters.
+    pub fn lost(&self) -> Result<u64, ObserveError> {
+        let per_cpu = self
+            .lost
+            .get(&0, 0)
+            .map_err(map_err(kiln_ebpf::maps::LOST_EVENTS, "lookup"))?;
+        Ok(per_cpu.iter().sum())
+    }
+}
+
+/// A clear error before loading when the kernel has no ring buffers. (Tracing support is not
+/// probed here: aya's probe loads an fentry program, which fails on kernels without fentry
+/// even though tp_btf works; a missing tp_btf shows up as [`ObserveError::Unsupported`] or
+/// [`ObserveError::ProgramLoad`] with the verifier log instead.)
+fn require_ringbuf() -> Result<(), ObserveError> {
+    let supported =
+        aya::sys::is_map_supported(MapType::RingBuf).map_err(|source| ObserveError::Probe {
+            kind: "map type ringbuf",
+            source: Box::new(source),
+        })?;
+    if supported {
+        Ok(())
+    } else {
+        Err(ObserveError::Unsupported {
+            kind: "map type ringbuf".to_owned(),
+            needed_for: "the event transport (Linux >= 5.8)",
+        })
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ObserveError> {
+    ebpf.take_map(name).ok_or(ObserveError::Missing {
+        object: PROCESS_OBJECT,
+        what: "map",
+        name,
+    })
+}
+
+fn map_err(map: &'static str, operation: &'static str) -> impl FnOnce(MapError) -> ObserveError {
+    move |source| ObserveError::Map {
+        map,
+        operation,
+        source,
+    }
+}

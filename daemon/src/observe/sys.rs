@@ -1,0 +1,97 @@
+//! The observer's privileged filesystem touches: bpffs, kernel BTF, cgroup v2 ids.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MsFlags, mount};
+use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
+
+use super::ObserveError;
+
+/// Where the kernel publishes its own BTF (CONFIG_DEBUG_INFO_BTF).
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Where bpffs is conventionally mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// A cgroup v2 id: what `bpf_get_current_cgroup_id()` returns for tasks in the cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupId(pub u64);
+
+impl CgroupId {
+    /// The id of the cgroup v2 directory `path`: its inode number on cgroup2fs (kernfs uses
+    /// the 64-bit node id as the inode number). Refuses paths outside a cgroup2 mount, whose
+    /// inode numbers mean nothing to the kernel filter.
+    pub fn of_path(path: &Path) -> Result<Self, ObserveError> {
+        let fs_type = statfs(path)
+            .map_err(|errno| ObserveError::Cgroup {
+                path: path.to_owned(),
+                source: errno.into(),
+            })?
+            .filesystem_type();
+        if fs_type != CGROUP2_SUPER_MAGIC {
+            return Err(ObserveError::NotCgroup2 {
+                path: path.to_owned(),
+                fs_type: fs_type.0 as u64,
+            });
+        }
+        let metadata = std::fs::metadata(path).map_err(|source| ObserveError::Cgroup {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self(metadata.ino()))
+    }
+}
+
+impl std::fmt::Display for CgroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Fails with a clear error when the kernel has no BTF (tp_btf programs need it).
+pub fn require_kernel_btf() -> Result<(), ObserveError> {
+    std::fs::metadata(KERNEL_BTF)
+        .map(drop)
+        .map_err(|source| ObserveError::BtfMissing {
+            path: PathBuf::from(KERNEL_BTF),
+            source,
+        })
+}
+
+/// Mounts bpffs at [`BPFFS`] unless a bpffs is already there (no systemd mounts it here).
+pub fn ensure_bpffs() -> Result<(), ObserveError> {
+    let path = Path::new(BPFFS);
+    if statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|errno| ObserveError::MountBpffs {
+        path: path.to_owned(),
+        source: errno.into(),
+    })
+}
+
+/// The system page size (ring buffers are page multiples).
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |size| size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_cgroup2_path_is_refused() {
+        let err = CgroupId::of_path(Path::new("/")).unwrap_err();
+        assert!(matches!(err, ObserveError::NotCgroup2 { .. }), "{err}");
+    }
+}
