@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all setup build demo test lint bench bench-steps bench-sandbox install clean
+.PHONY: all setup build demo test lint bench bench-steps bench-sandbox bench-tpm bench-observer install clean
 
 all: build
 
@@ -29,7 +29,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Benchmarks (ratios against baselines measured in the same run).
-bench: bench-steps bench-sandbox
+bench: bench-steps bench-sandbox bench-tpm bench-observer
 
 ## Per-step daemon overhead.
 bench-steps:
@@ -39,6 +39,14 @@ bench-steps:
 ## Sandbox start latency vs bwrap, and a real build inside the worker vs bare.
 bench-sandbox:
 	scripts/bench/sandbox
+
+## TPM cost per step (quote, certify, certificate signing) and `kiln verify` of a 5-step chain.
+bench-tpm:
+	scripts/bench/tpm
+
+## Observer: a real build observed vs bare vs strace -f; syscall storm events/s and losses.
+bench-observer:
+	scripts/bench/observer
 
 ## Install binaries, profiles and systemd units on this host.
 install: build

@@ -3,7 +3,9 @@
 //! Steps (all outputs in OUT_DIR):
 //! 1. `vmlinux.h` from the running kernel's BTF: `bpftool btf dump file /sys/kernel/btf/vmlinux
 //!    format c`. The programs are CO-RE, so this only has to be close to the target kernel.
-//! 2. `process.bpf.o`: `clang-19 -g -O2 -target bpf -D__TARGET_ARCH_x86`, embedded by lib.rs.
+//! 2. `observer.bpf.o`: `clang-19 -g -O2 -target bpf -D__TARGET_ARCH_x86`, embedded by lib.rs.
+//!    One translation unit (observer.bpf.c includes every family's source) so all programs
+//!    share one set of maps.
 //! 3. `c_layout.rs`: `src/bpf/layout.c` built for the host and run; it prints sizes, offsets and
 //!    constants of `events.h` for the layout test.
 //!
@@ -20,14 +22,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// BPF program families, one source file each: `src/bpf/<name>.bpf.c` -> `<name>.bpf.o`.
-const PROGRAMS: &[&str] = &["process"];
+/// BPF objects: `src/bpf/<name>.bpf.c` -> `<name>.bpf.o`. `observer` includes the families
+/// (`process.bpf.c`, `syscalls.bpf.c`) and `common.bpf.h`.
+const PROGRAMS: &[&str] = &["observer"];
 
 /// Headers and sources every output depends on.
 const INPUTS: &[&str] = &[
     "src/bpf/events.h",
     "src/bpf/layout.c",
+    "src/bpf/common.bpf.h",
+    "src/bpf/observer.bpf.c",
     "src/bpf/process.bpf.c",
+    "src/bpf/syscalls.bpf.c",
 ];
 
 /// Debian/Ubuntu keep `asm/types.h` in the multiarch directory, which clang does not search.

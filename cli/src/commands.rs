@@ -14,8 +14,7 @@ use kiln_common::api::{
     Artifact, AttestationRef, BlobRef, Event, EventKind, JobState, JobStatus, JobSummary, NodeInfo,
     SubmitJobRequest, SubmitJobResponse,
 };
-use kiln_common::keys::PublicKey;
-use kiln_common::verify::{ArtifactRef, Bundle, verify_artifact};
+use kiln_common::verify::{ArtifactRef, Bundle, verify_artifact_with};
 
 use crate::client::{ApiFailure, Client, Unreachable};
 use crate::exit;
@@ -82,20 +81,44 @@ pub enum Command {
         /// Bundle file; default: kiln-bundle.json next to the artifact.
         #[arg(long, value_name = "FILE")]
         bundle: Option<PathBuf>,
-        /// Trusted node public key (PEM), repeatable. Obtain it out of band (`kiln node --public-key`).
-        #[arg(long = "trusted-key", value_name = "PEM", required = true)]
-        trusted_keys: Vec<PathBuf>,
+        /// Trust root: --node + --ek-ca (TPM-rooted) or --trusted-key.
+        #[command(flatten)]
+        trust: crate::node::TrustArgs,
+        /// Also require every step of the artifact's chain to have a signed, complete runtime
+        /// trace (no lost events, observed from the first instruction to the last exit).
+        #[arg(long)]
+        require_complete_trace: bool,
+        /// Rego policy over the verified chain (docs/policy.md): its `data.kiln.deny` set of
+        /// messages must be empty.
+        #[arg(long, value_name = "FILE.rego")]
+        policy: Option<PathBuf>,
+    },
+    /// Sign pipeline definitions and create signing keys.
+    Pipeline {
+        #[command(subcommand)]
+        command: crate::pipeline::PipelineCommand,
+    },
+    /// Show a step's runtime trace: process tree (argv, exit, duration) and summary; with
+    /// --json the trace's NDJSON records. Exit 1 if a trace is incomplete.
+    Trace {
+        /// Job id.
+        job: String,
+        /// Step name; default: every attested step.
+        step: Option<String>,
     },
     /// Attestations that have this digest (or this file's digest) as a subject.
     Attestations {
         /// `sha256:<hex>` or a file path.
         subject: String,
     },
-    /// Show the node identity.
+    /// Show the node identity; enroll the node, rotate its key, revoke node keys.
     Node {
         /// Print only the node public key (PEM).
         #[arg(long)]
         public_key: bool,
+        /// What to do (default: a summary of the node).
+        #[command(subcommand)]
+        action: Option<crate::node::NodeCommand>,
     },
 }
 
@@ -198,8 +221,25 @@ pub async fn run(cmd: Command, client: &Client, json: bool) -> anyhow::Result<u8
         Command::Verify {
             artifact,
             bundle,
-            trusted_keys,
-        } => verify(&artifact, bundle.as_deref(), &trusted_keys, json),
+            trust,
+            require_complete_trace,
+            policy,
+        } => verify(
+            &artifact,
+            bundle.as_deref(),
+            &trust,
+            require_complete_trace,
+            policy.as_deref(),
+            json,
+        ),
+        Command::Pipeline { command } => crate::pipeline::run(command, json),
+        Command::Node {
+            action: Some(action),
+            ..
+        } => crate::node::run(action, client, json).await,
+        Command::Trace { job, step } => {
+            crate::trace::trace(client, &job, step.as_deref(), json).await
+        }
         Command::Attestations { subject } => {
             let digest = if subject.starts_with("sha256:") {
                 subject
@@ -227,7 +267,10 @@ pub async fn run(cmd: Command, client: &Client, json: bool) -> anyhow::Result<u8
             }
             Ok(exit::OK)
         }
-        Command::Node { public_key } => {
+        Command::Node {
+            public_key,
+            action: None,
+        } => {
             let n: NodeInfo = client.get_json("/v1/node").await?;
             if public_key {
                 print!("{}", n.public_key_pem);
@@ -340,11 +383,14 @@ async fn submit(
             sources.insert(ws.clone(), blob.digest);
         }
     }
+    // A signed definition (`kiln pipeline sign`) travels with it; the node's policy decides.
+    let signature = crate::pipeline::load_signature(file).map_err(|e| invalid(format!("{e:#}")))?;
     let req = SubmitJobRequest {
         pipeline: text,
         file_name,
         params,
         sources,
+        signature,
     };
     let resp: SubmitJobResponse = client.post_json("/v1/jobs", &req).await?;
     if json && !follow_job {
@@ -541,9 +587,18 @@ fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 fn verify(
     artifact: &Path,
     bundle: Option<&Path>,
-    keys: &[PathBuf],
+    trust: &crate::node::TrustArgs,
+    require_complete_trace: bool,
+    policy: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<u8> {
+    let policy = policy
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|text| (p.display().to_string(), text))
+                .map_err(|e| invalid(format!("policy {}: {e}", p.display())))
+        })
+        .transpose()?;
     let file = std::fs::File::open(artifact)
         .map_err(|e| invalid(format!("{}: {e}", artifact.display())))?;
     let digest = Digest::of_reader(file)?;
@@ -570,27 +625,48 @@ fn verify(
             bundle_path.display()
         ))
     })?;
-    let mut trusted = Vec::new();
-    for k in keys {
-        let pem = std::fs::read_to_string(k)
-            .map_err(|e| invalid(format!("trusted key {}: {e}", k.display())))?;
-        trusted.push(
-            PublicKey::from_pem(&pem)
-                .map_err(|e| invalid(format!("trusted key {}: {e}", k.display())))?,
-        );
-    }
-    match verify_artifact(
+    let root = trust.load().map_err(invalid)?;
+    let verified = verify_artifact_with(
         &ArtifactRef {
             name: name.clone(),
             digest,
         },
         &bundle,
-        &trusted,
-    ) {
-        Ok(v) => {
+        root.trust(),
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|v| {
+        // Signature-checked: each trace envelope must be the one the step's provenance names.
+        let traces = if require_complete_trace {
+            kiln_common::trace::verify_complete_traces(&bundle, &v.signer_keys, &v.chain)
+                .map_err(|e| format!("--require-complete-trace: {e}"))?
+        } else {
+            Vec::new()
+        };
+        // The verified chain as the policy's input (docs/policy.md); every deny message fails it.
+        if let Some((policy_name, rego)) = &policy {
+            let artifact = ArtifactRef {
+                name: name.clone(),
+                digest,
+            };
+            let input = kiln_common::policy::PolicyInput::build(&artifact, &bundle, &v)
+                .map_err(|e| e.to_string())?;
+            let deny = crate::policy::evaluate_text(policy_name, rego, &input)
+                .map_err(|e| format!("policy {policy_name}: {e:#}"))?;
+            if !deny.is_empty() {
+                return Err(format!(
+                    "policy {policy_name} denies it:\n  - {}",
+                    deny.join("\n  - ")
+                ));
+            }
+        }
+        Ok((v, traces))
+    });
+    match verified {
+        Ok((v, traces)) => {
             if json {
                 print_json(
-                    &serde_json::json!({ "verified": true, "artifact": name, "digest": digest, "result": v }),
+                    &serde_json::json!({ "verified": true, "artifact": name, "digest": digest, "result": v, "traces": traces }),
                 )?;
             } else {
                 println!("verified {name} {digest}");
@@ -604,13 +680,22 @@ fn verify(
                     v.builder_id, v.signer_keyid, v.signing_key_kind
                 );
                 println!("  chain     {}", v.chain.join(" <- "));
+                if let Some(node) = &v.node {
+                    crate::node::print_node_chain(node, &v);
+                }
+                for t in &traces {
+                    println!(
+                        "  trace     {} complete: {} events, 0 lost ({})",
+                        t.step, t.events, t.trace_digest
+                    );
+                }
             }
             Ok(exit::OK)
         }
         Err(e) => {
             if json {
                 print_json(
-                    &serde_json::json!({ "verified": false, "artifact": name, "digest": digest, "error": e.to_string() }),
+                    &serde_json::json!({ "verified": false, "artifact": name, "digest": digest, "error": e }),
                 )?;
             } else {
                 eprintln!("verification FAILED for {name} ({digest}): {e}");

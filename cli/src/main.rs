@@ -3,7 +3,11 @@
 
 mod client;
 mod commands;
+mod node;
+mod pipeline;
+mod policy;
 mod source;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,8 +37,14 @@ Examples:
   kiln status JOB --json
   kiln logs JOB compile
   kiln artifacts JOB --out ./out
+  kiln node enroll --ek-ca ek-ca.pem --out node.json
+  kiln verify ./out/hello-c.tar.gz --node node.json --ek-ca ek-ca.pem
   kiln node --public-key > node.pub
-  kiln verify ./out/hello-c.tar.gz --trusted-key node.pub
+  kiln verify ./out/hello-c.tar.gz --trusted-key node.pub --allow-software-key
+  kiln verify ./out/hello-c.tar.gz --trusted-key node.pub --allow-software-key \
+      --policy docs/examples/require-test.rego
+  kiln pipeline keygen --out release && kiln pipeline sign pipeline.toml --key release.pem
+  kiln trace JOB compile
 
 Exit codes:
   0 success (for submit --follow: the job succeeded)

@@ -26,6 +26,11 @@ pub struct SubmitJobRequest {
     /// Workspace name → digest of a previously uploaded tar blob (`POST /v1/blobs`) that seeds it.
     #[serde(default)]
     pub sources: BTreeMap<String, Digest>,
+    /// DSSE envelope over the exact pipeline text (payload type
+    /// [`crate::definition::PIPELINE_PAYLOAD_TYPE`]), as `kiln pipeline sign` writes it; the
+    /// admission policy decides whose signatures are accepted and whether it may be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::dsse::Envelope>,
 }
 
 /// `POST /v1/jobs` response (201).

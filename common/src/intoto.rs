@@ -132,13 +132,28 @@ pub struct InternalParameters {
     /// is not verified fails. Absent (false) in statements from before the check existed.
     #[serde(default)]
     pub teardown_verified: bool,
+    /// The eBPF observer recorded the step (its signed runtime trace is the byproduct named
+    /// `runtime-trace`). False when the node ran it unobserved (`[observer] required = false`
+    /// and the observer did not load); absent (false) in statements from before the observer.
+    #[serde(default)]
+    pub observed: bool,
+    /// keyid of the key whose DSSE signature over the pipeline file the node's admission policy
+    /// accepted (`kiln pipeline sign`); absent when the policy admitted it unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_signer: Option<String>,
+    /// The step's network: `none` (an empty network namespace, loopback down), the only mode
+    /// kilnd runs steps in today; absent in statements from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// Description of the node key that signed an attestation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SigningKeyInfo {
-    /// `software` (a file in the state dir, mode 0600) until the TPM node key lands; later `tpm`.
+    /// `software` (a file in the state dir, mode 0600; `kilnd --insecure-software-key`) or `tpm`
+    /// (an ephemeral workload key whose X.509 certificate the TPM-resident node key signed; see
+    /// [`crate::trust`]).
     pub kind: String,
     /// DSSE keyid: `sha256:<hex>` of the key's `SubjectPublicKeyInfo` DER.
     pub keyid: String,
@@ -206,6 +221,22 @@ pub struct JobPredicate {
     pub started_on: String,
     /// RFC 3339.
     pub finished_on: String,
+    /// sha256 of the node identity document ([`crate::attest::NodeIdentity`] as JSON) whose
+    /// quote binds [`JobPredicate::nonce`] and the node key; absent for software-key nodes and
+    /// in jobs from before the TPM node attestor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_identity: Option<Digest>,
+    /// The job's fresh nonce (hex), drawn at job start and quoted by the TPM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// Workload certificates issued for this job (every step's and this statement's): keyid →
+    /// sha256 of the certificate DER, stored in the CAS.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub workload_certificates: BTreeMap<String, Digest>,
+    /// keyid of the accepted signer of the pipeline file (see
+    /// [`InternalParameters::pipeline_signer`]); absent when it was admitted unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_signer: Option<String>,
 }
 
 /// One step as listed by the job predicate.

@@ -18,6 +18,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::attest::NodeIdentity;
 use crate::digest::{Digest, TreeEntry, tree_digest};
 use crate::dsse::{DsseError, Envelope, envelope_digest};
 use crate::intoto::{
@@ -25,6 +26,8 @@ use crate::intoto::{
     SLSA_PROVENANCE_V1, StepStatement, sha256_of,
 };
 use crate::keys::PublicKey;
+use crate::trust::{SignerTrust, Trust, TrustError, VerifiedNodeChain};
+use crate::x509::VerificationMaterial;
 
 /// `resolvedDependencies` URI prefix of an input workspace.
 const WORKSPACE_URI_PREFIX: &str = "urn:kiln:workspace:";
@@ -43,6 +46,19 @@ pub struct Bundle {
     pub job: Envelope,
     /// Step name → DSSE envelope of the step's [`StepStatement`].
     pub steps: BTreeMap<String, Envelope>,
+    /// Step name → DSSE envelope of the step's runtime trace ([`crate::trace::TraceStatement`]),
+    /// for the steps that were observed. Absent in bundles from before the observer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub traces: BTreeMap<String, Envelope>,
+    /// The node identity document the job statement links (`nodeIdentity`): EK certificate, AK,
+    /// certified node key, the job's quote, PCR values and event log. Absent for software-key
+    /// nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_identity: Option<NodeIdentity>,
+    /// Signing keyid → its workload certificate (Sigstore bundle v0.3 `verificationMaterial`
+    /// with an `x509CertificateChain`), for every workload key that signed an envelope here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub verification_material: BTreeMap<String, VerificationMaterial>,
 }
 
 /// The artifact to verify: its file name and content digest.
@@ -88,6 +104,14 @@ pub struct VerifiedArtifact {
     pub signing_key_kind: String,
     /// Steps whose links were checked, from the producing step back to the sources.
     pub chain: Vec<String>,
+    /// TPM-rooted verification: the node links that verified (EK → AK → quote → node key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<VerifiedNodeChain>,
+    /// Every key that verified an envelope of the bundle (raw-key trust: the trusted keys;
+    /// TPM trust: the certified workload keys), for checks of further envelopes signed by them
+    /// (runtime traces).
+    #[serde(skip)]
+    pub signer_keys: Vec<PublicKey>,
 }
 
 /// An attested subject: which step attested which file with which digest.
@@ -262,6 +286,15 @@ pub enum VerifyError {
         /// Digest the consuming step recorded.
         found: Digest,
     },
+    /// A link of the trust root (TPM chain, workload certificate, key kind) is broken.
+    #[error("{attestation}: {source}")]
+    Trust {
+        /// `node`, `job <id>` or `step <name>`.
+        attestation: String,
+        /// The broken link (boxed: the TPM chain's errors are large).
+        #[source]
+        source: Box<TrustError>,
+    },
     /// The step that produced the artifact did not succeed.
     #[error("step {step:?} that produced the artifact ended {outcome:?}, not \"succeeded\"")]
     StepNotSucceeded {
@@ -291,6 +324,8 @@ fn describe_subject_mismatch(
 /// A step whose envelope verified and matches the job statement.
 struct CheckedStep {
     name: String,
+    /// The keys it was verified against.
+    keys: Vec<PublicKey>,
     statement: StepStatement,
     signer_keyid: String,
     /// Subjects as tree entries (validated once).
@@ -305,12 +340,30 @@ impl CheckedStep {
     }
 }
 
-/// Verify `artifact` against `bundle`, trusting signatures only by `trusted` keys. See the module
-/// documentation for the links checked, in order.
+/// Verify `artifact` against `bundle`, trusting signatures only by `trusted` keys (statements of
+/// any key kind, software included). See the module documentation for the links checked.
 pub fn verify_artifact(
     artifact: &ArtifactRef,
     bundle: &Bundle,
     trusted: &[PublicKey],
+) -> Result<VerifiedArtifact, VerifyError> {
+    verify_artifact_with(
+        artifact,
+        bundle,
+        Trust::Keys {
+            keys: trusted,
+            allow_software_key: true,
+        },
+    )
+}
+
+/// Verify `artifact` against `bundle` under a trust root: raw keys, or TPM-rooted (the EK CA
+/// bundle and the enrolled node; [`crate::trust`] lists the links). See the module
+/// documentation for the links checked after the signatures.
+pub fn verify_artifact_with(
+    artifact: &ArtifactRef,
+    bundle: &Bundle,
+    trust: Trust<'_>,
 ) -> Result<VerifiedArtifact, VerifyError> {
     // 1. The bundle and its job statement.
     if bundle.media_type != BUNDLE_MEDIA_TYPE {
@@ -318,9 +371,18 @@ pub fn verify_artifact(
             found: bundle.media_type.clone(),
         });
     }
+    let (signers, node) = signer_trust(bundle, trust)?;
+    let job_attestation = format!("job {}", bundle.job_id);
+    let (job_keys, job_cert) =
+        signers
+            .keys_for(&bundle.job, None)
+            .map_err(|source| VerifyError::Trust {
+                attestation: job_attestation.clone(),
+                source: Box::new(source),
+            })?;
     let job_payload = bundle
         .job
-        .verify(trusted)
+        .verify(&job_keys)
         .map_err(VerifyError::JobEnvelope)?;
     let job: JobStatement = job_payload
         .decode_statement()
@@ -344,9 +406,20 @@ pub fn verify_artifact(
             actual: job_payload.keyid,
         });
     }
+    signers
+        .check_statement(
+            job_cert.as_ref(),
+            &job.signing_key.kind,
+            &job.started_on,
+            &job.finished_on,
+        )
+        .map_err(|source| VerifyError::Trust {
+            attestation: job_attestation,
+            source: Box::new(source),
+        })?;
 
     // 2. Every step envelope: trusted signer, listed by the job, same pipeline.
-    let steps = check_steps(bundle, &job, trusted)?;
+    let steps = check_steps(bundle, &job, &signers)?;
 
     // 3. Which step attests the artifact; 4. the chain behind it.
     let candidates = find_subject(artifact, &steps)?;
@@ -366,6 +439,8 @@ pub fn verify_artifact(
                     signer_keyid: step.signer_keyid.clone(),
                     signing_key_kind: internal.signing_key.kind.clone(),
                     chain,
+                    node: node.clone(),
+                    signer_keys: signer_keys(&signers, &job_keys, &steps),
                 });
             }
             Err(err) => {
@@ -381,11 +456,74 @@ pub fn verify_artifact(
     }))
 }
 
+fn signer_keys(
+    signers: &SignerTrust<'_>,
+    job_keys: &[PublicKey],
+    steps: &[CheckedStep],
+) -> Vec<PublicKey> {
+    match signers {
+        SignerTrust::Keys { keys, .. } => keys.to_vec(),
+        SignerTrust::Tpm { .. } => job_keys
+            .iter()
+            .chain(steps.iter().flat_map(|s| s.keys.iter()))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// The signer policy of a verification; for TPM trust, after the node links verified.
+fn signer_trust<'a>(
+    bundle: &'a Bundle,
+    trust: Trust<'a>,
+) -> Result<(SignerTrust<'a>, Option<VerifiedNodeChain>), VerifyError> {
+    match trust {
+        Trust::Keys {
+            keys,
+            allow_software_key,
+        } => Ok((
+            SignerTrust::Keys {
+                keys,
+                allow_software_key,
+            },
+            None,
+        )),
+        Trust::Tpm(tpm) => {
+            let node_error = |source| VerifyError::Trust {
+                attestation: "node".to_owned(),
+                source: Box::new(source),
+            };
+            // The nonce and identity digest are read before the job signature is checked: the
+            // quote binds that nonce to the node key, and the job envelope must then verify
+            // with a certificate of that key, so a swapped nonce fails one of the two.
+            let unverified: JobStatement = bundle
+                .job
+                .decode_statement()
+                .map_err(VerifyError::JobEnvelope)?;
+            let (node_key, chain) = crate::trust::verify_node(
+                tpm,
+                bundle.node_identity.as_ref(),
+                unverified.predicate.node_identity,
+                unverified.predicate.nonce.as_deref(),
+            )
+            .map_err(node_error)?;
+            Ok((
+                SignerTrust::Tpm {
+                    node_key,
+                    node_id: chain.node_id.clone(),
+                    job_id: bundle.job_id.clone(),
+                    material: &bundle.verification_material,
+                },
+                Some(chain),
+            ))
+        }
+    }
+}
+
 /// Link 2: verify, match and decode every step envelope; the result is in job order.
 fn check_steps(
     bundle: &Bundle,
     job: &JobPredicate,
-    trusted: &[PublicKey],
+    signers: &SignerTrust<'_>,
 ) -> Result<Vec<CheckedStep>, VerifyError> {
     let mut listed = BTreeMap::new();
     for step in &job.steps {
@@ -404,7 +542,14 @@ fn check_steps(
             step: name.clone(),
             source,
         };
-        let verified = envelope.verify(trusted).map_err(step_error)?;
+        let trust_error = |source| VerifyError::Trust {
+            attestation: format!("step {name:?}"),
+            source: Box::new(source),
+        };
+        let (keys, cert) = signers
+            .keys_for(envelope, Some(name))
+            .map_err(trust_error)?;
+        let verified = envelope.verify(&keys).map_err(step_error)?;
         let found = envelope_digest(envelope);
         let expected = match listed.get(name.as_str()) {
             Some(Some(expected)) => *expected,
@@ -444,6 +589,15 @@ fn check_steps(
                 actual: verified.keyid,
             });
         }
+        let metadata = &statement.predicate.run_details.metadata;
+        signers
+            .check_statement(
+                cert.as_ref(),
+                &definition.internal_parameters.signing_key.kind,
+                &metadata.started_on,
+                &metadata.finished_on,
+            )
+            .map_err(trust_error)?;
         if definition.external_parameters.pipeline_digest != job.pipeline_digest {
             return Err(VerifyError::PipelineMismatch {
                 step: name.clone(),
@@ -471,6 +625,7 @@ fn check_steps(
             name,
             CheckedStep {
                 name: name.clone(),
+                keys,
                 statement,
                 signer_keyid: verified.keyid,
                 outputs,
@@ -718,6 +873,9 @@ pub(crate) mod fixture {
                                 outcome: "succeeded".into(),
                                 signing_key: signing_key.clone(),
                                 teardown_verified: true,
+                                observed: true,
+                                pipeline_signer: None,
+                                network: Some("none".into()),
                             },
                             resolved_dependencies: inputs
                                 .iter()
@@ -771,6 +929,10 @@ pub(crate) mod fixture {
                     signing_key,
                     started_on: "2025-01-01T00:00:00Z".into(),
                     finished_on: "2025-01-01T00:00:03Z".into(),
+                    node_identity: None,
+                    nonce: None,
+                    workload_certificates: BTreeMap::new(),
+                    pipeline_signer: None,
                 },
             };
             Self { key, job, steps }
@@ -821,6 +983,9 @@ pub(crate) mod fixture {
                 job_id: job.predicate.job_id.clone(),
                 job: job_envelope,
                 steps,
+                traces: BTreeMap::new(),
+                node_identity: None,
+                verification_material: BTreeMap::new(),
             }
         }
 

@@ -85,6 +85,7 @@ fn spec(p: &Profile, e: &Env, argv: &[&str], cwd: &str, with_cgroups: Option<&st
         root_dir: e.root_dir.clone(),
         host_paths: p.host_paths.clone(),
         confinement: p.confinement(&workspaces),
+        secrets: Vec::new(),
         workspaces,
         timeout_ms: 600_000,
         uid: p.uid,

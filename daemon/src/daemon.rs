@@ -7,6 +7,7 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
+use crate::attest::{NodeAttestor, NodeAttestorConfig, StartMeasurements, TpmConfig};
 use crate::config::Config;
 use crate::pipeline::Node;
 use crate::provenance::NodeSigner;
@@ -53,6 +54,45 @@ fn sandbox_helper(config: &Config) -> anyhow::Result<PathBuf> {
     Ok(helper)
 }
 
+/// The node's signer: the TPM node attestor (TCTI from `KILN_TPM_TCTI` or `[tpm] tcti`), after
+/// the measured start of kilnd's binary, config and profiles; or, only with
+/// `--insecure-software-key`, a software key. Without either kilnd refuses to start.
+async fn node_signer(config: &Config) -> anyhow::Result<NodeSigner> {
+    let tcti = std::env::var("KILN_TPM_TCTI")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| config.tpm.tcti.clone());
+    let Some(tcti) = tcti else {
+        anyhow::ensure!(
+            config.tpm.insecure_software_key,
+            "no tpm configured: set [tpm] tcti in the config (e.g. device:/dev/tpmrm0, or swtpm:host=127.0.0.1,port=2321 from scripts/swtpm) or KILN_TPM_TCTI; \
+             to sign with a software key instead, start kilnd with --insecure-software-key (attestations then say signingKey.kind = \"software\" and kiln verify refuses them unless --allow-software-key)"
+        );
+        warn!(
+            "INSECURE: signing with a software key (--insecure-software-key); attestations say signingKey.kind = software"
+        );
+        return NodeSigner::load_or_create(&config.state_dir)
+            .context("loading the software node key");
+    };
+    let tpm_dir = config.state_dir.join("tpm");
+    let attestor = NodeAttestor::start(NodeAttestorConfig {
+        tpm: TpmConfig {
+            tcti,
+            state_dir: tpm_dir.clone(),
+        },
+        ek_ca_bundle: config.tpm.ek_ca_bundle.clone(),
+        measurements: StartMeasurements {
+            binary: PathBuf::from("/proc/self/exe"),
+            config: config.config_file.clone(),
+            profiles_dir: Some(config.profiles_dir.clone()),
+        },
+        event_log: tpm_dir.join("measured-start.jsonl"),
+    })
+    .await
+    .context("starting the tpm node attestor")?;
+    Ok(NodeSigner::tpm(Arc::new(attestor)))
+}
+
 /// Run the daemon until SIGTERM/SIGINT; on signal, cancel jobs, record their state, and return.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -71,8 +111,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "no sandbox profiles in {}",
         config.profiles_dir.display()
     );
+    let admission = crate::admission::Admission::load(&config.admission)
+        .context("loading the admission policy")?;
     let store = Store::open(&config.state_dir).context("opening the store")?;
-    let signer = NodeSigner::load_or_create(&config.state_dir).context("loading the node key")?;
+    let signer = node_signer(&config).await?;
     let socket = config.api.socket.clone();
     let listener = api::listen(&socket)?;
     info!(
@@ -83,7 +125,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         profiles = ?profiles.keys().collect::<Vec<_>>(),
         "kilnd ready"
     );
-    let node = Node::new(config, store, signer, profiles, helper)?;
+    let node = Node::new(config, store, signer, profiles, helper, admission)?;
     let serve_stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(api::serve(listener, node.clone(), serve_stop.clone()));
 

@@ -1,6 +1,7 @@
 //! kilnd: the kiln node daemon.
 //!
 //! One module per Secure Software Factory component:
+//! - [`admission`]: admission controller: signed definitions, secret scan, secrets, step admission.
 //! - [`api`]: HTTP/JSON API on the Unix socket, authorization by peer credentials.
 //! - [`attest`]: node attestor: the TPM wrapper (EK, AK, node key, quotes) and measured start.
 //! - [`pipeline`]: job queue and scheduler; runs each step in a fresh worker.
@@ -9,6 +10,7 @@
 //! - [`store`]: SQLite index + content-addressed blob store.
 //! - [`config`]: `/etc/kiln/kilnd.toml`; [`daemon`]: start-up and shutdown.
 
+pub mod admission;
 pub mod api;
 pub mod attest;
 pub mod config;

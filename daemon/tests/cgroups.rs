@@ -76,6 +76,7 @@ fn fixture(script: &str, limits: Limits) -> Fixture {
         root_dir: root.path().to_owned(),
         host_paths: hermetic.host_paths.clone(),
         confinement: hermetic.confinement(&workspaces),
+        secrets: Vec::new(),
         workspaces,
         timeout_ms: 30_000,
         uid: hermetic.uid,

@@ -77,6 +77,7 @@ fn fixture(argv: &[&str]) -> Fixture {
         // The hermetic profile's seccomp filter, rlimits and Landlock rules (tests/seccomp.rs
         // tries to defeat them).
         confinement: hermetic.confinement(&workspaces),
+        secrets: Vec::new(),
         workspaces,
         timeout_ms: 20_000,
         uid: hermetic.uid,

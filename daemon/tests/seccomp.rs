@@ -110,6 +110,7 @@ fn spec_for(
         root_dir: root.path().to_owned(),
         host_paths: profile.host_paths.clone(),
         confinement: profile.confinement(&workspaces),
+        secrets: Vec::new(),
         workspaces,
         timeout_ms: 60_000,
         uid: profile.uid,

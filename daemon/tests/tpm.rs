@@ -656,3 +656,439 @@ RwAwRAIgXz/HDSZfuX3H5vFPuMrKSKFVTuDca5VLaS/7dAu4SQgCIEJo3LKNW3+u
 ET7Z46CMvFuigcsBm8K2KdhOsOOKuXqd
 -----END CERTIFICATE-----
 ";
+
+// ---------------------------------------------------------------------------------------------
+// Workload attestor and TPM-rooted verification of a whole bundle
+
+mod rooted {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use kiln_common::attest::{self, AttestError, NodeIdentity, PcrValues};
+    use kiln_common::digest::Digest;
+    use kiln_common::dsse::Envelope;
+    use kiln_common::intoto::{self, Statement};
+    use kiln_common::keys::SigningKey;
+    use kiln_common::trust::{NodeRecord, RevocationList, TpmTrust, Trust, TrustError, node_id};
+    use kiln_common::verify::{ArtifactRef, Bundle, VerifyError, verify_artifact_with};
+    use kiln_common::x509::{CertError, VerificationMaterial, workload_uri};
+    use kilnd::attest::measure::StartMeasurements;
+    use kilnd::attest::workload::{CertificateRequest, issue_certificate};
+    use kilnd::attest::{NodeAttestor, NodeAttestorConfig, Tpm};
+    use kilnd::provenance::{NodeSigner, WorkloadSigner};
+    use kilnd::store::Cas;
+    use serde_json::json;
+    use tempfile::TempDir;
+
+    use super::{Swtpm, now, swtpm};
+
+    pub(super) const ARTIFACT: &[u8] = b"the artifact bytes";
+
+    /// A node: swtpm, the attestor kilnd runs, its signer and CAS, and its enrolled record.
+    pub(super) struct Node {
+        pub swtpm: Swtpm,
+        pub signer: NodeSigner,
+        pub cas: Cas,
+        pub record: NodeRecord,
+        pub _dir: TempDir,
+    }
+
+    pub(super) async fn node() -> Option<Node> {
+        let swtpm = swtpm()?;
+        let dir = TempDir::new().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("profiles")).unwrap();
+        std::fs::write(d.join("kilnd"), b"\x7fELF pretend kilnd").unwrap();
+        std::fs::write(d.join("kilnd.toml"), b"[tpm]\n").unwrap();
+        std::fs::write(d.join("profiles/hermetic.toml"), b"name = 'hermetic'\n").unwrap();
+        let attestor = NodeAttestor::start(NodeAttestorConfig {
+            tpm: swtpm.config(),
+            ek_ca_bundle: Some(swtpm.ca_bundle.clone()),
+            measurements: StartMeasurements {
+                binary: d.join("kilnd"),
+                config: Some(d.join("kilnd.toml")),
+                profiles_dir: Some(d.join("profiles")),
+            },
+            event_log: d.join("measured-start.jsonl"),
+        })
+        .await
+        .unwrap();
+        // Enrollment, the operator's side (what `kiln node enroll` does).
+        let identity = attestor.endorsement().await.unwrap();
+        let (pending, challenge) = attest::start_enrollment(
+            &identity.ek_certificate,
+            &swtpm.ca_bundle(),
+            &identity.ek_public,
+            &identity.ak_public,
+            now(),
+        )
+        .unwrap();
+        let secret = attestor.activate(challenge).await.unwrap();
+        let enrolled = pending.finish(&secret).unwrap();
+        let record = NodeRecord {
+            node_id: node_id(&enrolled.ek_certificate_digest),
+            enrolled,
+            node_key_public: identity.node_key_public,
+            node_keyid: identity.node_keyid,
+            node_key_certify: identity.node_key_certify,
+            ek_issuer: "swtpm-localca".into(),
+            enrolled_on: "now".into(),
+        };
+        let cas = Cas::open(&d.join("cas")).unwrap();
+        Some(Node {
+            swtpm,
+            signer: NodeSigner::tpm(Arc::new(attestor)),
+            cas,
+            record,
+            _dir: dir,
+        })
+    }
+
+    pub(super) fn rfc3339(t: std::time::SystemTime) -> String {
+        humantime::format_rfc3339_millis(t).to_string()
+    }
+
+    /// A one-step job ("build" writes the artifact); `certify_step` overrides the window the
+    /// step's certificate is issued for.
+    pub(super) async fn job(
+        node: &Node,
+        job_id: &str,
+        certify_step: Option<(&str, &str)>,
+    ) -> Bundle {
+        let signer = &node.signer;
+        let started = rfc3339(std::time::SystemTime::now());
+        signer.begin_job(job_id).await.unwrap();
+        let mut step: WorkloadSigner<'_> = signer.workload(job_id, Some("build")).unwrap();
+        let step_started = rfc3339(std::time::SystemTime::now());
+        let step_finished = rfc3339(std::time::SystemTime::now());
+        let (cert_from, cert_to) = certify_step.unwrap_or((&step_started, &step_finished));
+        step.certify(cert_from, cert_to).await.unwrap();
+        let pipeline_digest = Digest::of(b"pipeline");
+        let statement = Statement {
+            statement_type: intoto::STATEMENT_TYPE.into(),
+            subject: vec![intoto::ResourceDescriptor {
+                name: Some("dist/app.bin".into()),
+                uri: None,
+                digest: intoto::digest_set(&Digest::of(ARTIFACT)),
+                media_type: None,
+            }],
+            predicate_type: intoto::SLSA_PROVENANCE_V1.into(),
+            predicate: json!({
+                "buildDefinition": {
+                    "buildType": intoto::KILN_STEP_BUILD_TYPE,
+                    "externalParameters": {"pipeline": "p", "pipelineDigest": pipeline_digest, "step": "build", "parameters": {}},
+                    "internalParameters": {"kind": "build", "profile": "hermetic", "outputWorkspace": "out", "exitCode": 0, "outcome": "succeeded", "signingKey": step.info},
+                    "resolvedDependencies": []
+                },
+                "runDetails": {
+                    "builder": {"id": step.builder_id},
+                    "metadata": {"invocationId": format!("{job_id}/build"), "startedOn": step_started, "finishedOn": step_finished}
+                }
+            }),
+        };
+        let (step_bytes, step_digest) = step.sign_statement(&statement).unwrap();
+        drop(step);
+        let finished = rfc3339(std::time::SystemTime::now());
+        let (job_signer, links) = signer
+            .finish_job(job_id, &node.cas, &started, &finished)
+            .await
+            .unwrap();
+        let job_statement = Statement {
+            statement_type: intoto::STATEMENT_TYPE.into(),
+            subject: vec![],
+            predicate_type: intoto::KILN_JOB_PREDICATE.into(),
+            predicate: json!({
+                "jobId": job_id, "pipeline": "p", "pipelineDigest": pipeline_digest,
+                "parameters": {}, "sources": {},
+                "steps": [{"name": "build", "outcome": "succeeded", "envelopeDigest": step_digest}],
+                "outcome": "succeeded", "builderId": job_signer.builder_id,
+                "signingKey": job_signer.info, "startedOn": started, "finishedOn": finished,
+                "nodeIdentity": links.node_identity, "nonce": links.nonce,
+                "workloadCertificates": links.workload_certificates,
+            }),
+        };
+        let (job_bytes, _) = job_signer.sign_statement(&job_statement).unwrap();
+        let identity: NodeIdentity =
+            serde_json::from_slice(&node.cas.get(&links.node_identity.unwrap()).unwrap()).unwrap();
+        let verification_material = links
+            .workload_certificates
+            .iter()
+            .map(|(keyid, d)| {
+                (
+                    keyid.clone(),
+                    VerificationMaterial::leaf(node.cas.get(d).unwrap()),
+                )
+            })
+            .collect();
+        Bundle {
+            media_type: intoto::BUNDLE_MEDIA_TYPE.into(),
+            job_id: job_id.into(),
+            job: serde_json::from_slice(&job_bytes).unwrap(),
+            steps: BTreeMap::from([(
+                "build".to_owned(),
+                serde_json::from_slice::<Envelope>(&step_bytes).unwrap(),
+            )]),
+            traces: BTreeMap::new(),
+            node_identity: Some(identity),
+            verification_material,
+        }
+    }
+
+    pub(super) fn trust(node: &Node) -> TpmTrust {
+        TpmTrust {
+            ek_ca: node.swtpm.ca_bundle(),
+            node: node.record.clone(),
+            pcr_policy: PcrValues::new(),
+            revocations: None,
+            at: now(),
+        }
+    }
+
+    pub(super) fn verify(bundle: &Bundle, trust: &TpmTrust) -> Result<(), VerifyError> {
+        let artifact = ArtifactRef {
+            name: "app.bin".into(),
+            digest: Digest::of(ARTIFACT),
+        };
+        verify_artifact_with(&artifact, bundle, Trust::Tpm(trust)).map(|_| ())
+    }
+
+    /// The broken link of a failed verification.
+    pub(super) fn link(err: VerifyError) -> TrustError {
+        match err {
+            VerifyError::Trust { source, .. } => *source,
+            other => panic!("expected a broken trust link, got: {other}"),
+        }
+    }
+
+    /// A workload certificate for `uri`, signed by another TPM's node key.
+    pub(super) async fn foreign_certificate(
+        other: &Swtpm,
+        uri: String,
+        subject: kiln_common::keys::PublicKey,
+    ) -> Vec<u8> {
+        let tpm = Arc::new(Tpm::open(other.config()).await.unwrap());
+        let (_, other_key) = tpm.node_key().await.unwrap();
+        let now = std::time::SystemTime::now();
+        issue_certificate(
+            tpm,
+            &other_key,
+            CertificateRequest {
+                uri,
+                node_id: "other".into(),
+                subject,
+                not_before: now - std::time::Duration::from_mins(1),
+                ends: now + std::time::Duration::from_mins(1),
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_tpm_rooted_bundle_verifies_and_each_broken_link_is_named() {
+        let Some(node) = node().await else { return };
+        let trust = trust(&node);
+        let bundle = job(&node, "job-1", None).await;
+        verify(&bundle, &trust).unwrap();
+        // Every envelope is signed by its own workload key, certified by the node key.
+        assert_eq!(bundle.verification_material.len(), 2);
+        let step_keyid = &bundle.steps["build"].signatures[0].keyid;
+        assert_ne!(step_keyid, &bundle.job.signatures[0].keyid);
+        assert_ne!(step_keyid, &node.record.node_keyid);
+
+        // Replayed quote: job 2's statement with job 1's identity document (old nonce).
+        let mut replayed = job(&node, "job-2", None).await;
+        replayed.node_identity = bundle.node_identity.clone();
+        let err = link(verify(&replayed, &trust).unwrap_err());
+        println!("replayed quote: {err}");
+        assert!(
+            matches!(
+                err,
+                TrustError::NodeIdentity(AttestError::QuoteQualifyingData { .. })
+            ),
+            "{err}"
+        );
+
+        // Changed PCR: an expected-PCR policy that the node's PCR 23 does not meet.
+        let mut strict = trust.clone();
+        strict.pcr_policy.insert(23, Digest::of(b"another kilnd"));
+        let err = link(verify(&bundle, &strict).unwrap_err());
+        println!("pcr policy: {err}");
+        assert!(
+            matches!(
+                err,
+                TrustError::NodeIdentity(AttestError::PcrPolicy { pcr: 23, .. })
+            ),
+            "{err}"
+        );
+        // The same policy with the real values holds.
+        let mut exact = trust.clone();
+        exact.pcr_policy = bundle.node_identity.as_ref().unwrap().pcrs.clone();
+        verify(&bundle, &exact).unwrap();
+
+        // An event log that does not replay to the quoted PCR 23.
+        let mut forged_log = bundle.clone();
+        forged_log.node_identity.as_mut().unwrap().event_log[0].digest =
+            Digest::of(b"a clean kilnd");
+        let err = link(verify(&forged_log, &trust).unwrap_err());
+        println!("event log: {err}");
+        assert!(
+            matches!(
+                err,
+                TrustError::NodeIdentity(AttestError::EventLogReplay { .. })
+            ),
+            "{err}"
+        );
+
+        // Forged quote signature.
+        let mut forged = bundle.clone();
+        let quote = &mut forged.node_identity.as_mut().unwrap().quote;
+        let end = quote.signature.len() - 1;
+        quote.signature[end] ^= 1;
+        let err = link(verify(&forged, &trust).unwrap_err());
+        println!("forged quote: {err}");
+        assert!(
+            matches!(
+                err,
+                TrustError::NodeIdentity(AttestError::QuoteSignature { .. })
+            ),
+            "{err}"
+        );
+
+        // Revoked node key (operator-signed list).
+        let (operator, _) = SigningKey::generate().unwrap();
+        let list = RevocationList {
+            revoked_node_keys: [node.record.node_keyid.clone()].into(),
+            issued_on: "2026-01-01T00:00:00Z".into(),
+        };
+        let envelope = list.sign(&operator).unwrap();
+        let mut revoking = trust.clone();
+        revoking.revocations =
+            Some(RevocationList::verify(&envelope, &operator.public_key()).unwrap());
+        let err = link(verify(&bundle, &revoking).unwrap_err());
+        println!("revoked: {err}");
+        assert!(matches!(err, TrustError::NodeKeyRevoked { .. }), "{err}");
+        // A list signed by someone else is refused outright.
+        let (intruder, _) = SigningKey::generate().unwrap();
+        assert!(matches!(
+            RevocationList::verify(&list.sign(&intruder).unwrap(), &operator.public_key()),
+            Err(TrustError::RevocationSignature(_))
+        ));
+
+        // The bundle of a node that was never enrolled here (another TPM's EK).
+        let Some(other) = super::rooted::node().await else {
+            return;
+        };
+        let other_bundle = job(&other, "job-1", None).await;
+        // Its EK certificate was issued a moment ago: check the chain at the current time.
+        let mut fresh = trust.clone();
+        fresh.at = now();
+        let err = link(verify(&other_bundle, &fresh).unwrap_err());
+        println!("other node: {err}");
+        assert!(matches!(err, TrustError::EkNotEnrolled { .. }), "{err}");
+
+        // A step certificate signed by another node's key, naming this node, job and step.
+        let mut swapped = bundle.clone();
+        let step_key = swapped
+            .verification_material
+            .keys()
+            .find(|k| *k == step_keyid)
+            .unwrap()
+            .clone();
+        let subject = kiln_common::x509::verify_workload_certificate(
+            swapped.verification_material[&step_key].leaf_der().unwrap(),
+            &kiln_common::attest::parse_node_key(
+                &bundle.node_identity.as_ref().unwrap().node_key_public,
+            )
+            .unwrap()
+            .1,
+            &workload_uri(&node.record.node_id, "job-1", Some("build")),
+        )
+        .unwrap()
+        .key;
+        let foreign = foreign_certificate(
+            &other.swtpm,
+            workload_uri(&node.record.node_id, "job-1", Some("build")),
+            subject,
+        )
+        .await;
+        swapped
+            .verification_material
+            .insert(step_key, VerificationMaterial::leaf(foreign));
+        let err = link(verify(&swapped, &trust).unwrap_err());
+        println!("foreign certificate: {err}");
+        assert!(
+            matches!(
+                err,
+                TrustError::Certificate(CertError::NotSignedByNodeKey { .. })
+            ),
+            "{err}"
+        );
+
+        // The job certificate presented for the step (right key, wrong SAN): refused by name.
+        let mut renamed = bundle.clone();
+        let job_keyid = renamed.job.signatures[0].keyid.clone();
+        renamed.steps.get_mut("build").unwrap().signatures[0].keyid = job_keyid;
+        let err = link(verify(&renamed, &trust).unwrap_err());
+        println!("wrong san: {err}");
+        assert!(
+            matches!(err, TrustError::Certificate(CertError::WrongSubject { .. })),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_and_not_yet_valid_workload_certificates_are_rejected() {
+        let Some(node) = node().await else { return };
+        let trust = trust(&node);
+        // Certified for a window that ended before the step's statement.
+        let bundle = job(
+            &node,
+            "job-old",
+            Some(("2020-01-01T00:00:00Z", "2020-01-01T00:01:00Z")),
+        )
+        .await;
+        let err = link(verify(&bundle, &trust).unwrap_err());
+        println!("expired: {err}");
+        assert!(
+            matches!(err, TrustError::Certificate(CertError::Expired { .. })),
+            "{err}"
+        );
+        // Certified for a window that starts after the step.
+        let later = rfc3339(std::time::SystemTime::now() + std::time::Duration::from_hours(1));
+        let much_later = rfc3339(std::time::SystemTime::now() + std::time::Duration::from_hours(2));
+        let bundle = job(&node, "job-future", Some((&later, &much_later))).await;
+        let err = link(verify(&bundle, &trust).unwrap_err());
+        println!("not yet valid: {err}");
+        assert!(
+            matches!(err, TrustError::Certificate(CertError::NotYetValid { .. })),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn rotated_node_key_still_verifies_old_bundles_until_revoked() {
+        let Some(node) = node().await else { return };
+        let trust = trust(&node);
+        let before = job(&node, "job-before", None).await;
+        let attestor = node.signer.attestor().unwrap().clone();
+        let old_key = attestor.node_key().keyid();
+        let rotated = attestor.rotate().await.unwrap();
+        assert_ne!(rotated.node_keyid, old_key);
+        let after = job(&node, "job-after", None).await;
+        verify(&before, &trust).unwrap();
+        verify(&after, &trust).unwrap();
+        let (operator, _) = SigningKey::generate().unwrap();
+        let mut revoking = trust.clone();
+        revoking.revocations = Some(RevocationList {
+            revoked_node_keys: [old_key].into(),
+            issued_on: "now".into(),
+        });
+        let _ = operator;
+        assert!(matches!(
+            link(verify(&before, &revoking).unwrap_err()),
+            TrustError::NodeKeyRevoked { .. }
+        ));
+        verify(&after, &revoking).unwrap();
+    }
+}

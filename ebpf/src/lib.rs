@@ -1,9 +1,10 @@
 //! kiln-ebpf: the pipeline observer's BPF programs and the `#[repr(C)]` mirrors of their events.
 //!
 //! Owns the kernel/userspace boundary of the observer:
-//! - `src/bpf/*.bpf.c`: C CO-RE programs, one file per program family; today `process`
-//!   (exec, fork, exit), embedded as [`PROCESS_BPF`] by `build.rs` (`KILN_SKIP_BPF=1` embeds
-//!   an empty object instead, see [`BPF_BUILT`]);
+//! - `src/bpf/*.bpf.c`: C CO-RE programs, one file per program family: `process` (exec,
+//!   fork, exit) and `syscalls` (file operations, writes, sockets, EPERM), compiled together
+//!   (`observer.bpf.c`, sharing `common.bpf.h`'s maps) and embedded as [`OBSERVER_BPF`] by
+//!   `build.rs` (`KILN_SKIP_BPF=1` embeds an empty object instead, see [`BPF_BUILT`]);
 //! - `src/bpf/events.h`: the one definition of every ring-buffer record; this file mirrors it
 //!   (keep in sync with events.h) and a test compares sizes, offsets and constants with what
 //!   the C compiler reports;
@@ -14,14 +15,13 @@
 /// Whether `build.rs` really compiled the BPF programs (false under `KILN_SKIP_BPF=1`).
 pub const BPF_BUILT: bool = !cfg!(kiln_bpf_skipped);
 
-/// The `process` family (`src/bpf/process.bpf.c`): programs `kiln_exec`, `kiln_fork`,
-/// `kiln_exit` (tp_btf), maps [`maps::OBSERVED_CGROUPS`], [`maps::EVENTS`], [`maps::LOST_EVENTS`].
-/// Empty when [`BPF_BUILT`] is false.
-pub static PROCESS_BPF: &[u8] = &PROCESS_OBJECT.bytes;
+/// The observer object (`src/bpf/observer.bpf.c`): the programs of [`maps::PROGRAMS`] (tp_btf)
+/// and the maps named in [`maps`]. Empty when [`BPF_BUILT`] is false.
+pub static OBSERVER_BPF: &[u8] = &OBSERVER_OBJECT.bytes;
 
-static PROCESS_OBJECT: &AlignedObject<[u8]> = &AlignedObject {
+static OBSERVER_OBJECT: &AlignedObject<[u8]> = &AlignedObject {
     _align: [],
-    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/process.bpf.o")),
+    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/observer.bpf.o")),
 };
 
 /// ELF parsers read headers in place: keep an embedded object 8-byte aligned.
@@ -31,7 +31,8 @@ struct AlignedObject<Bytes: ?Sized> {
     bytes: Bytes,
 }
 
-/// Names shared with the C sources (keep in sync with process.bpf.c).
+/// Names shared with the C sources (keep in sync with common.bpf.h, process.bpf.c and
+/// syscalls.bpf.c).
 pub mod maps {
     /// `BPF_MAP_TYPE_HASH` cgroup v2 id (u64) -> events lost for that cgroup (u64).
     pub const OBSERVED_CGROUPS: &str = "observed_cgroups";
@@ -39,6 +40,9 @@ pub mod maps {
     pub const EVENTS: &str = "events";
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`, one u64: events lost on each CPU, all cgroups.
     pub const LOST_EVENTS: &str = "lost_events";
+    /// `BPF_MAP_TYPE_HASH` [`super::WriteKey`] -> [`super::WriteTotal`]: bytes written per open
+    /// fd not yet emitted by a close.
+    pub const WRITE_TOTALS: &str = "write_totals";
     /// Read-only globals the loader sets: bytes of unread data that force a wakeup, and the
     /// longest time between forced wakeups while events flow.
     pub const WAKEUP_THRESHOLD: &str = "kiln_wakeup_threshold";
@@ -48,6 +52,8 @@ pub mod maps {
         ("kiln_exec", "sched_process_exec"),
         ("kiln_fork", "sched_process_fork"),
         ("kiln_exit", "sched_process_exit"),
+        ("kiln_sys_enter", "sys_enter"),
+        ("kiln_sys_exit", "sys_exit"),
     ];
 }
 
@@ -60,11 +66,32 @@ pub const PATH_MAX: usize = 512;
 pub const ARGV_MAX: usize = 1024;
 /// Most path components one dentry walk follows.
 pub const PATH_COMPONENTS_MAX: usize = 48;
+/// Bytes of a path argument captured from user memory.
+pub const ARG_MAX: usize = 256;
+/// Bytes of a unix socket path.
+pub const UNIX_PATH_MAX: usize = 112;
 
 /// `kiln_event_header.type` values (enum kiln_event_type).
 pub const EVENT_EXEC: u32 = 1;
 pub const EVENT_FORK: u32 = 2;
 pub const EVENT_EXIT: u32 = 3;
+pub const EVENT_FILE: u32 = 4;
+pub const EVENT_WRITE: u32 = 5;
+pub const EVENT_NET: u32 = 6;
+pub const EVENT_DENIED: u32 = 7;
+
+/// `kiln_file_event.evflags` bits.
+pub const FILE_PATH_TRUNCATED: u16 = 1 << 0;
+pub const FILE_PATH2_TRUNCATED: u16 = 1 << 1;
+pub const FILE_BASE_TRUNCATED: u16 = 1 << 2;
+pub const FILE_BASE2_TRUNCATED: u16 = 1 << 3;
+pub const FILE_REAL_TRUNCATED: u16 = 1 << 4;
+/// A path argument could not be read from user memory.
+pub const FILE_PATH_FAULT: u16 = 1 << 5;
+/// `base`, `base2`, `real` hold a walked path.
+pub const FILE_HAS_BASE: u16 = 1 << 6;
+pub const FILE_HAS_BASE2: u16 = 1 << 7;
+pub const FILE_HAS_REAL: u16 = 1 << 8;
 
 /// `kiln_exec_event.flags` bits.
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 0;
@@ -152,6 +179,137 @@ pub struct ExitEvent {
     pub start_ns: u64,
 }
 
+/// A path-based file syscall (struct kiln_file_event; keep in sync with events.h, which
+/// documents each field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileEvent {
+    pub hdr: EventHeader,
+    /// Return value: >= 0, or -errno.
+    pub result: i64,
+    /// x86_64 syscall number.
+    pub nr: u32,
+    pub flags: u32,
+    pub mode: u32,
+    pub dirfd: i32,
+    pub dirfd2: i32,
+    pub path_len: u16,
+    pub path2_len: u16,
+    pub base_len: u16,
+    pub base2_len: u16,
+    pub real_len: u16,
+    /// `FILE_*` bits.
+    pub evflags: u16,
+    /// The path argument as passed.
+    pub path: [u8; ARG_MAX],
+    pub path2: [u8; ARG_MAX],
+    /// Leaf-first components of the directory `path` is relative to.
+    pub base: [u8; PATH_MAX],
+    pub base2: [u8; PATH_MAX],
+    /// Leaf-first components of the opened file.
+    pub real: [u8; PATH_MAX],
+}
+
+/// Bytes written to one fd (struct kiln_write_event; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteEvent {
+    pub hdr: EventHeader,
+    pub fd: i32,
+    pub path_len: u16,
+    /// `FILE_HAS_REAL` / `FILE_REAL_TRUNCATED` for `path`.
+    pub wflags: u16,
+    pub bytes: u64,
+    pub writes: u64,
+    /// Leaf-first components of the file written.
+    pub path: [u8; PATH_MAX],
+}
+
+impl WriteEvent {
+    /// Leaf-first components of the file written.
+    pub fn path(&self) -> &[u8] {
+        clamp(&self.path, self.path_len)
+    }
+}
+
+/// Key of the `write_totals` map (struct kiln_write_key; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WriteKey {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub fd: i32,
+}
+
+/// Value of the `write_totals` map (struct kiln_write_total; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriteTotal {
+    pub bytes: u64,
+    pub writes: u64,
+}
+
+/// A socket address syscall (struct kiln_net_event; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetEvent {
+    pub hdr: EventHeader,
+    pub result: i64,
+    pub nr: u32,
+    /// AF_*.
+    pub family: u16,
+    /// Host order.
+    pub port: u16,
+    /// Network order: 4 bytes for AF_INET, 16 for AF_INET6.
+    pub addr: [u8; 16],
+    pub addrlen: u32,
+    pub path_len: u16,
+    /// Explicit padding (`_pad0` in C).
+    pub pad0: u16,
+    pub unix_path: [u8; UNIX_PATH_MAX],
+}
+
+/// A syscall that returned -EPERM (struct kiln_denied_event; keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeniedEvent {
+    pub hdr: EventHeader,
+    pub result: i64,
+    pub nr: u32,
+    /// Explicit padding (`_pad0` in C).
+    pub pad0: u32,
+}
+
+impl FileEvent {
+    /// The path argument.
+    pub fn path(&self) -> &[u8] {
+        clamp(&self.path, self.path_len)
+    }
+    /// The second path argument.
+    pub fn path2(&self) -> &[u8] {
+        clamp(&self.path2, self.path2_len)
+    }
+    /// Leaf-first components of `path`'s directory.
+    pub fn base(&self) -> &[u8] {
+        clamp(&self.base, self.base_len)
+    }
+    /// Leaf-first components of `path2`'s directory.
+    pub fn base2(&self) -> &[u8] {
+        clamp(&self.base2, self.base2_len)
+    }
+    /// Leaf-first components of the opened file.
+    pub fn real(&self) -> &[u8] {
+        clamp(&self.real, self.real_len)
+    }
+}
+
+impl NetEvent {
+    /// The unix socket path bytes.
+    pub fn unix_path(&self) -> &[u8] {
+        clamp(&self.unix_path, self.path_len)
+    }
+}
+
 impl ExecEvent {
     /// The path as passed to execve.
     pub fn filename(&self) -> &[u8] {
@@ -223,16 +381,37 @@ unsafe impl Record for ForkEvent {
 unsafe impl Record for ExitEvent {
     const KIND: Option<u32> = Some(EVENT_EXIT);
 }
+// SAFETY: repr(C), integer and u8-array fields only, no padding (layout test).
+unsafe impl Record for FileEvent {
+    const KIND: Option<u32> = Some(EVENT_FILE);
+}
+// SAFETY: repr(C), integer and u8-array fields only, no padding (layout test).
+unsafe impl Record for WriteEvent {
+    const KIND: Option<u32> = Some(EVENT_WRITE);
+}
+// SAFETY: repr(C), integer and u8-array fields only, explicit padding (layout test).
+unsafe impl Record for NetEvent {
+    const KIND: Option<u32> = Some(EVENT_NET);
+}
+// SAFETY: repr(C), integer fields only, explicit padding (layout test).
+unsafe impl Record for DeniedEvent {
+    const KIND: Option<u32> = Some(EVENT_DENIED);
+}
+// SAFETY: repr(C), integer fields only, no padding (layout test). Not a ring record: the
+// `write_totals` map's key.
+unsafe impl Record for WriteKey {
+    const KIND: Option<u32> = None;
+}
+// SAFETY: repr(C), integer fields only, no padding (layout test). The `write_totals` value.
+unsafe impl Record for WriteTotal {
+    const KIND: Option<u32> = None;
+}
 
 #[cfg(test)]
 mod tests {
     use std::mem::{offset_of, size_of};
 
-    use super::{
-        ARGV_MAX, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EXEC_ARGV_FAULT, EXEC_ARGV_TRUNCATED,
-        EXEC_CWD_TRUNCATED, EXEC_EXE_TRUNCATED, EXEC_FILENAME_TRUNCATED, EventHeader, ExecEvent,
-        ExitEvent, FILENAME_MAX, ForkEvent, PATH_COMPONENTS_MAX, PATH_MAX, Record,
-    };
+    use super::*;
 
     /// `(field, offset, size)`.
     type CField = (&'static str, usize, usize);
@@ -284,6 +463,29 @@ mod tests {
                 "hdr" => hdr, "status" => status, "code" => code, "signal" => signal,
                 "_pad0" => pad0, "start_ns" => start_ns,
             }),
+            mirror!("kiln_file_event", FileEvent {
+                "hdr" => hdr, "result" => result, "nr" => nr, "flags" => flags, "mode" => mode,
+                "dirfd" => dirfd, "dirfd2" => dirfd2, "path_len" => path_len,
+                "path2_len" => path2_len, "base_len" => base_len, "base2_len" => base2_len,
+                "real_len" => real_len, "evflags" => evflags, "path" => path, "path2" => path2,
+                "base" => base, "base2" => base2, "real" => real,
+            }),
+            mirror!("kiln_write_event", WriteEvent {
+                "hdr" => hdr, "fd" => fd, "path_len" => path_len, "wflags" => wflags,
+                "bytes" => bytes, "writes" => writes, "path" => path,
+            }),
+            mirror!("kiln_write_key", WriteKey {
+                "cgroup_id" => cgroup_id, "tgid" => tgid, "fd" => fd,
+            }),
+            mirror!("kiln_write_total", WriteTotal { "bytes" => bytes, "writes" => writes }),
+            mirror!("kiln_net_event", NetEvent {
+                "hdr" => hdr, "result" => result, "nr" => nr, "family" => family, "port" => port,
+                "addr" => addr, "addrlen" => addrlen, "path_len" => path_len, "_pad0" => pad0,
+                "unix_path" => unix_path,
+            }),
+            mirror!("kiln_denied_event", DeniedEvent {
+                "hdr" => hdr, "result" => result, "nr" => nr, "_pad0" => pad0,
+            }),
         ]
     }
 
@@ -293,16 +495,31 @@ mod tests {
             ("KILN_PATH_MAX", PATH_MAX),
             ("KILN_ARGV_MAX", ARGV_MAX),
             ("KILN_PATH_COMPONENTS_MAX", PATH_COMPONENTS_MAX),
+            ("KILN_ARG_MAX", ARG_MAX),
+            ("KILN_UNIX_PATH_MAX", UNIX_PATH_MAX),
         ];
         let u32_constants = [
             ("KILN_EVENT_EXEC", EVENT_EXEC),
             ("KILN_EVENT_FORK", EVENT_FORK),
             ("KILN_EVENT_EXIT", EVENT_EXIT),
+            ("KILN_EVENT_FILE", EVENT_FILE),
+            ("KILN_EVENT_WRITE", EVENT_WRITE),
+            ("KILN_EVENT_NET", EVENT_NET),
+            ("KILN_EVENT_DENIED", EVENT_DENIED),
             ("KILN_EXEC_FILENAME_TRUNCATED", EXEC_FILENAME_TRUNCATED),
             ("KILN_EXEC_ARGV_TRUNCATED", EXEC_ARGV_TRUNCATED),
             ("KILN_EXEC_ARGV_FAULT", EXEC_ARGV_FAULT),
             ("KILN_EXEC_EXE_TRUNCATED", EXEC_EXE_TRUNCATED),
             ("KILN_EXEC_CWD_TRUNCATED", EXEC_CWD_TRUNCATED),
+            ("KILN_FILE_PATH_TRUNCATED", u32::from(FILE_PATH_TRUNCATED)),
+            ("KILN_FILE_PATH2_TRUNCATED", u32::from(FILE_PATH2_TRUNCATED)),
+            ("KILN_FILE_BASE_TRUNCATED", u32::from(FILE_BASE_TRUNCATED)),
+            ("KILN_FILE_BASE2_TRUNCATED", u32::from(FILE_BASE2_TRUNCATED)),
+            ("KILN_FILE_REAL_TRUNCATED", u32::from(FILE_REAL_TRUNCATED)),
+            ("KILN_FILE_PATH_FAULT", u32::from(FILE_PATH_FAULT)),
+            ("KILN_FILE_HAS_BASE", u32::from(FILE_HAS_BASE)),
+            ("KILN_FILE_HAS_BASE2", u32::from(FILE_HAS_BASE2)),
+            ("KILN_FILE_HAS_REAL", u32::from(FILE_HAS_REAL)),
         ];
         usize_constants
             .into_iter()
@@ -375,10 +592,10 @@ mod tests {
     #[test]
     fn bpf_object_is_embedded_unless_skipped() {
         if super::BPF_BUILT {
-            assert_eq!(&super::PROCESS_BPF[..4], b"\x7fELF");
-            assert_eq!(super::PROCESS_BPF.as_ptr().align_offset(8), 0);
+            assert_eq!(&super::OBSERVER_BPF[..4], b"\x7fELF");
+            assert_eq!(super::OBSERVER_BPF.as_ptr().align_offset(8), 0);
         } else {
-            assert!(super::PROCESS_BPF.is_empty());
+            assert!(super::OBSERVER_BPF.is_empty());
         }
     }
 

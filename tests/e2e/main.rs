@@ -95,6 +95,8 @@ fn example_pipeline_end_to_end_with_tamper_cases() {
             path.to_str().unwrap(),
             "--trusted-key",
             key.to_str().unwrap(),
+            // This daemon signs with a software key (no swtpm): say that is acceptable.
+            "--allow-software-key",
         ];
         args.extend_from_slice(extra);
         k.kiln(&args)
@@ -181,6 +183,7 @@ fn example_pipeline_end_to_end_with_tamper_cases() {
         artifact.to_str().unwrap(),
         "--trusted-key",
         other.to_str().unwrap(),
+        "--allow-software-key",
     ]);
     expect_code(&o, 1, "verify with wrong key");
     assert!(stderr(&o).contains("trusted"), "{}", stderr(&o));
@@ -577,4 +580,481 @@ fn step_provenance_records_verified_teardown() {
             assert!(!dir.exists(), "{} left behind", dir.display());
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node attestor and workload attestor (TPM issue): real swtpm per test.
+
+/// A two-step pipeline (build writes `dist/app.txt`, check reads it).
+const TINY_PIPELINE: &str = "version = 1\nname = \"tiny\"\n[workspaces.dist]\n[[steps]]\nname = \"build\"\nkind = \"build\"\noutput = \"dist\"\nscript = 'echo built > /workspace/dist/app.txt'\nprofile = \"hermetic\"\n[[steps]]\nname = \"check\"\nkind = \"test\"\ninputs = [\"dist\"]\nscript = 'test -s /workspace/dist/app.txt'\nprofile = \"hermetic\"\n";
+
+/// Run the tiny pipeline to success and download its artifacts into `out`; returns the job id.
+fn run_tiny(k: &Kilnd, out: &Path) -> String {
+    let file = pipeline_file(k.dir.path(), "tiny.toml", TINY_PIPELINE);
+    let job = submit(k, &file, &[]);
+    let f = follow(k, &job);
+    expect_code(&f, 0, "follow tiny job");
+    let o = k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]);
+    expect_code(&o, 0, "artifacts");
+    job
+}
+
+fn tpm_test(name: &str) -> Option<kiln_e2e::Swtpm> {
+    (privileged(name) && kiln_e2e::have_swtpm(name)).then(kiln_e2e::Swtpm::start)
+}
+
+#[test]
+fn tpm_node_enrolls_and_artifacts_verify_back_to_the_ek_certificate() {
+    let Some(swtpm) = tpm_test("tpm_node_enrolls_and_artifacts_verify_back_to_the_ek_certificate")
+    else {
+        return;
+    };
+    // The TPM chain is under test here, not the observer: run steps even where BPF is absent.
+    let k = Kilnd::start_with_tpm(&swtpm, "[observer]\nrequired = false\n");
+    let d = k.dir.path();
+    let ca = swtpm.ca_bundle.to_str().unwrap();
+
+    let o = k.kiln(&["node", "show"]);
+    expect_code(&o, 0, "node show");
+    assert!(stdout(&o).contains("key kind       tpm"), "{}", stdout(&o));
+    let o = k.kiln(&["node"]);
+    expect_code(&o, 0, "node");
+    assert!(stdout(&o).contains("tpm"), "{}", stdout(&o));
+
+    let node = d.join("node.json");
+    let o = k.kiln(&[
+        "node",
+        "enroll",
+        "--ek-ca",
+        ca,
+        "--out",
+        node.to_str().unwrap(),
+    ]);
+    expect_code(&o, 0, "enroll");
+    assert!(
+        stdout(&o).contains("the ak lives in the tpm of the ek"),
+        "{}",
+        stdout(&o)
+    );
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(&node).unwrap()).unwrap();
+    let old_key = record["nodeKeyid"].as_str().unwrap().to_owned();
+    let out = d.join("out");
+    run_tiny(&k, &out);
+    let artifact = out.join("app.txt");
+    let verify = |bundle: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "verify",
+            artifact.to_str().unwrap(),
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--node",
+            node.to_str().unwrap(),
+            "--ek-ca",
+            ca,
+        ];
+        args.extend_from_slice(extra);
+        k.kiln(&args)
+    };
+    let bundle_path = out.join("kiln-bundle.json");
+    let o = verify(&bundle_path, &[]);
+    expect_code(&o, 0, "tpm-rooted verify");
+    for link in [
+        "ek certificate",
+        "attestation key",
+        "quote",
+        "measured start",
+        "node key",
+        "workload certs",
+        "dsse",
+    ] {
+        assert!(
+            stdout(&o).contains(link),
+            "missing link {link}:\n{}",
+            stdout(&o)
+        );
+    }
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bundle_path).unwrap()).unwrap();
+    assert!(bundle["nodeIdentity"]["quote"].is_object(), "{bundle}");
+    assert_eq!(
+        bundle["verificationMaterial"].as_object().unwrap().len(),
+        3,
+        "job + 2 steps"
+    );
+    let write_bundle = |name: &str, value: &serde_json::Value| {
+        let p = d.join(name);
+        std::fs::write(&p, serde_json::to_vec(value).unwrap()).unwrap();
+        p
+    };
+
+    // A software-key path cannot stand in: the tpm bundle with a raw key is refused.
+    let pem = d.join("node.pub");
+    std::fs::write(&pem, stdout(&k.kiln(&["node", "--public-key"]))).unwrap();
+    let o = k.kiln(&[
+        "verify",
+        artifact.to_str().unwrap(),
+        "--trusted-key",
+        pem.to_str().unwrap(),
+    ]);
+    expect_code(&o, 1, "raw node key on a tpm bundle");
+
+    // Expected-PCR policy: a changed PCR 23 fails it.
+    let policy = d.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!("{{\"23\": \"sha256:{}\"}}", "00".repeat(32)),
+    )
+    .unwrap();
+    let o = verify(&bundle_path, &["--pcr-policy", policy.to_str().unwrap()]);
+    expect_code(&o, 1, "pcr policy");
+    assert!(
+        stderr(&o).contains("pcr 23 is") && stderr(&o).contains("the policy expects"),
+        "{}",
+        stderr(&o)
+    );
+
+    // An event log that does not replay.
+    let mut forged = bundle.clone();
+    forged["nodeIdentity"]["event_log"][0]["description"] = "kilnd binary /usr/bin/kilnd".into();
+    forged["nodeIdentity"]["event_log"][0]["digest"] = format!("sha256:{}", "11".repeat(32)).into();
+    let o = verify(&write_bundle("log.json", &forged), &[]);
+    expect_code(&o, 1, "forged event log");
+    assert!(
+        stderr(&o).contains("event log does not replay"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A forged quote signature.
+    let mut forged = bundle.clone();
+    let sig = forged["nodeIdentity"]["quote"]["signature"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let flipped = if sig.ends_with("A=") {
+        sig.replace("A=", "B=")
+    } else {
+        format!("{}A{}", &sig[..sig.len() - 2], &sig[sig.len() - 1..])
+    };
+    forged["nodeIdentity"]["quote"]["signature"] = flipped.into();
+    let o = verify(&write_bundle("quote.json", &forged), &[]);
+    expect_code(&o, 1, "forged quote");
+    assert!(
+        stderr(&o).contains("quote signature does not verify"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A replayed quote: this job's statement with another job's identity document.
+    let out2 = d.join("out2");
+    run_tiny(&k, &out2);
+    let other: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("kiln-bundle.json")).unwrap()).unwrap();
+    let mut replayed = bundle.clone();
+    replayed["nodeIdentity"] = other["nodeIdentity"].clone();
+    let o = verify(&write_bundle("replayed.json", &replayed), &[]);
+    expect_code(&o, 1, "replayed quote");
+    assert!(stderr(&o).contains("replayed quote"), "{}", stderr(&o));
+
+    // A step certificate swapped for another step's (right node, wrong step name).
+    let mut swapped = bundle.clone();
+    let material = swapped["verificationMaterial"].as_object().unwrap().clone();
+    let keys: Vec<&String> = material.keys().collect();
+    let (a, b) = (keys[0].clone(), keys[1].clone());
+    swapped["verificationMaterial"][&a] = material[&b].clone();
+    swapped["verificationMaterial"][&b] = material[&a].clone();
+    let o = verify(&write_bundle("swapped.json", &swapped), &[]);
+    expect_code(&o, 1, "swapped certificates");
+    assert!(
+        stderr(&o).contains("workload certificate"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Rotation: a new node key; the old bundle still verifies until the operator revokes it.
+    let o = k.kiln(&["node", "rotate-key"]);
+    expect_code(&o, 0, "rotate-key");
+    let o = verify(&bundle_path, &[]);
+    expect_code(&o, 0, "old bundle after rotation");
+    let out3 = d.join("out3");
+    run_tiny(&k, &out3);
+    let (operator, _) = kiln_common::keys::SigningKey::generate().unwrap();
+    let operator_key = d.join("operator.pem");
+    std::fs::write(&operator_key, operator.to_pkcs8_pem()).unwrap();
+    let operator_pub = d.join("operator.pub");
+    std::fs::write(&operator_pub, operator.public_key().to_pem()).unwrap();
+    let revocations = d.join("revocations.json");
+    let o = k.kiln(&[
+        "node",
+        "revoke",
+        "--operator-key",
+        operator_key.to_str().unwrap(),
+        "--node-key",
+        &old_key,
+        "--out",
+        revocations.to_str().unwrap(),
+    ]);
+    expect_code(&o, 0, "revoke");
+    let rev = [
+        "--revocations",
+        revocations.to_str().unwrap(),
+        "--operator-key",
+        operator_pub.to_str().unwrap(),
+    ];
+    let o = verify(&bundle_path, &rev);
+    expect_code(&o, 1, "revoked node key");
+    assert!(stderr(&o).contains("is revoked"), "{}", stderr(&o));
+    let new_artifact = out3.join("app.txt");
+    let o = k.kiln(&[
+        "verify",
+        new_artifact.to_str().unwrap(),
+        "--node",
+        node.to_str().unwrap(),
+        "--ek-ca",
+        ca,
+        rev[0],
+        rev[1],
+        rev[2],
+        rev[3],
+    ]);
+    expect_code(&o, 0, "new key after revoking the old one");
+    // A revocation list signed by another key is refused.
+    let (intruder, _) = kiln_common::keys::SigningKey::generate().unwrap();
+    std::fs::write(&operator_pub, intruder.public_key().to_pem()).unwrap();
+    let o = verify(&bundle_path, &rev);
+    expect_code(&o, 2, "revocation list by another key");
+    assert!(
+        stderr(&o).contains("not signed by the operator key"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn software_key_needs_the_flag_on_both_sides() {
+    if !privileged("software_key_needs_the_flag_on_both_sides") {
+        return;
+    }
+    // kilnd refuses to start without a TPM unless --insecure-software-key is given.
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(kiln_e2e::bin("kilnd"))
+        .args(["--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(["--socket"])
+        .arg(dir.path().join("s.sock"))
+        .args(["--profiles-dir"])
+        .arg(repo().join("profiles"))
+        .env_remove("KILN_TPM_TCTI")
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("--insecure-software-key"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The software path still works, and its attestations say so: verify refuses them unless
+    // --allow-software-key.
+    let k = Kilnd::start("[observer]\nrequired = false\n");
+    let out = k.dir.path().join("out");
+    run_tiny(&k, &out);
+    let pem = k.dir.path().join("node.pub");
+    std::fs::write(&pem, stdout(&k.kiln(&["node", "--public-key"]))).unwrap();
+    let artifact = out.join("app.txt");
+    let o = k.kiln(&[
+        "verify",
+        artifact.to_str().unwrap(),
+        "--trusted-key",
+        pem.to_str().unwrap(),
+    ]);
+    expect_code(&o, 1, "software key without --allow-software-key");
+    assert!(
+        stderr(&o).contains("software keys are refused"),
+        "{}",
+        stderr(&o)
+    );
+    let o = k.kiln(&[
+        "verify",
+        artifact.to_str().unwrap(),
+        "--trusted-key",
+        pem.to_str().unwrap(),
+        "--allow-software-key",
+    ]);
+    expect_code(&o, 0, "software key allowed");
+    assert!(stdout(&o).contains("software key"), "{}", stdout(&o));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipeline observer: every step's runtime trace, `kiln trace`, `--require-complete-trace`.
+
+#[test]
+fn observed_pipeline_has_complete_signed_traces() {
+    if !privileged("observed_pipeline_has_complete_signed_traces") {
+        return;
+    }
+    let k = Kilnd::start("");
+    let example = repo().join("examples/hello-c/pipeline.toml");
+    let job = submit(&k, &example, &[]);
+    expect_code(&follow(&k, &job), 0, "follow observed job");
+
+    // The process tree holds the compile's execs, with exits; the summary says complete.
+    let o = k.kiln(&["trace", &job, "compile"]);
+    expect_code(&o, 0, "kiln trace");
+    let text = stdout(&o);
+    for needle in [
+        "cc -O2",
+        "cc1",
+        "as --64",
+        "/usr/bin/ld",
+        "complete    yes",
+        "lost        0",
+    ] {
+        assert!(
+            text.contains(needle),
+            "kiln trace lacks {needle:?}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("/workspace/build/hello"),
+        "the output file is a written file:\n{text}"
+    );
+    // --json streams the records: header first, summary last, execs in between.
+    let o = k.kiln(&["--json", "trace", &job, "compile"]);
+    expect_code(&o, 0, "kiln --json trace");
+    let records: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.first().unwrap()["type"], "header");
+    assert_eq!(records.last().unwrap()["type"], "summary");
+    assert_eq!(records.last().unwrap()["complete"], true);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["type"] == "exec" && r["exe"].as_str().unwrap().ends_with("/cc1")),
+        "no cc1 exec in the trace"
+    );
+    // All steps: the default shows every attested step.
+    let o = k.kiln(&["trace", &job]);
+    expect_code(&o, 0, "kiln trace (all steps)");
+    for step in ["==> compile", "==> test", "==> package"] {
+        assert!(stdout(&o).contains(step), "{}", stdout(&o));
+    }
+
+    // Offline: the chain's traces are signed, bound to the provenance, and complete.
+    let out = k.dir.path().join("out");
+    expect_code(
+        &k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]),
+        0,
+        "artifacts",
+    );
+    let key = k.dir.path().join("node.pub");
+    std::fs::write(&key, stdout(&k.kiln(&["node", "--public-key"]))).unwrap();
+    let artifact = out.join("hello-c.tar.gz");
+    let bundle_path = out.join("kiln-bundle.json");
+    let verify = |bundle: &Path| {
+        k.kiln(&[
+            "verify",
+            artifact.to_str().unwrap(),
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--trusted-key",
+            key.to_str().unwrap(),
+            "--allow-software-key",
+            "--require-complete-trace",
+        ])
+    };
+    let o = verify(&bundle_path);
+    expect_code(&o, 0, "verify --require-complete-trace");
+    assert!(
+        stdout(&o).contains("trace     compile complete"),
+        "{}",
+        stdout(&o)
+    );
+
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bundle_path).unwrap()).unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut b = bundle.clone();
+        edit(&mut b);
+        let path = k.dir.path().join(name);
+        std::fs::write(&path, serde_json::to_vec(&b).unwrap()).unwrap();
+        verify(&path)
+    };
+    // Trace envelope removed.
+    let o = variant("no-trace.json", &|b| {
+        b["traces"].as_object_mut().unwrap().remove("compile");
+    });
+    expect_code(&o, 1, "verify without the compile trace");
+    assert!(stderr(&o).contains("bundle has none"), "{}", stderr(&o));
+    // Trace payload tampered (claims fewer events): its signature fails.
+    let o = variant("tampered-trace.json", &|b| {
+        let env = &mut b["traces"]["compile"];
+        let payload = base64_decode(env["payload"].as_str().unwrap());
+        let forged = String::from_utf8(payload)
+            .unwrap()
+            .replace("\"lost\":0", "\"lost\":00");
+        env["payload"] = serde_json::Value::String(base64_encode(forged.as_bytes()));
+    });
+    expect_code(&o, 1, "verify with a tampered trace");
+    assert!(stderr(&o).contains("trace"), "{}", stderr(&o));
+    // Another step's (validly signed) trace swapped in.
+    let o = variant("swapped-trace.json", &|b| {
+        b["traces"]["compile"] = b["traces"]["package"].clone();
+    });
+    expect_code(&o, 1, "verify with a swapped trace");
+    assert!(
+        stderr(&o).contains("the trace was replaced"),
+        "{}",
+        stderr(&o)
+    );
+    // Without the flag, a bundle without traces still verifies (old bundles parse).
+    let o = variant("old-bundle.json", &|b| {
+        b.as_object_mut().unwrap().remove("traces");
+    });
+    expect_code(&o, 1, "old bundle with --require-complete-trace");
+    let o = k.kiln(&[
+        "verify",
+        artifact.to_str().unwrap(),
+        "--bundle",
+        k.dir.path().join("old-bundle.json").to_str().unwrap(),
+        "--trusted-key",
+        key.to_str().unwrap(),
+        "--allow-software-key",
+    ]);
+    expect_code(&o, 0, "old bundle without the flag");
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let out = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+            child.wait_with_output()
+        })
+        .unwrap();
+    out.stdout
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(bytes).unwrap();
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
 }

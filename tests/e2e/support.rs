@@ -110,6 +110,7 @@ impl Kilnd {
         let child = Command::new(bin("kilnd"))
             .arg("--config")
             .arg(&self.config)
+            .args(self.software_key_flag())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -243,4 +244,220 @@ pub fn status(k: &Kilnd, job: &str) -> serde_json::Value {
     let o = k.kiln(&["--json", "status", job]);
     serde_json::from_str(&stdout(&o))
         .unwrap_or_else(|e| panic!("status json: {e}\n{}\n{}", stdout(&o), stderr(&o)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// TPM-backed daemons (swtpm)
+
+impl Kilnd {
+    /// `--insecure-software-key` unless the config has a `[tpm]` section: daemons started by
+    /// [`Kilnd::start`] sign with a software key, those of [`Kilnd::start_with_tpm`] with the TPM.
+    fn software_key_flag(&self) -> Vec<&'static str> {
+        let text = std::fs::read_to_string(&self.config).unwrap_or_default();
+        if text.lines().any(|l| l.trim() == "[tpm]") {
+            Vec::new()
+        } else {
+            vec!["--insecure-software-key"]
+        }
+    }
+
+    /// Start kilnd with its TPM on `swtpm` (plus extra config TOML).
+    pub fn start_with_tpm(swtpm: &Swtpm, extra_config: &str) -> Self {
+        Self::start(&format!(
+            "[tpm]\ntcti = \"{}\"\nek_ca_bundle = \"{}\"\n{extra_config}",
+            swtpm.tcti,
+            swtpm.ca_bundle.display()
+        ))
+    }
+}
+
+/// True if swtpm can be used; prints why not (or fails under CI) otherwise.
+pub fn have_swtpm(test: &str) -> bool {
+    let ok = ["swtpm", "swtpm_setup"].iter().all(|tool| {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    if ok {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: needs swtpm and swtpm_setup (apt-get install swtpm swtpm-tools); CI=true forbids skipping"
+    );
+    eprintln!("SKIP {test}: needs swtpm and swtpm_setup");
+    false
+}
+
+/// A private swtpm (fresh state dir, free ports) started by `scripts/swtpm`, stopped on drop.
+#[derive(Debug)]
+pub struct Swtpm {
+    /// State dir.
+    pub dir: tempfile::TempDir,
+    /// TCTI for kilnd.
+    pub tcti: String,
+    /// EK CA bundle (PEM).
+    pub ca_bundle: PathBuf,
+}
+
+impl Swtpm {
+    /// Start one (retrying when another test grabs the probed ports first).
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-swtpm-")
+            .tempdir()
+            .unwrap();
+        for _ in 0..5 {
+            let port = free_port_pair();
+            let out = Command::new(repo().join("scripts/swtpm"))
+                .args(["start", "--dir"])
+                .arg(dir.path())
+                .args(["--port", &port.to_string()])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let text = String::from_utf8(out.stdout).unwrap();
+                let value = |key: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .unwrap()
+                        .to_owned()
+                };
+                return Self {
+                    tcti: value("KILN_TPM_TCTI="),
+                    ca_bundle: PathBuf::from(value("KILN_TPM_EK_CA=")),
+                    dir,
+                };
+            }
+            eprintln!(
+                "swtpm start on port {port} failed, retrying: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        panic!("cannot start swtpm");
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/swtpm"))
+            .args(["stop", "--dir"])
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn free_port_pair() -> u16 {
+    for _ in 0..50 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < 65534 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free pair of tcp ports on 127.0.0.1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission (signed definitions, policies, secrets)
+
+/// `kiln pipeline keygen --out DIR/NAME`; returns (private key, public key, keyid).
+pub fn pipeline_keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let o = Command::new(bin("kiln"))
+        .args(["--json", "pipeline", "keygen", "--out"])
+        .arg(dir.join(name))
+        .output()
+        .unwrap();
+    expect_code(&o, 0, "pipeline keygen");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.pub")),
+        v["keyid"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `kiln pipeline sign FILE --key KEY` (writes FILE.dsse).
+pub fn pipeline_sign(file: &Path, key: &Path) {
+    let o = Command::new(bin("kiln"))
+        .args(["pipeline", "sign"])
+        .arg(file)
+        .arg("--key")
+        .arg(key)
+        .output()
+        .unwrap();
+    expect_code(&o, 0, "pipeline sign");
+}
+
+/// A root-only secret directory `DIR/secrets` (0700) holding one 0600 file per secret.
+pub fn secret_dir(dir: &Path, secrets: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("secrets");
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for (name, value) in secrets {
+        let file = path.join(name);
+        std::fs::write(&file, value).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    path
+}
+
+/// The `[admission]` section naming a policy file and/or a secret directory.
+pub fn admission_config(policy: Option<&Path>, secrets_dir: Option<&Path>) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::from("[admission]\n");
+    if let Some(p) = policy {
+        let _ = writeln!(text, "policy = \"{}\"", p.display());
+    }
+    if let Some(s) = secrets_dir {
+        let _ = writeln!(text, "secrets_dir = \"{}\"", s.display());
+    }
+    text
+}
+
+/// Every regular file under `root` whose bytes contain `needle` (a recursive grep).
+pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file()
+                && let Ok(bytes) = std::fs::read(entry.path())
+                && bytes.windows(needle.len()).any(|w| w == needle)
+            {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Poll a job's status until step `step` is in `state` (at most a minute).
+pub fn wait_for_step_state(k: &Kilnd, job: &str, step: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while Instant::now() < deadline {
+        let st = status(k, job);
+        if st["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == step && s["state"] == state)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("step {step} never reached {state}: {}", status(k, job));
 }

@@ -41,6 +41,8 @@ pub const MAX_MAX_LENGTH: usize = 65_536;
 pub const WORKSPACE_ROOT: &str = "/workspace";
 /// Working directory of a step that has no workspace at all.
 pub const FALLBACK_WORKDIR: &str = "/tmp";
+/// Where a step's declared secrets are mounted (`/run/secrets/<NAME>`, read-only tmpfs).
+pub const SECRETS_DIR: &str = "/run/secrets";
 
 /// A validated pipeline (spec v1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +211,10 @@ pub struct Step {
     pub timeout: Duration,
     /// Sandbox profile name (existence is checked by the daemon).
     pub profile: String,
+    /// Secrets the step may read, as files `/run/secrets/<NAME>` (resolved by the daemon from its
+    /// secret directory; never in the environment, the logs or the CAS).
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 impl Step {
@@ -350,7 +356,7 @@ pub(crate) struct LineIndex<'s> {
 }
 
 impl<'s> LineIndex<'s> {
-    fn new(source: &'s str) -> Self {
+    pub(crate) fn new(source: &'s str) -> Self {
         let starts = std::iter::once(0)
             .chain(source.match_indices('\n').map(|(i, _)| i + 1))
             .collect();

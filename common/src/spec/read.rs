@@ -49,9 +49,12 @@ const PARAM_KEYS: &[&str] = &[
 const WORKSPACE_KEYS: &[&str] = &["source", "description"];
 const STEP_KEYS: &[&str] = &[
     "name", "kind", "inputs", "output", "run", "script", "workdir", "env", "timeout", "profile",
+    "secrets",
 ];
 /// Longest parameter name (parameter names are identifiers, as env names are).
 const MAX_PARAM_NAME: usize = 64;
+/// Longest secret name (a file name in the secret directory and under `/run/secrets`).
+const MAX_SECRET_NAME: usize = 64;
 /// Env names with this prefix are set by the daemon.
 const RESERVED_ENV_PREFIX: &str = "KILN_";
 
@@ -754,6 +757,7 @@ impl Reader {
         }
 
         let env = self.read_env(table, ctx, params);
+        let secrets = self.read_secrets(table, ctx);
 
         let mut timeout = DEFAULT_TIMEOUT;
         if let Some(given) = self.string(table, "timeout", ctx) {
@@ -810,8 +814,37 @@ impl Reader {
             env,
             timeout,
             profile: profile.map_or_else(|| DEFAULT_PROFILE.to_owned(), Spanned::into_inner),
+            secrets,
         };
         (step, spans)
+    }
+
+    /// `secrets = ["NAME", …]`: names (identifiers up to [`MAX_SECRET_NAME`] characters, each once)
+    /// of files in the node's secret directory, mounted at `/run/secrets/NAME`.
+    fn read_secrets(&mut self, step: &DeTable<'_>, ctx: &str) -> Vec<String> {
+        let mut secrets: Vec<String> = Vec::new();
+        let Some(listed) = self.strings(step, "secrets", ctx) else {
+            return secrets;
+        };
+        for name in listed.into_inner() {
+            let text = name.get_ref();
+            if !is_identifier(text) || text.len() > MAX_SECRET_NAME {
+                self.error(
+                    name.span(),
+                    format!(
+                        "{ctx}: invalid secret name {text:?}: must match [A-Za-z_][A-Za-z0-9_]* (at most {MAX_SECRET_NAME} characters)"
+                    ),
+                );
+            } else if secrets.contains(text) {
+                self.error(
+                    name.span(),
+                    format!("{ctx}: secret {text:?} is listed twice"),
+                );
+            } else {
+                secrets.push(name.into_inner());
+            }
+        }
+        secrets
     }
 
     fn read_env(

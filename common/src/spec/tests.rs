@@ -161,6 +161,8 @@ fn full_pipeline_parses_to_expected_structure() {
                 env: map(&[("GREETING", "${params.greeting}")]),
                 timeout: Duration::from_mins(5),
                 profile: "hermetic".into(),
+
+                secrets: Vec::new(),
             },
             Step {
                 name: "package".into(),
@@ -174,6 +176,8 @@ fn full_pipeline_parses_to_expected_structure() {
                 env: BTreeMap::new(),
                 timeout: DEFAULT_TIMEOUT,
                 profile: "fetch".into(),
+
+                secrets: Vec::new(),
             },
         ],
     };
@@ -262,7 +266,7 @@ tiemout = "5m"
             (
                 14,
                 1,
-                "step \"s\": unknown key \"tiemout\", expected one of: name, kind, inputs, output, run, script, workdir, env, timeout, profile",
+                "step \"s\": unknown key \"tiemout\", expected one of: name, kind, inputs, output, run, script, workdir, env, timeout, profile, secrets",
             ),
         ],
     );
@@ -1169,4 +1173,25 @@ fn step_kind_and_param_type_names() {
     for param_type in ParamType::ALL {
         assert_eq!(ParamType::from_name(param_type.as_str()), Some(param_type));
     }
+}
+
+#[test]
+fn secrets_are_declared_per_step_and_validated() {
+    let text = "version = 1\nname = \"x\"\n[[steps]]\nname = \"a\"\nkind = \"run\"\nrun = [\"true\"]\nsecrets = [\"API_TOKEN\", \"db_pass\"]\n";
+    let pipeline = parse(text, "s.toml").unwrap();
+    assert_eq!(pipeline.steps[0].secrets, ["API_TOKEN", "db_pass"]);
+    let text = "version = 1\nname = \"x\"\n[[steps]]\nname = \"a\"\nkind = \"run\"\nrun = [\"true\"]\nsecrets = [\"../etc/shadow\", \"A\", \"A\", 3]\n";
+    let errors = parse(text, "s.toml").unwrap_err().to_string();
+    assert!(
+        errors.contains("s.toml:7:12: step \"a\": invalid secret name \"../etc/shadow\""),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("s.toml:7:34: step \"a\": secret \"A\" is listed twice"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("s.toml:7:39: step \"a\": secrets[3] must be a string"),
+        "{errors}"
+    );
 }

@@ -160,16 +160,27 @@ pub async fn bundle(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Ap
         serde_json::from_slice(&bytes).map_err(internal)
     };
     let mut steps = BTreeMap::new();
+    let mut traces = BTreeMap::new();
     for s in &job.steps {
         if let Some(d) = &s.attestation {
-            steps.insert(s.name.clone(), load(d)?);
+            let envelope = load(d)?;
+            // The step's runtime trace, as its provenance names it (byproduct `runtime-trace`).
+            if let Some(trace) = Node::trace_envelope_digest(&envelope) {
+                traces.insert(s.name.clone(), load(&trace)?);
+            }
+            steps.insert(s.name.clone(), envelope);
         }
     }
+    let job_envelope = load(&job_digest)?;
+    let (node_identity, verification_material) = super::node::node_evidence(&node, &job_envelope)?;
     let b = Bundle {
         media_type: BUNDLE_MEDIA_TYPE.into(),
         job_id: id,
-        job: load(&job_digest)?,
+        job: job_envelope,
         steps,
+        traces,
+        node_identity,
+        verification_material,
     };
     Ok(Json(b).into_response())
 }

@@ -7,6 +7,8 @@
 
 mod auth;
 mod handlers;
+mod node;
+mod trace;
 
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
@@ -90,6 +92,9 @@ pub fn router(node: Arc<Node>) -> Router {
     let bounded = Router::new()
         .route("/v1/health", get(handlers::health))
         .route("/v1/node", get(handlers::node_info))
+        .route("/v1/node/identity", get(node::identity))
+        .route("/v1/node/activate", post(node::activate))
+        .route("/v1/node/rotate-key", post(node::rotate_key))
         .route("/v1/jobs", post(handlers::submit).get(handlers::list_jobs))
         .route(
             "/v1/jobs/{id}",
@@ -106,6 +111,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/blobs", post(handlers::upload_blob))
         .route("/v1/blobs/{digest}", get(handlers::get_blob))
         .route("/v1/jobs/{id}/events", get(handlers::events))
+        .route("/v1/jobs/{id}/steps/{step}/trace", get(trace::step_trace))
         .layer(DefaultBodyLimit::disable());
     bounded
         .merge(streaming)

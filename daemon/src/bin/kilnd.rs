@@ -33,9 +33,20 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Without a TPM ([tpm] tcti / KILN_TPM_TCTI), sign with a software key in the state dir
+    /// instead of refusing to start. Attestations say signingKey.kind = "software"; kiln verify
+    /// rejects them unless --allow-software-key.
+    #[arg(long)]
+    insecure_software_key: bool,
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("TSS2_LOG").is_none() {
+        // SAFETY: nothing else runs yet (no runtime, no TPM thread): setting the environment
+        // cannot race a reader. ESYS reads TSS2_LOG when it first logs; `all+none` keeps its
+        // own error prints off stderr (kilnd reports TPM errors decoded, once).
+        unsafe { std::env::set_var("TSS2_LOG", "all+none") };
+    }
     let args = Args::parse();
     daemon::init_logging(args.log_format);
     let explicit = args.config.is_some();
@@ -56,6 +67,7 @@ fn main() -> ExitCode {
     if let Some(p) = args.profiles_dir {
         config.profiles_dir = p;
     }
+    config.tpm.insecure_software_key = args.insecure_software_key;
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -7,14 +7,83 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 
-use kiln_ebpf::{EventHeader, ExecEvent, ExitEvent, ForkEvent, Record};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// One observed process event, decoded.
+use kiln_ebpf::{
+    DeniedEvent, EventHeader, ExecEvent, ExitEvent, FileEvent, ForkEvent, NetEvent, Record,
+    WriteEvent,
+};
+
+/// One observed event, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Exec(Exec),
     Fork(Fork),
     Exit(Exit),
+    File(FileOp),
+    Write(Write),
+    Net(Net),
+    Denied(Denied),
+}
+
+/// A path-based file syscall with its result (struct kiln_file_event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOp {
+    pub header: Header,
+    /// x86_64 syscall number.
+    pub nr: u32,
+    /// Return value: >= 0, or -errno.
+    pub result: i64,
+    pub flags: u32,
+    pub mode: u32,
+    pub dirfd: i32,
+    pub dirfd2: i32,
+    /// The path argument as passed (empty for fchdir).
+    pub path: PathBuf,
+    /// The second path argument (rename/link destination, new symlink).
+    pub path2: Option<PathBuf>,
+    /// The directory `path` is relative to (cwd or dirfd), from the task's root.
+    pub base: Option<PathBuf>,
+    /// The directory `path2` is relative to.
+    pub base2: Option<PathBuf>,
+    /// For an open that returned an fd: the opened file, symlinks resolved.
+    pub real: Option<PathBuf>,
+    /// `kiln_ebpf::FILE_*` bits.
+    pub evflags: u16,
+}
+
+/// Bytes written to one fd of a process, aggregated in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub header: Header,
+    pub fd: i32,
+    pub bytes: u64,
+    pub writes: u64,
+    /// The file, walked from the fd when it was closed (`None` for totals swept at step end).
+    pub path: Option<PathBuf>,
+}
+
+/// A socket address syscall with its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Net {
+    pub header: Header,
+    pub nr: u32,
+    pub result: i64,
+    /// AF_*.
+    pub family: u16,
+    pub port: u16,
+    /// inet/inet6 address.
+    pub ip: Option<IpAddr>,
+    /// unix socket path (abstract names start with a NUL byte).
+    pub unix_path: Option<Vec<u8>>,
+}
+
+/// A syscall that returned -EPERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denied {
+    pub header: Header,
+    pub nr: u32,
+    pub result: i64,
 }
 
 /// Fields every event carries.
@@ -94,6 +163,10 @@ impl Event {
             Event::Exec(exec) => &exec.header,
             Event::Fork(fork) => &fork.header,
             Event::Exit(exit) => &exit.header,
+            Event::File(file) => &file.header,
+            Event::Write(write) => &write.header,
+            Event::Net(net) => &net.header,
+            Event::Denied(denied) => &denied.header,
         }
     }
 }
@@ -138,6 +211,37 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 signal: exit.signal,
                 core_dumped: exit.status & 0x80 != 0,
                 start_ns: exit.start_ns,
+            }))
+        }
+        kiln_ebpf::EVENT_FILE => {
+            let file: FileEvent = read_sized(bytes, &header)?;
+            Ok(Event::File(decode_file(&file)))
+        }
+        kiln_ebpf::EVENT_WRITE => {
+            let write: WriteEvent = read_sized(bytes, &header)?;
+            Ok(Event::Write(Write {
+                header: decode_header(&write.hdr),
+                fd: write.fd,
+                bytes: write.bytes,
+                writes: write.writes,
+                path: (write.wflags & kiln_ebpf::FILE_HAS_REAL != 0).then(|| {
+                    leaf_first_path(
+                        write.path(),
+                        write.wflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0,
+                    )
+                }),
+            }))
+        }
+        kiln_ebpf::EVENT_NET => {
+            let net: NetEvent = read_sized(bytes, &header)?;
+            Ok(Event::Net(decode_net(&net)))
+        }
+        kiln_ebpf::EVENT_DENIED => {
+            let denied: DeniedEvent = read_sized(bytes, &header)?;
+            Ok(Event::Denied(Denied {
+                header: decode_header(&denied.hdr),
+                nr: denied.nr,
+                result: denied.result,
             }))
         }
         kind => Err(DecodeError::UnknownKind { kind }),
@@ -186,6 +290,63 @@ fn decode_exec(exec: &ExecEvent) -> Exec {
         argv: split_argv(exec.argv()),
         argc: exec.argc,
         flags: exec.flags,
+    }
+}
+
+fn decode_file(file: &FileEvent) -> FileOp {
+    let flag = |bit: u16| file.evflags & bit != 0;
+    let bytes_path = |bytes: &[u8]| PathBuf::from(OsString::from_vec(bytes.to_vec()));
+    FileOp {
+        header: decode_header(&file.hdr),
+        nr: file.nr,
+        result: file.result,
+        flags: file.flags,
+        mode: file.mode,
+        dirfd: file.dirfd,
+        dirfd2: file.dirfd2,
+        path: bytes_path(file.path()),
+        path2: (file.path2_len > 0 || flag(kiln_ebpf::FILE_HAS_BASE2))
+            .then(|| bytes_path(file.path2())),
+        base: flag(kiln_ebpf::FILE_HAS_BASE)
+            .then(|| leaf_first_path(file.base(), flag(kiln_ebpf::FILE_BASE_TRUNCATED))),
+        base2: flag(kiln_ebpf::FILE_HAS_BASE2)
+            .then(|| leaf_first_path(file.base2(), flag(kiln_ebpf::FILE_BASE2_TRUNCATED))),
+        real: flag(kiln_ebpf::FILE_HAS_REAL)
+            .then(|| leaf_first_path(file.real(), flag(kiln_ebpf::FILE_REAL_TRUNCATED))),
+        evflags: file.evflags,
+    }
+}
+
+fn decode_net(net: &NetEvent) -> Net {
+    const AF_UNIX: u16 = 1;
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    let ip = match net.family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            net.addr[0],
+            net.addr[1],
+            net.addr[2],
+            net.addr[3],
+        ))),
+        AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(net.addr))),
+        _ => None,
+    };
+    let unix_path = (net.family == AF_UNIX).then(|| {
+        let path = net.unix_path();
+        // A pathname socket is NUL-terminated within sun_path; an abstract one starts with NUL.
+        match path.first() {
+            Some(0) => path.to_vec(),
+            _ => path.split(|&b| b == 0).next().unwrap_or_default().to_vec(),
+        }
+    });
+    Net {
+        header: decode_header(&net.hdr),
+        nr: net.nr,
+        result: net.result,
+        family: net.family,
+        port: net.port,
+        ip,
+        unix_path,
     }
 }
 

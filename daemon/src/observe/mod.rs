@@ -13,9 +13,12 @@
 //! Requires root (CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN for cgroup ids and bpffs) and kernel
 //! BTF. No RLIMIT_MEMLOCK change: memcg accounts BPF memory on 6.x kernels.
 
+pub mod assemble;
 mod event;
+mod service;
 mod stream;
 mod sys;
+pub mod syscalls;
 mod tree;
 
 use std::path::PathBuf;
@@ -25,13 +28,14 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError, MapType, PerCpuArray, 
 use aya::programs::{BtfTracePoint, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 
-pub use event::{DecodeError, Event, Exec, Exit, Fork, Header, decode};
+pub use event::{DecodeError, Denied, Event, Exec, Exit, FileOp, Fork, Header, Net, Write, decode};
+pub use service::{ObserverService, StepEvents, StepObservation};
 pub use stream::EventStream;
 pub use sys::{BPFFS, CgroupId, KERNEL_BTF, ensure_bpffs};
 pub use tree::{ExitStatus, ProcessNode, ProcessTree};
 
-/// The `process` BPF object's name in errors.
-const PROCESS_OBJECT: &str = "process.bpf.o";
+/// The BPF object's name in errors.
+const PROCESS_OBJECT: &str = "observer.bpf.o";
 
 /// Tuning of one [`Observer`]. The defaults are the measured ones (DESIGN.md, Observer).
 #[derive(Debug, Clone)]
@@ -169,6 +173,7 @@ pub enum ObserveError {
 /// The loaded and attached observer. Dropping it detaches the programs and frees the maps.
 pub struct Observer {
     observed: BpfHashMap<MapData, u64, u64>,
+    write_totals: BpfHashMap<MapData, WriteKeyPod, WriteTotalPod>,
     lost: PerCpuArray<MapData, u64>,
     /// Owns the programs and their links: dropping it detaches them. The kernel keeps the maps
     /// alive for as long as a program references them, so field order does not matter.
@@ -225,7 +230,7 @@ impl Observer {
             .map_max_entries(kiln_ebpf::maps::EVENTS, config.ring_bytes)
             .override_global(kiln_ebpf::maps::WAKEUP_THRESHOLD, &threshold, true)
             .override_global(kiln_ebpf::maps::WAKEUP_INTERVAL_NS, &interval_ns, true)
-            .load(kiln_ebpf::PROCESS_BPF)
+            .load(kiln_ebpf::OBSERVER_BPF)
             .map_err(|source| ObserveError::Load {
                 object: PROCESS_OBJECT,
                 source,
@@ -242,6 +247,13 @@ impl Observer {
         let lost =
             PerCpuArray::try_from(take_map(&mut ebpf, kiln_ebpf::maps::LOST_EVENTS)?).map_err(
                 map_err(kiln_ebpf::maps::LOST_EVENTS, "open as PerCpuArray<u64>"),
+            )?;
+        let write_totals =
+            BpfHashMap::try_from(take_map(&mut ebpf, kiln_ebpf::maps::WRITE_TOTALS)?).map_err(
+                map_err(
+                    kiln_ebpf::maps::WRITE_TOTALS,
+                    "open as HashMap<WriteKey, WriteTotal>",
+                ),
             )?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, kiln_ebpf::maps::EVENTS)?)
             .map_err(map_err(kiln_ebpf::maps::EVENTS, "open as RingBuf"))?;
@@ -284,11 +296,12 @@ impl Observer {
         tracing::info!(
             ring_bytes = config.ring_bytes,
             wakeup_threshold_bytes = threshold,
-            "observer attached (tp_btf sched_process_exec/fork/exit)"
+            "observer attached (tp_btf sched_process_exec/fork/exit, sys_enter/sys_exit)"
         );
         Ok((
             Self {
                 observed,
+                write_totals,
                 lost,
                 _ebpf: ebpf,
             },
@@ -327,6 +340,37 @@ impl Observer {
         }
     }
 
+    /// Takes the kernel's per-file write totals of cgroup `id` that no close has emitted yet
+    /// (files still open when the step's processes exited), as events.
+    pub fn take_pending_writes(&mut self, id: CgroupId) -> Vec<Event> {
+        let now = sys::monotonic_ns();
+        let keys: Vec<WriteKeyPod> = self
+            .write_totals
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.0.cgroup_id == id.0)
+            .collect();
+        let mut events = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Ok(total) = self.write_totals.get(&key, 0) {
+                events.push(Event::Write(Write {
+                    header: Header {
+                        ktime_ns: now,
+                        cgroup_id: id.0,
+                        pid: key.0.tgid,
+                        tgid: key.0.tgid,
+                    },
+                    fd: key.0.fd,
+                    bytes: total.0.bytes,
+                    writes: total.0.writes,
+                    path: None,
+                }));
+            }
+            let _ = self.write_totals.remove(&key);
+        }
+        events
+    }
+
     /// Events lost since load, all cgroups, summed over the per-CPU counters.
     pub fn lost(&self) -> Result<u64, ObserveError> {
         let per_cpu = self
@@ -336,6 +380,21 @@ impl Observer {
         Ok(per_cpu.iter().sum())
     }
 }
+
+/// [`kiln_ebpf::WriteKey`] as a map key (aya's `Pod`).
+#[derive(Debug, Clone, Copy)]
+#[repr(transparent)]
+struct WriteKeyPod(kiln_ebpf::WriteKey);
+/// [`kiln_ebpf::WriteTotal`] as a map value (aya's `Pod`).
+#[derive(Debug, Clone, Copy)]
+#[repr(transparent)]
+struct WriteTotalPod(kiln_ebpf::WriteTotal);
+
+// SAFETY: repr(transparent) over repr(C) structs of integers without padding (kiln-ebpf's
+// layout test): every bit pattern is valid and every byte is initialized.
+unsafe impl aya::Pod for WriteKeyPod {}
+// SAFETY: as above.
+unsafe impl aya::Pod for WriteTotalPod {}
 
 /// A clear error before loading when the kernel has no ring buffers. (Tracing support is not
 /// probed here: aya's probe loads an fentry program, which fails on kernels without fentry

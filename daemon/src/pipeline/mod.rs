@@ -5,6 +5,7 @@
 //! A job owns `<state>/work/<job id>/<workspace>/` directories while it runs; every output file
 //! is copied into the CAS as it is attested, so the directories are deleted when the job ends.
 
+pub mod observed;
 pub mod workspace;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,7 +19,7 @@ use kiln_common::api::{
 };
 use kiln_common::digest::{TreeEntry, tree_digest};
 use kiln_common::intoto::{JobPredicate, JobStepRef};
-use kiln_common::spec::{self, ParamErrors, Pipeline, SpecErrors};
+use kiln_common::spec::{ParamErrors, Pipeline, SpecErrors};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -108,7 +109,11 @@ pub struct Node {
     pub profiles: BTreeMap<String, Profile>,
     /// Host name (reported by `GET /v1/node`).
     pub hostname: String,
+    /// Admission controller: signature policy, secret directory.
+    pub admission: crate::admission::Admission,
     sandbox: Sandbox,
+    /// The pipeline observer shared by every step (or why it is not loaded).
+    observer: observed::NodeObserver,
     jobs: Mutex<HashMap<String, Arc<JobHandle>>>,
     slots: Arc<Semaphore>,
     /// Cancelled on SIGTERM: cancels every job.
@@ -127,6 +132,8 @@ struct JobRun {
     id: String,
     pipeline: Pipeline,
     pipeline_digest: Digest,
+    /// keyid of the accepted pipeline signer (admission); `None` if admitted unsigned.
+    pipeline_signer: Option<String>,
     params: BTreeMap<String, String>,
     sources: BTreeMap<String, Digest>,
     handle: Arc<JobHandle>,
@@ -149,6 +156,7 @@ impl Node {
         signer: NodeSigner,
         profiles: BTreeMap<String, Profile>,
         sandbox_helper: PathBuf,
+        admission: crate::admission::Admission,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let repaired = store.db.recover_interrupted(&now())?;
         for id in &repaired {
@@ -162,13 +170,16 @@ impl Node {
         let hostname = nix::unistd::gethostname()
             .map_or_else(|_| "unknown".into(), |h| h.to_string_lossy().into_owned());
         let slots = Arc::new(Semaphore::new(config.jobs.max_concurrent));
+        let observer = observed::NodeObserver::start(&config.observer);
         Ok(Arc::new(Self {
             config,
             store,
             signer,
             profiles,
             hostname,
+            admission,
             sandbox: Sandbox::new(sandbox_helper),
+            observer,
             jobs: Mutex::new(HashMap::new()),
             slots,
             shutdown: CancellationToken::new(),
@@ -197,9 +208,14 @@ impl Node {
         if self.shutdown.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
-        let pipeline = spec::parse(&req.pipeline, &req.file_name)?;
-        let params = pipeline.bind_params(&req.params)?;
-        let mut problems = Vec::new();
+        // Job admission (signature, secret scan, parameters, secrets): every problem is collected,
+        // the scheduler's own checks below add theirs, and nothing is stored unless all pass.
+        let crate::admission::AdmittedJob {
+            pipeline,
+            params,
+            signer: pipeline_signer,
+            mut problems,
+        } = self.admission.admit_job(&req)?;
         for step in &pipeline.steps {
             if !self.profiles.contains_key(&step.profile) {
                 problems.push(format!(
@@ -276,11 +292,12 @@ impl Node {
             id: id.clone(),
             pipeline,
             pipeline_digest,
+            pipeline_signer,
             params,
             sources: req.sources,
             handle,
         };
-        info!(job = %id, pipeline = %run.pipeline.name, %pipeline_digest, "job admitted");
+        info!(job = %id, pipeline = %run.pipeline.name, %pipeline_digest, signer = run.pipeline_signer.as_deref().unwrap_or("unsigned"), "job admitted");
         self.emit(
             &run,
             EventKind::Job {
@@ -407,7 +424,21 @@ impl Node {
                     ),
                     Some(s) => (
                         JobState::Failed,
-                        Some(format!("step {:?} {}", s.name, s.outcome)),
+                        // The step's own reason (a step admission failure names the tampered
+                        // workspace) makes the job's error self-explanatory.
+                        Some(
+                            match self.store.db.job(&run.id).ok().flatten().and_then(|job| {
+                                job.steps
+                                    .into_iter()
+                                    .find(|st| st.name == s.name)
+                                    .and_then(|st| st.error)
+                            }) {
+                                Some(reason) => {
+                                    format!("step {:?} {}: {reason}", s.name, s.outcome)
+                                }
+                                None => format!("step {:?} {}", s.name, s.outcome),
+                            },
+                        ),
                         steps,
                         sources,
                     ),
@@ -415,25 +446,48 @@ impl Node {
             }
             Err((state, msg)) => (state, Some(msg), Vec::new(), BTreeMap::new()),
         };
-        // Sign the job statement even for failed jobs: it is the record of what happened.
+        // Sign the job statement even for failed jobs: it is the record of what happened. With a
+        // TPM it is signed by its own certified workload key and links the job's node identity
+        // document (quote over the job nonce) and every workload certificate.
+        let finished_on = now();
+        let (job_signer, links) = match self
+            .signer
+            .finish_job(&run.id, &self.store.cas, &started, &finished_on)
+            .await
+        {
+            Ok((signer, links)) => (Some(signer), links),
+            Err(err) => {
+                error!(%err, "cannot certify the job statement's key");
+                self.signer.abandon_job(&run.id);
+                (None, provenance::JobLinks::default())
+            }
+        };
         let predicate = JobPredicate {
             job_id: run.id.clone(),
             pipeline: run.pipeline.name.clone(),
             pipeline_digest: run.pipeline_digest,
+            pipeline_signer: run.pipeline_signer.clone(),
             parameters: run.params.clone(),
             sources,
             steps,
             outcome: state.as_str().into(),
             builder_id: self.signer.builder_id.clone(),
-            signing_key: self.signer.info.clone(),
+            signing_key: job_signer
+                .as_ref()
+                .map_or_else(|| self.signer.info.clone(), |s| s.info.clone()),
             started_on: started,
-            finished_on: now(),
+            finished_on,
+            node_identity: links.node_identity,
+            nonce: links.nonce,
+            workload_certificates: links.workload_certificates,
         };
         let statement = provenance::job_statement(predicate);
         let job_id = run.id.clone();
-        if let Err(err) = self.attest(&statement, |d| {
-            self.store.db.record_job_attestation(&job_id, d, &now())
-        }) {
+        if let Some(job_signer) = &job_signer
+            && let Err(err) = self.attest(job_signer, &statement, |d| {
+                self.store.db.record_job_attestation(&job_id, d, &now())
+            })
+        {
             error!(%err, "cannot attest the job");
         }
         if let Err(err) = self
@@ -487,11 +541,18 @@ impl Node {
                 error: None,
             },
         );
+        // Node attestation at job start: a fresh nonce quoted by the TPM (no-op without a TPM).
+        self.signer
+            .begin_job(&run.id)
+            .await
+            .map_err(|err| (JobState::Failed, format!("node attestation failed: {err}")))?;
         let sources = self
             .seed_sources(run)
             .await
             .map_err(|msg| (JobState::Failed, msg))?;
         let mut ws_digests = sources.clone();
+        // Who signed each step-written workspace: step admission re-verifies it before a reader.
+        let mut producers = BTreeMap::new();
         let mut refs = Vec::new();
         let mut blocked = false;
         for idx in run.pipeline.execution_order() {
@@ -511,7 +572,42 @@ impl Node {
                 continue;
             }
             let span = info_span!("step", step = %step.name);
+            let inputs = crate::admission::step::StepInputs {
+                ws_root: run.work_dir.join("ws"),
+                inputs: step.inputs.clone(),
+                expected: ws_digests.clone(),
+                producers: producers.clone(),
+            };
+            if let Err(reason) = crate::admission::step::admit(self.store.cas.clone(), inputs)
+                .instrument(span.clone())
+                .await
+            {
+                error!(step = %step.name, %reason, "step admission failed");
+                self.set_step(run, &step.name, StepState::Failed, None, Some(reason));
+                refs.push(JobStepRef {
+                    name: step.name.clone(),
+                    outcome: StepState::Failed.as_str().into(),
+                    envelope_digest: None,
+                });
+                blocked = true;
+                continue;
+            }
             let result = self.run_step(run, idx, &ws_digests).instrument(span).await;
+            if let (Some(out), Some(envelope)) = (&step.output, result.envelope) {
+                if let Some(key) = self.signer.step_key(&run.id, &step.name) {
+                    producers.insert(
+                        out.clone(),
+                        crate::admission::step::Producer {
+                            step: step.name.clone(),
+                            envelope,
+                            key,
+                        },
+                    );
+                } else {
+                    // Readers then get the on-disk digest check only.
+                    warn!(step = %step.name, "no signing key recorded for the step: its attestation cannot be re-verified before its readers");
+                }
+            }
             if let (Some(out), Some(entries)) = (&step.output, &result.outputs) {
                 ws_digests.insert(out.clone(), tree_digest(entries));
             }
@@ -604,6 +700,12 @@ impl Node {
             );
         };
         let rendered = run.pipeline.render_step(idx, &run.params);
+        // The step's declared secrets: read now, kept in memory only (the helper gets them on its
+        // stdin and mounts them at /run/secrets), and redacted from its log.
+        let secrets = match self.admission.secrets.read(&step.secrets) {
+            Ok(secrets) => secrets,
+            Err(e) => return failed(StepState::Failed, e),
+        };
         let ws_root = run.work_dir.join("ws");
         let mut mounts = Vec::new();
         let mut inputs = Vec::new();
@@ -659,6 +761,9 @@ impl Node {
                 format!("cannot create {}: {e}", root_dir.display()),
             );
         }
+        if let Err(reason) = self.observer_gate() {
+            return failed(StepState::Failed, reason);
+        }
         // The step's own cgroups, with the profile's limits: the helper joins them before it forks,
         // `Sandbox::run` kills and removes them and verifies the teardown.
         let cgroups = match sandbox::cgroup::create_step(&run.id, &step.name, &profile.limits) {
@@ -668,6 +773,17 @@ impl Node {
                     StepState::Failed,
                     format!("cannot create the step's cgroups: {e}"),
                 );
+            }
+        };
+        // Observe the cgroup before the helper that joins it exists: the step's first
+        // instruction is then already in the trace.
+        let observation = match self.observe_step(&cgroups) {
+            Ok(observation) => observation,
+            Err(reason) => {
+                for (path, err) in sandbox::cgroup::remove_step_dirs(&cgroups) {
+                    warn!(%err, path = %path.display(), "cannot remove an unused step cgroup");
+                }
+                return failed(StepState::Failed, reason);
             }
         };
         let spec = SandboxSpec {
@@ -685,19 +801,40 @@ impl Node {
             gid: profile.gid,
             tmp_size_bytes: profile.tmp_size_bytes,
             cgroups: Some(cgroups),
+            secrets: secrets
+                .iter()
+                .map(|(name, value)| (name.clone(), value.0.clone()))
+                .collect(),
+        };
+        // The step's workload key: ephemeral (TPM mode), certified when the step ends, wiped when
+        // `workload` is dropped at the end of this function.
+        let mut workload = match self.signer.workload(&run.id, Some(&step.name)) {
+            Ok(w) => w,
+            Err(e) => return failed(StepState::Failed, format!("workload key: {e}")),
         };
         let started_on = now();
         self.set_step(run, &step.name, StepState::Running, None, None);
         info!(argv = ?spec.argv.first(), "step started");
 
         let (log_tx, log_rx) = mpsc::channel(64);
-        let collector = self.collect_log(run, &step.name, log_rx);
+        let collector = self.collect_log(
+            run,
+            &step.name,
+            log_rx,
+            crate::admission::Redactor::new(&secrets),
+        );
         let (outcome, ()) = tokio::join!(
             self.sandbox
                 .run(&spec, log_tx, run.handle.cancel.child_token()),
             collector
         );
         let finished_on = now();
+        // The node key certifies the step's key for the step's lifetime before anything about
+        // the step is signed.
+        let certified = workload
+            .certify(&started_on, &finished_on)
+            .await
+            .map_err(|e| format!("cannot certify the step's workload key: {e}"));
 
         let teardown_verified = outcome
             .as_ref()
@@ -735,6 +872,35 @@ impl Node {
                 }
             }
         }
+        // The helper exited and the teardown removed the cgroups: seal what the kernel saw,
+        // signed by the step's (certified) workload key; the provenance names it.
+        let observed = observation.is_some();
+        let trace = match observation.filter(|_| certified.is_ok()) {
+            Some(observation) => match self
+                .seal_trace(
+                    &workload,
+                    run,
+                    &step.name,
+                    observation,
+                    &secrets
+                        .iter()
+                        .map(|(_, value)| value.0.clone())
+                        .collect::<Vec<_>>(),
+                    teardown_verified,
+                    (&started_on, &finished_on),
+                )
+                .await
+            {
+                Ok(sealed) => Some(sealed.envelope),
+                Err(e) => {
+                    error!(err = %e, "cannot seal the step's trace");
+                    state = StepState::Failed;
+                    error = Some(e);
+                    None
+                }
+            },
+            None => None,
+        };
         let log = Self::running_log(run, &step.name);
         let log_digest = match self.store.cas.put_bytes(&log) {
             Ok(d) => Some(d),
@@ -762,8 +928,11 @@ impl Node {
             finished_on: &finished_on,
             log: log_digest,
             teardown_verified,
+            observed,
+            trace,
+            pipeline_signer: run.pipeline_signer.as_deref(),
         };
-        let statement = provenance::step_statement(&rec, &self.signer);
+        let statement = provenance::step_statement(&rec, &workload);
         // Final = no later step transforms it (steps without outputs, like tests, only read).
         let final_output = step.output.as_ref().is_some_and(|ws| {
             !run.pipeline
@@ -779,14 +948,16 @@ impl Node {
             }),
             _ => None,
         };
-        let envelope = match self.attest(&statement, |d| {
-            self.store.db.record_attested_outputs(
-                &run.id,
-                &step.name,
-                attested.as_ref(),
-                d,
-                &finished_on,
-            )
+        let envelope = match certified.and_then(|()| {
+            self.attest(&workload, &statement, |d| {
+                self.store.db.record_attested_outputs(
+                    &run.id,
+                    &step.name,
+                    attested.as_ref(),
+                    d,
+                    &finished_on,
+                )
+            })
         }) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -820,13 +991,15 @@ impl Node {
 
     /// Sign a statement, store the envelope in the CAS, then index it with `record` (only after
     /// the blob is durable, so the index never points at a missing envelope).
+    /// `signer` is the workload's ([`NodeSigner::workload`]): the step's own key for every
+    /// statement about a step, the job statement's key for the job.
     fn attest<P: serde::Serialize>(
         &self,
+        signer: &provenance::WorkloadSigner<'_>,
         statement: &kiln_common::intoto::Statement<P>,
         record: impl FnOnce(&Digest) -> Result<(), crate::store::DbError>,
     ) -> Result<Digest, String> {
-        let (bytes, digest) = self
-            .signer
+        let (bytes, digest) = signer
             .sign_statement(statement)
             .map_err(|e| format!("cannot sign provenance: {e}"))?;
         self.store
@@ -837,13 +1010,21 @@ impl Node {
         Ok(digest)
     }
 
-    /// Forward log chunks as events (the running log keeps up to `max_log_bytes` of them).
-    async fn collect_log(&self, run: &JobRun, step: &str, mut rx: mpsc::Receiver<bytes::Bytes>) {
+    /// Forward log chunks as events (the running log keeps up to `max_log_bytes` of them), with
+    /// the step's secret values replaced by `[REDACTED:NAME]` before they are kept or broadcast.
+    async fn collect_log(
+        &self,
+        run: &JobRun,
+        step: &str,
+        mut rx: mpsc::Receiver<bytes::Bytes>,
+        mut redactor: crate::admission::Redactor,
+    ) {
         // A step that prints nothing still has a (empty) running log.
         self.emit_log(run, step, b"");
         while let Some(chunk) = rx.recv().await {
-            self.emit_log(run, step, &chunk);
+            self.emit_log(run, step, &redactor.push(&chunk));
         }
+        self.emit_log(run, step, &redactor.finish());
     }
 
     /// Stop accepting jobs, cancel running ones, and wait (up to the configured grace) for them to

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use super::cgroup;
 use super::confine::{self, LandlockEnforcement};
 use super::rootfs::{RealHost, plan_root};
-use super::spec::{SandboxOutcome, SandboxSpec, StepEnd};
+use super::spec::{SECRETS_MOUNT, SandboxOutcome, SandboxSpec, StepEnd};
 use super::sys;
 
 /// Largest spec accepted on stdin.
@@ -480,9 +480,18 @@ fn prepare_step(
     sys::cloexec_from_3().map_err(|err| Failure::new("fds", err))?;
     // The Landlock ruleset is built while still root, so every rule path opens whatever its mode;
     // its fds are close-on-exec.
-    let landlock = spec
-        .confinement
-        .landlock
+    // The secrets tmpfs brings its own read-only rule (it exists only when the step has secrets).
+    let landlock_policy = spec.confinement.landlock.as_ref().map(|policy| {
+        let mut policy = policy.clone();
+        if !spec.secrets.is_empty() {
+            policy.rules.push(confine::LandlockRule {
+                path: SECRETS_MOUNT.into(),
+                access: confine::LandlockAccess::Read,
+            });
+        }
+        policy
+    });
+    let landlock = landlock_policy
         .as_ref()
         .map(confine::prepare_landlock)
         .transpose()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
-use super::spec::{Access, SandboxSpec};
+use super::spec::{Access, SECRETS_MOUNT, SandboxSpec};
 
 /// What a host path is, as seen by `lstat` (symlinks are not followed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +107,30 @@ pub enum MountOp {
         /// The new root.
         new_root: PathBuf,
     },
+    /// Create a file with these contents, mode and owner (`O_EXCL|O_NOFOLLOW`): a step secret on
+    /// its own tmpfs.
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// What it holds (never shown by `Debug` or `Display`).
+        contents: SecretBytes,
+        /// Permission bits.
+        mode: u32,
+        /// Owner.
+        uid: u32,
+        /// Group.
+        gid: u32,
+    },
+}
+
+/// Bytes that must not appear in logs or errors: `Debug` shows the length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes({} bytes)", self.0.len())
+    }
 }
 
 impl fmt::Display for MountOp {
@@ -141,6 +165,17 @@ impl fmt::Display for MountOp {
             }
             Self::Proc { target } => write!(f, "mount proc on {}", target.display()),
             Self::PivotRoot { new_root } => write!(f, "pivot_root to {}", new_root.display()),
+            Self::WriteFile {
+                path,
+                contents,
+                mode,
+                ..
+            } => write!(
+                f,
+                "write {} ({} bytes, mode {mode:o})",
+                path.display(),
+                contents.0.len()
+            ),
         }
     }
 }
@@ -267,6 +302,40 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
         options: format!("mode=1777,size={}", spec.tmp_size_bytes),
         flags: no_setuid_no_dev,
     });
+
+    // Secrets, only for a step that declares some: their own small tmpfs (not the root's, so the
+    // values never share a filesystem with anything else), readable by the step's user only, one
+    // 0400 file each, then read-only. It vanishes with this mount namespace.
+    if !spec.secrets.is_empty() {
+        let secrets = Path::new(SECRETS_MOUNT);
+        plan.dir(secrets);
+        let page = 4096;
+        let size = page
+            + spec
+                .secrets
+                .iter()
+                .map(|(_, value)| value.len().div_ceil(page).max(1) * page)
+                .sum::<usize>();
+        plan.ops.push(MountOp::Tmpfs {
+            target: plan.inside(secrets),
+            options: format!("mode=0500,uid={},gid={},size={size}", spec.uid, spec.gid),
+            flags: no_setuid_no_dev | MsFlags::MS_NOEXEC,
+        });
+        for (name, value) in &spec.secrets {
+            plan.ops.push(MountOp::WriteFile {
+                path: plan.inside(&secrets.join(name)),
+                contents: SecretBytes(value.as_bytes().to_vec()),
+                mode: 0o400,
+                uid: spec.uid,
+                gid: spec.gid,
+            });
+        }
+        plan.ops.push(MountOp::Restrict {
+            target: plan.inside(secrets),
+            flags: read_only | MsFlags::MS_NOEXEC,
+            recursive: false,
+        });
+    }
 
     // Switch to the new root and drop every reference to the host's mount tree; then freeze the
     // root tmpfs so the step cannot create files outside /tmp and its output workspaces.
@@ -463,6 +532,48 @@ mod tests {
                 target: "/run/kiln/root/proc".into(),
             },
         );
+    }
+
+    #[test]
+    fn secrets_get_their_own_read_only_tmpfs() {
+        let plan = plan_root(&sample(), &FakeHost).unwrap();
+        let mount = position(
+            &plan,
+            &MountOp::Tmpfs {
+                target: "/run/kiln/root/run/secrets".into(),
+                options: "mode=0500,uid=65534,gid=65534,size=8192".into(),
+                flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            },
+        );
+        let write = plan
+            .iter()
+            .position(|op| matches!(op, MountOp::WriteFile { path, mode: 0o400, uid: 65534, .. } if path == Path::new("/run/kiln/root/run/secrets/API_TOKEN")))
+            .unwrap();
+        let freeze = position(
+            &plan,
+            &MountOp::Restrict {
+                target: "/run/kiln/root/run/secrets".into(),
+                flags: MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                recursive: false,
+            },
+        );
+        let pivot = position(
+            &plan,
+            &MountOp::PivotRoot {
+                new_root: "/run/kiln/root".into(),
+            },
+        );
+        assert!(mount < write && write < freeze && freeze < pivot);
+        // The value never shows in the plan's Debug or Display.
+        assert!(!format!("{plan:?}").contains("t0ps3cret"));
+        assert!(!plan[write].to_string().contains("t0ps3cret"));
+        let mut spec = sample();
+        spec.secrets.clear();
+        let plan = plan_root(&spec, &FakeHost).unwrap();
+        assert!(!plan.iter().any(|op| op.to_string().contains("secrets")));
     }
 
     #[test]

@@ -15,7 +15,13 @@ use super::confine::{Confinement, LandlockEnforcement};
 use super::teardown::TeardownReport;
 
 /// Mount points the sandbox creates itself; host paths may neither cover nor sit inside them.
-pub const RESERVED_PATHS: [&str; 4] = ["/dev", "/proc", "/tmp", "/workspace"];
+pub const RESERVED_PATHS: [&str; 5] = ["/dev", "/proc", "/tmp", "/workspace", SECRETS_MOUNT];
+/// Where a step's secrets are mounted: a read-only tmpfs with one file per secret.
+pub const SECRETS_MOUNT: &str = "/run/secrets";
+/// Longest secret name (a file name under [`SECRETS_MOUNT`]).
+pub const MAX_SECRET_NAME: usize = 64;
+/// Largest total size of a step's secrets.
+pub const MAX_SECRETS_BYTES: usize = 1 << 20;
 
 /// One step to run in a fresh sandbox. Env values may be secrets: this type's `Debug` hides them and
 /// the helper reads it from a pipe, never from disk.
@@ -52,6 +58,11 @@ pub struct SandboxSpec {
     /// seccomp filter, rlimits and Landlock ruleset, from the profile (required: a spec never
     /// runs unconfined).
     pub confinement: Confinement,
+    /// Secrets as (name, value): written into a small tmpfs mounted read-only at
+    /// [`SECRETS_MOUNT`]`/<name>` (readable by the step's user only). Values exist only in memory
+    /// and on that tmpfs, which is gone with the sandbox's mount namespace; never in `Debug`.
+    #[serde(default)]
+    pub secrets: Vec<(String, String)>,
 }
 
 impl fmt::Debug for SandboxSpec {
@@ -72,6 +83,14 @@ impl fmt::Debug for SandboxSpec {
             .field("tmp_size_bytes", &self.tmp_size_bytes)
             .field("cgroups", &self.cgroups)
             .field("confinement", &self.confinement)
+            .field(
+                "secret_names",
+                &self
+                    .secrets
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -240,6 +259,24 @@ pub enum SpecError {
     /// A cgroup path is not one of kiln's step cgroups.
     #[error(transparent)]
     Cgroup(#[from] CgroupPathError),
+    /// A secret name is not a plain identifier (it becomes a file name).
+    #[error("invalid secret name {name:?}: use [A-Za-z0-9_], 1-{MAX_SECRET_NAME} characters")]
+    SecretName {
+        /// The name.
+        name: String,
+    },
+    /// Two secrets share a name.
+    #[error("duplicate secret name {name:?}")]
+    DuplicateSecret {
+        /// The name.
+        name: String,
+    },
+    /// The secrets do not fit their tmpfs.
+    #[error("secrets hold {bytes} bytes, more than the limit of {MAX_SECRETS_BYTES}")]
+    SecretsTooLarge {
+        /// Total size.
+        bytes: usize,
+    },
 }
 
 impl SandboxSpec {
@@ -333,6 +370,24 @@ impl SandboxSpec {
             for rule in &landlock.rules {
                 absolute_normal("confinement.landlock.rules.path", &rule.path)?;
             }
+        }
+        let mut secret_names = BTreeSet::new();
+        for (name, _) in &self.secrets {
+            if name.is_empty()
+                || name.len() > MAX_SECRET_NAME
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(SpecError::SecretName { name: name.clone() });
+            }
+            if !secret_names.insert(name.as_str()) {
+                return Err(SpecError::DuplicateSecret { name: name.clone() });
+            }
+        }
+        let secret_bytes: usize = self.secrets.iter().map(|(_, value)| value.len()).sum();
+        if secret_bytes > MAX_SECRETS_BYTES {
+            return Err(SpecError::SecretsTooLarge {
+                bytes: secret_bytes,
+            });
         }
         // The step needs fds to run at all; the kernel refuses more than fs.nr_open (2^20 default).
         if !(16..=1 << 20).contains(&self.confinement.rlimits.nofile) {
@@ -436,6 +491,7 @@ pub(crate) mod tests {
                     tcp_connect_ports: Vec::new(),
                 }),
             },
+            secrets: vec![("API_TOKEN".into(), "t0ps3cret".into())],
         }
     }
 
@@ -452,6 +508,8 @@ pub(crate) mod tests {
         let shown = format!("{:?}", sample());
         assert!(shown.contains("TOKEN"));
         assert!(!shown.contains("s3cret"));
+        assert!(shown.contains("API_TOKEN"));
+        assert!(!shown.contains("t0ps3cret"));
     }
 
     #[test]
@@ -541,6 +599,25 @@ pub(crate) mod tests {
                 |s| s.timeout_ms = 0,
                 SpecError::Zero {
                     field: "timeout_ms",
+                },
+            ),
+            (
+                |s| s.secrets.push(("../x".into(), String::new())),
+                SpecError::SecretName {
+                    name: "../x".into(),
+                },
+            ),
+            (
+                |s| s.secrets.push(("API_TOKEN".into(), String::new())),
+                SpecError::DuplicateSecret {
+                    name: "API_TOKEN".into(),
+                },
+            ),
+            (
+                |s| s.host_paths.push("/run".into()),
+                SpecError::ReservedPath {
+                    path: "/run".into(),
+                    reserved: SECRETS_MOUNT,
                 },
             ),
         ];

@@ -104,6 +104,24 @@ fn apply_inner(op: &MountOp) -> io::Result<()> {
             nix::mount::umount2(".", MntFlags::MNT_DETACH)?;
             nix::unistd::chdir("/")?;
         }
+        MountOp::WriteFile {
+            path,
+            contents,
+            mode,
+            uid,
+            gid,
+        } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(*mode)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)?;
+            file.write_all(&contents.0)?;
+            std::os::unix::fs::fchown(&file, Some(*uid), Some(*gid))?;
+        }
     }
     Ok(())
 }

@@ -23,11 +23,19 @@
 #define KILN_ARGV_MAX 1024
 /* Most path components a dentry walk follows before it gives up (and flags truncation). */
 #define KILN_PATH_COMPONENTS_MAX 48
+/* Bytes of a path argument captured from user memory (struct kiln_file_event). */
+#define KILN_ARG_MAX 256
+/* Bytes of a unix socket path (sizeof sun_path). */
+#define KILN_UNIX_PATH_MAX 112
 
 enum kiln_event_type {
 	KILN_EVENT_EXEC = 1,
 	KILN_EVENT_FORK = 2,
 	KILN_EVENT_EXIT = 3,
+	KILN_EVENT_FILE = 4,
+	KILN_EVENT_WRITE = 5,
+	KILN_EVENT_NET = 6,
+	KILN_EVENT_DENIED = 7,
 };
 
 /* struct kiln_exec_event.flags */
@@ -113,6 +121,112 @@ struct kiln_exit_event {
 	__u64 start_ns; /* task->start_time, CLOCK_MONOTONIC: duration = hdr.ktime_ns - start_ns */
 };
 
+/* struct kiln_file_event.evflags */
+#define KILN_FILE_PATH_TRUNCATED (1U << 0)
+#define KILN_FILE_PATH2_TRUNCATED (1U << 1)
+#define KILN_FILE_BASE_TRUNCATED (1U << 2)
+#define KILN_FILE_BASE2_TRUNCATED (1U << 3)
+#define KILN_FILE_REAL_TRUNCATED (1U << 4)
+/* A path argument could not be read from user memory. */
+#define KILN_FILE_PATH_FAULT (1U << 5)
+/* base / base2 / real hold a walked path (else the field is unused). */
+#define KILN_FILE_HAS_BASE (1U << 6)
+#define KILN_FILE_HAS_BASE2 (1U << 7)
+#define KILN_FILE_HAS_REAL (1U << 8)
+
+/*
+ * A path-based file syscall (sys_enter + sys_exit): open, openat, openat2, creat, rename*,
+ * unlink*, rmdir, mkdir*, link*, symlink*, chmod/fchmodat*, chown/lchown/fchownat,
+ * truncate, chdir, fchdir.
+ *
+ * - path, path2: the path arguments exactly as passed (NUL-terminated, *_len bytes without
+ *   the NUL), read at sys_enter. path2 is the second path of rename/link/symlink; for symlink,
+ *   path is the link's target text and path2 the new link.
+ * - base, base2: the directory path and path2 are relative to, when they are relative: the
+ *   task's cwd (dirfd == AT_FDCWD) or the directory open as dirfd, walked in the kernel at
+ *   sys_enter; leaf-first components as in kiln_exec_event.exe. For fchdir, base is the fd's path.
+ * - real: for an open that returned an fd, the opened file's path (symlinks resolved), walked
+ *   from the fd at sys_exit.
+ * - result: the syscall's return value (>= 0, or -errno).
+ */
+struct kiln_file_event {
+	struct kiln_event_header hdr;
+	__s64 result;
+	__u32 nr;      /* x86_64 syscall number */
+	__u32 flags;   /* open flags (O_*), AT_* flags, or rename flags */
+	__u32 mode;
+	__s32 dirfd;   /* dirfd of path (AT_FDCWD = -100), or the fd of fchdir */
+	__s32 dirfd2;  /* dirfd of path2 */
+	__u16 path_len;
+	__u16 path2_len;
+	__u16 base_len;
+	__u16 base2_len;
+	__u16 real_len;
+	__u16 evflags; /* KILN_FILE_* */
+	char path[KILN_ARG_MAX];
+	char path2[KILN_ARG_MAX];
+	char base[KILN_PATH_MAX];
+	char base2[KILN_PATH_MAX];
+	char real[KILN_PATH_MAX];
+};
+
+/*
+ * Bytes written to one fd of one process, summed in the kernel (write, pwrite64, writev,
+ * pwritev, pwritev2 that returned > 0) and emitted when the process closes the fd, or when
+ * dup2/dup3 replaces it. path: the file's path walked from the fd at that moment (leaf-first,
+ * as kiln_file_event.real; wflags has KILN_FILE_HAS_REAL / KILN_FILE_REAL_TRUNCATED). Totals of
+ * fds never closed explicitly stay in the `write_totals` map (key struct kiln_write_key, value
+ * struct kiln_write_total) until userspace sweeps them, without a path, when the step ends.
+ */
+struct kiln_write_event {
+	struct kiln_event_header hdr;
+	__s32 fd;
+	__u16 path_len;
+	__u16 wflags;
+	__u64 bytes;
+	__u64 writes;
+	char path[KILN_PATH_MAX];
+};
+
+struct kiln_write_key {
+	__u64 cgroup_id;
+	__u32 tgid;
+	__s32 fd;
+};
+
+struct kiln_write_total {
+	__u64 bytes;
+	__u64 writes;
+};
+
+/*
+ * A socket address syscall (connect, bind, sendto with an address) at sys_exit, with the
+ * address read from user memory and the result. family is AF_*; for AF_INET/AF_INET6 addr
+ * holds the address (4 or 16 bytes, network order) and port the port (host order); for
+ * AF_UNIX unix_path holds sun_path (abstract names start with a NUL byte), path_len its bytes.
+ */
+struct kiln_net_event {
+	struct kiln_event_header hdr;
+	__s64 result;
+	__u32 nr;
+	__u16 family;
+	__u16 port;
+	__u8 addr[16];
+	__u32 addrlen; /* the syscall's addrlen argument */
+	__u16 path_len;
+	__u16 _pad0;
+	char unix_path[KILN_UNIX_PATH_MAX];
+};
+
+/* A syscall of an observed task that returned -EPERM (seccomp profile's errno, or a permission
+ * check), other than the file syscalls above (whose records carry their result). */
+struct kiln_denied_event {
+	struct kiln_event_header hdr;
+	__s64 result;
+	__u32 nr;
+	__u32 _pad0;
+};
+
 _Static_assert(sizeof(struct kiln_event_header) == 32, "kiln_event_header size: update lib.rs");
 _Static_assert(sizeof(struct kiln_exec_event) == 80 + KILN_FILENAME_MAX + 2 * KILN_PATH_MAX +
 					KILN_ARGV_MAX,
@@ -122,6 +236,17 @@ _Static_assert(__builtin_offsetof(struct kiln_exec_event, filename) == 80,
 _Static_assert(sizeof(struct kiln_fork_event) == 48, "kiln_fork_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_exit_event) == 56, "kiln_exit_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_exec_event) % 8 == 0, "records are 8-byte aligned");
+_Static_assert(sizeof(struct kiln_file_event) == 72 + 2 * KILN_ARG_MAX + 3 * KILN_PATH_MAX,
+	       "kiln_file_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_write_event) == 56 + KILN_PATH_MAX,
+	       "kiln_write_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_net_event) == 72 + KILN_UNIX_PATH_MAX,
+	       "kiln_net_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_denied_event) == 48, "kiln_denied_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_write_key) == 16 && sizeof(struct kiln_write_total) == 16,
+	       "write_totals key/value: update lib.rs");
+_Static_assert(sizeof(struct kiln_file_event) % 8 == 0 && sizeof(struct kiln_net_event) % 8 == 0,
+	       "records are 8-byte aligned");
 _Static_assert((KILN_PATH_MAX & (KILN_PATH_MAX - 1)) == 0, "KILN_PATH_MAX is a power of two");
 _Static_assert(KILN_ARGV_MAX <= 0xffff && KILN_PATH_MAX <= 0xffff, "lengths are __u16");
 

@@ -71,6 +71,68 @@ int main(void)
 	FIELD(kiln_exit_event, start_ns);
 	STRUCT_END();
 
+	STRUCT_BEGIN(kiln_file_event);
+	FIELD(kiln_file_event, hdr);
+	FIELD(kiln_file_event, result);
+	FIELD(kiln_file_event, nr);
+	FIELD(kiln_file_event, flags);
+	FIELD(kiln_file_event, mode);
+	FIELD(kiln_file_event, dirfd);
+	FIELD(kiln_file_event, dirfd2);
+	FIELD(kiln_file_event, path_len);
+	FIELD(kiln_file_event, path2_len);
+	FIELD(kiln_file_event, base_len);
+	FIELD(kiln_file_event, base2_len);
+	FIELD(kiln_file_event, real_len);
+	FIELD(kiln_file_event, evflags);
+	FIELD(kiln_file_event, path);
+	FIELD(kiln_file_event, path2);
+	FIELD(kiln_file_event, base);
+	FIELD(kiln_file_event, base2);
+	FIELD(kiln_file_event, real);
+	STRUCT_END();
+
+	STRUCT_BEGIN(kiln_write_event);
+	FIELD(kiln_write_event, hdr);
+	FIELD(kiln_write_event, fd);
+	FIELD(kiln_write_event, path_len);
+	FIELD(kiln_write_event, wflags);
+	FIELD(kiln_write_event, bytes);
+	FIELD(kiln_write_event, writes);
+	FIELD(kiln_write_event, path);
+	STRUCT_END();
+
+	STRUCT_BEGIN(kiln_write_key);
+	FIELD(kiln_write_key, cgroup_id);
+	FIELD(kiln_write_key, tgid);
+	FIELD(kiln_write_key, fd);
+	STRUCT_END();
+
+	STRUCT_BEGIN(kiln_write_total);
+	FIELD(kiln_write_total, bytes);
+	FIELD(kiln_write_total, writes);
+	STRUCT_END();
+
+	STRUCT_BEGIN(kiln_net_event);
+	FIELD(kiln_net_event, hdr);
+	FIELD(kiln_net_event, result);
+	FIELD(kiln_net_event, nr);
+	FIELD(kiln_net_event, family);
+	FIELD(kiln_net_event, port);
+	FIELD(kiln_net_event, addr);
+	FIELD(kiln_net_event, addrlen);
+	FIELD(kiln_net_event, path_len);
+	FIELD(kiln_net_event, _pad0);
+	FIELD(kiln_net_event, unix_path);
+	STRUCT_END();
+
+	STRUCT_BEGIN(kiln_denied_event);
+	FIELD(kiln_denied_event, hdr);
+	FIELD(kiln_denied_event, result);
+	FIELD(kiln_denied_event, nr);
+	FIELD(kiln_denied_event, _pad0);
+	STRUCT_END();
+
 	printf("];\n\n");
 	printf("/// (name, value) of every constant in events.h.\n");
 	printf("pub const C_CONSTANTS: &[super::CConstant] = &[\n");
@@ -78,14 +140,29 @@ int main(void)
 	CONSTANT(KILN_PATH_MAX);
 	CONSTANT(KILN_ARGV_MAX);
 	CONSTANT(KILN_PATH_COMPONENTS_MAX);
+	CONSTANT(KILN_ARG_MAX);
+	CONSTANT(KILN_UNIX_PATH_MAX);
 	CONSTANT(KILN_EVENT_EXEC);
 	CONSTANT(KILN_EVENT_FORK);
 	CONSTANT(KILN_EVENT_EXIT);
+	CONSTANT(KILN_EVENT_FILE);
+	CONSTANT(KILN_EVENT_WRITE);
+	CONSTANT(KILN_EVENT_NET);
+	CONSTANT(KILN_EVENT_DENIED);
 	CONSTANT(KILN_EXEC_FILENAME_TRUNCATED);
 	CONSTANT(KILN_EXEC_ARGV_TRUNCATED);
 	CONSTANT(KILN_EXEC_ARGV_FAULT);
 	CONSTANT(KILN_EXEC_EXE_TRUNCATED);
 	CONSTANT(KILN_EXEC_CWD_TRUNCATED);
+	CONSTANT(KILN_FILE_PATH_TRUNCATED);
+	CONSTANT(KILN_FILE_PATH2_TRUNCATED);
+	CONSTANT(KILN_FILE_BASE_TRUNCATED);
+	CONSTANT(KILN_FILE_BASE2_TRUNCATED);
+	CONSTANT(KILN_FILE_REAL_TRUNCATED);
+	CONSTANT(KILN_FILE_PATH_FAULT);
+	CONSTANT(KILN_FILE_HAS_BASE);
+	CONSTANT(KILN_FILE_HAS_BASE2);
+	CONSTANT(KILN_FILE_HAS_REAL);
 	printf("];\n");
 	return 0;
 }

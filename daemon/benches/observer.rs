@@ -1,0 +1,258 @@
+//! Observer benchmark (scripts/bench/observer), every baseline measured in this run:
+//! 1. a real C build (`make -j2` of a generated project) bare (no BPF loaded), observed (its
+//!    cgroup filtered in, events routed and assembled into a trace), and under
+//!    `strace -f -o /dev/null`: ratios observed/bare (target <= 1.03) and strace/bare, and
+//!    kiln's extra time as a fraction of strace's (target <= 1/10);
+//! 2. a syscall storm (open+close of /dev/null in a tight C loop): events/s delivered and lost
+//!    with the default ring, and the storm's slowdown observed vs bare;
+//! 3. the same storm outside any observed cgroup while the observer is loaded (what every other
+//!    process on the host pays), vs bare.
+//!
+//! Rounds are interleaved (bare, observed, strace, …) and the median is reported, to damp
+//! drift. Environment: `BENCH_BUILD_FILES` (default 160), `BENCH_RUNS` (default 3),
+//! `BENCH_STORM` (open+close iterations, default 1000000).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark driver: a failed setup is a failed run"
+)]
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kilnd::observe::assemble::{self, StepContext};
+use kilnd::observe::{CgroupId, ObserverConfig, ObserverService};
+use tokio::process::Command;
+
+const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct BenchCgroup {
+    path: PathBuf,
+    id: CgroupId,
+}
+
+impl BenchCgroup {
+    fn new() -> Self {
+        let path =
+            Path::new(CGROUP2_ROOT).join(format!("kiln-bench-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir(&path).unwrap();
+        let id = CgroupId::of_path(&path).unwrap();
+        Self { path, id }
+    }
+
+    /// `program args` joining this cgroup between fork and exec (when `join`).
+    fn command(&self, program: &str, args: &[&str], cwd: &Path, join: bool) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if join {
+            let procs = OpenOptions::new()
+                .write(true)
+                .open(self.path.join("cgroup.procs"))
+                .unwrap();
+            // SAFETY: runs between fork and exec; only write(2) (async-signal-safe) on an fd
+            // opened before the fork; allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || join_cgroup(&procs));
+            }
+        }
+        cmd
+    }
+}
+
+fn join_cgroup(procs: &File) -> std::io::Result<()> {
+    // SAFETY: the fd is open for the lifetime of `procs`; the buffer is a valid 1-byte slice.
+    let written = unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+    if written == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Drop for BenchCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn c_project(dir: &Path, files: usize) {
+    let mut objs = Vec::new();
+    for i in 0..files {
+        let mut src = format!(
+            "#include <string.h>\n#include <stdio.h>\nint f{i}(const char *s) {{\n  int h = {i};\n"
+        );
+        for j in 0..40 {
+            writeln!(
+                src,
+                "  for (size_t k = 0; k < strlen(s); k++) h = h * 31 + s[k] + {j};"
+            )
+            .unwrap();
+        }
+        src.push_str(
+            "  char buf[64]; snprintf(buf, sizeof buf, \"%d\", h); return (int)strlen(buf) + h;\n}\n",
+        );
+        std::fs::write(dir.join(format!("f{i}.c")), src).unwrap();
+        objs.push(format!("f{i}.o"));
+    }
+    let makefile = format!(
+        "CFLAGS = -O2 -Wall\nall: libbench.a\n%.o: %.c\n\tcc $(CFLAGS) -c $< -o $@\nlibbench.a: {}\n\tar rcs $@ $^\nclean:\n\trm -f *.o *.a\n",
+        objs.join(" ")
+    );
+    std::fs::write(dir.join("Makefile"), makefile).unwrap();
+}
+
+const STORM_C: &str = "#include <fcntl.h>\n#include <stdlib.h>\n#include <unistd.h>\n\
+int main(int argc, char **argv) { long n = atol(argv[1]);\n\
+for (long i = 0; i < n; i++) { int fd = open(\"/dev/null\", O_RDONLY); close(fd); }\n\
+return 0; }\n";
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+async fn run(mut cmd: Command) -> Duration {
+    let start = Instant::now();
+    let status = cmd.status().await.unwrap();
+    assert!(status.success(), "{cmd:?} failed");
+    start.elapsed()
+}
+
+/// Runs `cmd` in `cgroup` observed by `service`; returns (wall, events, lost) and assembles the
+/// trace (part of what a step pays).
+async fn run_observed(
+    service: &std::sync::Arc<ObserverService>,
+    cgroup: &BenchCgroup,
+    cmd: Command,
+) -> (Duration, usize, u64) {
+    let observation = service.attach(cgroup.id).unwrap();
+    let wall = run(cmd).await;
+    let collected = observation.finish().await.unwrap();
+    let ctx = StepContext {
+        job_id: "bench",
+        step: "bench",
+        builder_id: "urn:kiln:node:bench",
+        started_on: "",
+        finished_on: "",
+        secrets: &[],
+        attached_before_start: true,
+        until_last_exit: true,
+        cgroup_id: cgroup.id.0,
+    };
+    let assembled = assemble::assemble(&collected.events, collected.lost, &ctx).unwrap();
+    assert!(!assembled.blob.is_empty());
+    (wall, collected.events.len(), collected.lost)
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("observer bench: needs root");
+        std::process::exit(2);
+    }
+    let files = env_usize("BENCH_BUILD_FILES", 160);
+    let runs = env_usize("BENCH_RUNS", 3);
+    let storm = env_usize("BENCH_STORM", 1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    c_project(dir.path(), files);
+    std::fs::write(dir.path().join("storm.c"), STORM_C).unwrap();
+    let cc = std::process::Command::new("cc")
+        .args(["-O2", "-o", "storm", "storm.c"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(cc.success());
+    let cgroup = BenchCgroup::new();
+    let make = |join: bool| cgroup.command("make", &["-s", "-j2", "-B", "all"], dir.path(), join);
+    let storm_arg = storm.to_string();
+    let storm_cmd = |join: bool| cgroup.command("./storm", &[&storm_arg], dir.path(), join);
+
+    println!(
+        "observer bench: {files}-file C build (make -j2), storm of {storm} open+close, {runs} rounds (median)"
+    );
+    // Warm the page cache.
+    run(make(false)).await;
+
+    let (mut bare, mut observed, mut straced) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut storm_bare, mut storm_observed, mut storm_on_host) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut build_events, mut storm_events, mut lost_in_storm) = (0, 0, 0);
+    for _ in 0..runs {
+        // Nothing loaded.
+        bare.push(run(make(false)).await);
+        storm_bare.push(run(storm_cmd(false)).await);
+        let mut strace = Command::new("strace");
+        strace
+            .args(["-f", "-o", "/dev/null", "make", "-s", "-j2", "-B", "all"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        straced.push(run(strace).await);
+
+        // Loaded: observed build and storm, then the storm on the host (not observed).
+        let service = ObserverService::start(&ObserverConfig::default()).unwrap();
+        let (wall, events, lost) = run_observed(&service, &cgroup, make(true)).await;
+        assert_eq!(lost, 0, "the build lost events");
+        observed.push(wall);
+        build_events = events;
+        let (wall, events, lost) = run_observed(&service, &cgroup, storm_cmd(true)).await;
+        storm_observed.push(wall);
+        storm_events = events;
+        lost_in_storm = lost;
+        storm_on_host.push(run(storm_cmd(false)).await);
+        drop(service);
+    }
+    let (bare, observed, straced) = (median(bare), median(observed), median(straced));
+    let (storm_bare, storm_observed, storm_host) = (
+        median(storm_bare),
+        median(storm_observed),
+        median(storm_on_host),
+    );
+    let kiln_extra = observed.as_secs_f64() - bare.as_secs_f64();
+    let strace_extra = straced.as_secs_f64() - bare.as_secs_f64();
+    println!(
+        "build    bare {bare:.2?}  observed {observed:.2?} ({:.3}x, {build_events} events, 0 lost)  strace -f {straced:.2?} ({:.2}x)",
+        ratio(observed, bare),
+        ratio(straced, bare)
+    );
+    println!(
+        "build    kiln's extra time / strace's extra time = {:.3} (target <= 0.1)",
+        kiln_extra / strace_extra
+    );
+    println!(
+        "storm    bare {storm_bare:.2?}  observed {storm_observed:.2?} ({:.2}x): {storm_events} events delivered = {:.0} events/s, {lost_in_storm} lost",
+        ratio(storm_observed, storm_bare),
+        storm_events as f64 / storm_observed.as_secs_f64()
+    );
+    println!(
+        "host     the storm unobserved while the observer is loaded: {storm_host:.2?} ({:.2}x bare; target <= 1.05)",
+        ratio(storm_host, storm_bare)
+    );
+}

@@ -1,0 +1,583 @@
+//! Trace assembly: a step's kernel events → the NDJSON trace (docs/trace.md), its summary, and
+//! the runtime-trace v0.1 predicate. Pure: no kernel, no store, no key.
+//!
+//! Secrets: environment values are never captured by the kernel side; argument values
+//! containing a declared secret are redacted here, before anything is stored or signed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
+use std::path::{Component, Path, PathBuf};
+
+use kiln_common::Digest;
+use kiln_common::intoto::{STATEMENT_TYPE, Statement};
+use kiln_common::trace::{
+    self, DeniedRecord, ExecRecord, ExitRecord, FileRecord, ForkRecord, Monitor, MonitorLog,
+    MonitoredProcess, NetRecord, ProcessRecord, RuntimeTracePredicate, TraceHeader, TraceMetadata,
+    TraceRecord, TraceSeal, TraceStatement, TraceSummary, WriteRecord,
+};
+
+use super::event::{Event, FileOp};
+use super::syscalls;
+use super::tree::ProcessTree;
+
+/// zstd level of stored traces (fast; NDJSON compresses ~10x at level 3 already).
+const ZSTD_LEVEL: i32 = 3;
+/// Caps of the signed `monitorLog` lists (the blob has everything).
+const MAX_PROCESSES: usize = 512;
+const MAX_NETWORK: usize = 256;
+const MAX_FILES: usize = 1024;
+
+/// What the pipeline knows about the observed step.
+#[derive(Debug, Clone)]
+pub struct StepContext<'a> {
+    /// Job id.
+    pub job_id: &'a str,
+    /// Step name.
+    pub step: &'a str,
+    /// The node's builder id (`monitoredProcess.hostID`).
+    pub builder_id: &'a str,
+    /// RFC 3339.
+    pub started_on: &'a str,
+    /// RFC 3339.
+    pub finished_on: &'a str,
+    /// Strings to redact from captured arguments.
+    pub secrets: &'a [String],
+    /// The observer filtered on the cgroup before the helper was spawned.
+    pub attached_before_start: bool,
+    /// Observation ended after the cgroup was verified empty and removed.
+    pub until_last_exit: bool,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+}
+
+/// Errors of trace assembly.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    /// Serializing or compressing the NDJSON failed.
+    #[error("writing the compressed trace failed")]
+    Write(#[source] std::io::Error),
+    /// A record did not serialize (should not happen: plain data).
+    #[error("serializing a trace record failed")]
+    Serialize(#[source] serde_json::Error),
+}
+
+/// An assembled trace, ready to store and sign.
+#[derive(Debug)]
+pub struct AssembledTrace {
+    /// zstd-compressed NDJSON.
+    pub blob: Vec<u8>,
+    /// The last record, also sealed in the predicate.
+    pub summary: TraceSummary,
+    /// The signed summaries.
+    pub monitor_log: MonitorLog,
+    /// Whether `monitor_log` was cut to its caps.
+    pub truncated: bool,
+}
+
+/// Builds the trace of one step from its events and losses.
+pub fn assemble(
+    events: &[Event],
+    lost: u64,
+    ctx: &StepContext<'_>,
+) -> Result<AssembledTrace, AssembleError> {
+    let mut records = Vec::with_capacity(events.len() + 16);
+    records.push(TraceRecord::Header(TraceHeader {
+        schema: trace::TRACE_SCHEMA.into(),
+        job_id: ctx.job_id.into(),
+        step: ctx.step.into(),
+        cgroup_id: ctx.cgroup_id,
+        secrets_declared: ctx.secrets.iter().filter(|s| !s.is_empty()).count(),
+    }));
+    let mut summary = TraceSummary {
+        lost,
+        attached_before_start: ctx.attached_before_start,
+        until_last_exit: ctx.until_last_exit,
+        ..TraceSummary::default()
+    };
+    let mut files = FileAccessSummary::default();
+    let mut network = Vec::new();
+    let mut ordered: Vec<&Event> = events.iter().collect();
+    ordered.sort_by_key(|e| e.header().ktime_ns); // stable: ties keep ring order
+    // (pid, fd) -> path of the file it opened last: names the files of write totals.
+    let mut open_fds: HashMap<(u32, i32), String> = HashMap::new();
+    for event in ordered {
+        let mut record = to_record(event, ctx.secrets);
+        match &mut record {
+            TraceRecord::File(file) if file.op == "open" && file.result >= 0 => {
+                open_fds.insert((file.pid, file.result as i32), file.path.clone());
+            }
+            TraceRecord::Write(write) => {
+                // Totals swept at step end have no kernel path: the last open of that fd.
+                if write.path.is_none() {
+                    write.path = open_fds.get(&(write.pid, write.fd)).cloned();
+                }
+                if let Some(path) = &write.path {
+                    files
+                        .written
+                        .entry(path.clone())
+                        .or_default()
+                        .insert("write");
+                }
+            }
+            _ => {}
+        }
+        summary.events.count(&record);
+        files.add(&record);
+        if let TraceRecord::Net(net) = &record {
+            network.push(serde_json::json!({
+                "ip": net.ip, "port": net.port, "path": net.path,
+                "protocol": net.family, "op": net.op, "result": net.result,
+                "invokingProcess": { "pid": net.pid },
+            }));
+        }
+        records.push(record);
+    }
+    summary.connections = network.len() as u64;
+    summary.files_read = files.read_only().count() as u64;
+    summary.files_written = files.written.len() as u64;
+
+    let tree = ProcessTree::assemble(events);
+    let mut processes = Vec::new();
+    for (depth, node) in tree.walk() {
+        let exec = node.last_exec();
+        let record = ProcessRecord {
+            depth: depth as u32,
+            pid: node.pid,
+            ppid: node.ppid,
+            exe: exec.map(|e| e.exe.to_string_lossy().into_owned()),
+            argv: exec
+                .map(|e| {
+                    e.argv
+                        .iter()
+                        .map(|a| trace::redact(&a.to_string_lossy(), ctx.secrets))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            execs: node.execs.len() as u32,
+            exit_code: node.exit.filter(|x| x.signal == 0).map(|x| x.code),
+            signal: node.exit.filter(|x| x.signal != 0).map(|x| x.signal),
+            duration_ms: node.duration().map(|d| d.as_secs_f64() * 1e3),
+        };
+        processes.push(serde_json::json!({
+            "pid": record.pid, "ppid": record.ppid, "processBinary": record.exe,
+            "arguments": record.argv, "exitCode": record.exit_code, "signal": record.signal,
+        }));
+        records.push(TraceRecord::Process(record));
+    }
+    summary.complete = summary.is_complete();
+    records.push(TraceRecord::Summary(summary.clone()));
+
+    let mut file_access: Vec<serde_json::Value> = files
+        .written
+        .iter()
+        .map(|(path, ops)| file_entry(path, ops))
+        .collect();
+    file_access.extend(
+        files
+            .read_only()
+            .map(|path| file_entry(path, &BTreeSet::from(["read"]))),
+    );
+    let truncated = processes.len() > MAX_PROCESSES
+        || network.len() > MAX_NETWORK
+        || file_access.len() > MAX_FILES;
+    processes.truncate(MAX_PROCESSES);
+    network.truncate(MAX_NETWORK);
+    file_access.truncate(MAX_FILES);
+
+    Ok(AssembledTrace {
+        blob: compress(&records)?,
+        summary,
+        monitor_log: MonitorLog {
+            process: processes,
+            network,
+            file_access,
+        },
+        truncated,
+    })
+}
+
+/// The signed statement for an assembled trace stored as blob `digest`.
+pub fn statement(
+    assembled: &AssembledTrace,
+    digest: &Digest,
+    ctx: &StepContext<'_>,
+) -> TraceStatement {
+    let blob = trace::blob_descriptor(&format!("trace:{}", ctx.step), digest);
+    Statement {
+        statement_type: STATEMENT_TYPE.into(),
+        subject: vec![blob.clone()],
+        predicate_type: trace::RUNTIME_TRACE_V01.into(),
+        predicate: RuntimeTracePredicate {
+            monitor: Monitor {
+                monitor_type: trace::KILN_MONITOR_TYPE.into(),
+                trace_policy: serde_json::json!({
+                    "programs": ["tp_btf/sched_process_exec", "tp_btf/sched_process_fork",
+                                 "tp_btf/sched_process_exit", "tp_btf/sys_enter", "tp_btf/sys_exit"],
+                    "filter": "cgroup v2 id of the step",
+                    "argvMaxBytes": kiln_ebpf::ARGV_MAX,
+                    "pathMaxBytes": kiln_ebpf::PATH_MAX,
+                    "environment": "never captured",
+                }),
+            },
+            monitored_process: MonitoredProcess {
+                host_id: ctx.builder_id.into(),
+                process_type: trace::MONITORED_PROCESS_TYPE.into(),
+                event: format!("{}/{}", ctx.job_id, ctx.step),
+            },
+            monitor_log: assembled.monitor_log.clone(),
+            metadata: Some(TraceMetadata {
+                build_started_on: ctx.started_on.into(),
+                build_finished_on: ctx.finished_on.into(),
+            }),
+            kiln_trace: TraceSeal {
+                trace: blob,
+                summary: assembled.summary.clone(),
+                summary_truncated: assembled.truncated,
+            },
+        },
+    }
+}
+
+/// Decompresses a stored trace blob into NDJSON.
+pub fn decompress(blob: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::stream::decode_all(blob)
+}
+
+fn compress(records: &[TraceRecord]) -> Result<Vec<u8>, AssembleError> {
+    let mut encoder =
+        zstd::stream::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(AssembleError::Write)?;
+    for record in records {
+        serde_json::to_writer(&mut encoder, record).map_err(AssembleError::Serialize)?;
+        encoder.write_all(b"\n").map_err(AssembleError::Write)?;
+    }
+    encoder.finish().map_err(AssembleError::Write)
+}
+
+fn file_entry(path: &str, ops: &BTreeSet<&'static str>) -> serde_json::Value {
+    serde_json::json!({
+        "name": path,
+        "uri": format!("file://{path}"),
+        "annotations": { "access": ops.iter().collect::<Vec<_>>() },
+    })
+}
+
+/// Distinct files by what was done to them.
+#[derive(Default)]
+struct FileAccessSummary {
+    read: BTreeSet<String>,
+    written: BTreeMap<String, BTreeSet<&'static str>>,
+}
+
+impl FileAccessSummary {
+    fn add(&mut self, record: &TraceRecord) {
+        let TraceRecord::File(file) = record else {
+            return;
+        };
+        if file.result < 0 {
+            return;
+        }
+        let op: &'static str = match (file.op.as_str(), file.access.as_deref()) {
+            ("open", Some("read")) => {
+                self.read.insert(file.path.clone());
+                return;
+            }
+            // O_PATH: a handle, neither read nor written (the sandbox's mount setup).
+            ("open", Some("path")) => return,
+            ("open" | "truncate", _) => "write",
+            ("rename", _) => "rename",
+            ("unlink" | "rmdir", _) => "delete",
+            ("mkdir", _) => "create",
+            ("symlink", _) => {
+                // `path` is the link's text; the new link is `path2`.
+                if let Some(path2) = &file.path2 {
+                    self.written
+                        .entry(path2.clone())
+                        .or_default()
+                        .insert("link");
+                }
+                return;
+            }
+            ("link", _) => "link",
+            ("chmod" | "chown", _) => "metadata",
+            _ => return,
+        };
+        self.written
+            .entry(file.path.clone())
+            .or_default()
+            .insert(op);
+        if let Some(path2) = &file.path2 {
+            self.written.entry(path2.clone()).or_default().insert(op);
+        }
+    }
+
+    fn read_only(&self) -> impl Iterator<Item = &String> {
+        self.read
+            .iter()
+            .filter(|path| !self.written.contains_key(path.as_str()))
+    }
+}
+
+/// One kernel event as a trace record (arguments redacted).
+fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
+    let lossy = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    match event {
+        Event::Exec(exec) => {
+            let flag_names = [
+                (kiln_ebpf::EXEC_FILENAME_TRUNCATED, "filename"),
+                (kiln_ebpf::EXEC_ARGV_TRUNCATED, "argv"),
+                (kiln_ebpf::EXEC_ARGV_FAULT, "argv-fault"),
+                (kiln_ebpf::EXEC_EXE_TRUNCATED, "exe"),
+                (kiln_ebpf::EXEC_CWD_TRUNCATED, "cwd"),
+            ];
+            TraceRecord::Exec(ExecRecord {
+                t: exec.header.ktime_ns,
+                pid: exec.header.tgid,
+                ppid: exec.ppid,
+                filename: lossy(&exec.filename),
+                exe: lossy(&exec.exe),
+                cwd: lossy(&exec.cwd),
+                argv: exec
+                    .argv
+                    .iter()
+                    .map(|a| trace::redact(&a.to_string_lossy(), secrets))
+                    .collect(),
+                argc: exec.argc,
+                uid: exec.uid,
+                gid: exec.gid,
+                truncated: flag_names
+                    .iter()
+                    .filter(|(bit, _)| exec.flags & bit != 0)
+                    .map(|(_, name)| (*name).to_owned())
+                    .collect(),
+            })
+        }
+        Event::Fork(fork) => TraceRecord::Fork(ForkRecord {
+            t: fork.header.ktime_ns,
+            parent: fork.parent_tgid,
+            child: fork.child_tgid,
+        }),
+        Event::Exit(exit) => TraceRecord::Exit(ExitRecord {
+            t: exit.header.ktime_ns,
+            pid: exit.header.tgid,
+            code: exit.code,
+            signal: exit.signal,
+        }),
+        Event::File(file) => TraceRecord::File(file_record(file)),
+        Event::Write(write) => TraceRecord::Write(WriteRecord {
+            t: write.header.ktime_ns,
+            pid: write.header.tgid,
+            fd: write.fd,
+            path: write
+                .path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            bytes: write.bytes,
+            writes: write.writes,
+        }),
+        Event::Net(net) => TraceRecord::Net(NetRecord {
+            t: net.header.ktime_ns,
+            pid: net.header.tgid,
+            op: syscalls::name(net.nr).unwrap_or("socket").to_owned(),
+            family: match net.family {
+                1 => "unix".to_owned(),
+                2 => "inet".to_owned(),
+                10 => "inet6".to_owned(),
+                other => format!("af-{other}"),
+            },
+            ip: net.ip.map(|ip| ip.to_string()),
+            port: net.ip.map(|_| net.port),
+            path: net.unix_path.as_ref().map(|p| match p.split_first() {
+                Some((0, name)) => format!("@{}", String::from_utf8_lossy(name)),
+                _ => String::from_utf8_lossy(p).into_owned(),
+            }),
+            result: net.result,
+        }),
+        Event::Denied(denied) => TraceRecord::Denied(DeniedRecord {
+            t: denied.header.ktime_ns,
+            pid: denied.header.tgid,
+            nr: denied.nr,
+            syscall: syscalls::name(denied.nr).map(str::to_owned),
+            result: denied.result,
+        }),
+    }
+}
+
+fn file_record(file: &FileOp) -> FileRecord {
+    let op = syscalls::file_op(file.nr, file.flags);
+    let is_open = op == "open";
+    let arg = file.path.to_string_lossy().into_owned();
+    let path = match (&file.real, op) {
+        // The opened file itself, symlinks resolved, as the kernel sees it.
+        (Some(real), "open") if file.result >= 0 => real.to_string_lossy().into_owned(),
+        // fchdir: the directory open as the fd.
+        _ if file.nr == 81 => file
+            .base
+            .as_deref()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        // A symlink's first argument is the link's text, not a path of this process.
+        (_, "symlink") => arg.clone(),
+        _ => resolve(&file.path, file.base.as_deref()),
+    };
+    FileRecord {
+        t: file.header.ktime_ns,
+        pid: file.header.tgid,
+        op: op.to_owned(),
+        syscall: syscalls::name(file.nr).map_or_else(|| format!("nr-{}", file.nr), str::to_owned),
+        path,
+        arg,
+        path2: file
+            .path2
+            .as_ref()
+            .map(|p| resolve(p, file.base2.as_deref())),
+        flags: is_open.then_some(file.flags),
+        access: is_open.then(|| syscalls::open_access(file.flags).to_owned()),
+        result: file.result,
+    }
+}
+
+/// `arg` made absolute against `base` (the cwd or dirfd directory walked in the kernel) and
+/// normalized lexically: `.` dropped, `..` removes the previous component (not above `/`).
+/// Lexical `..` differs from the kernel's only when the previous component is a symlink;
+/// opens that succeeded carry the kernel's own resolution instead (docs/trace.md).
+fn resolve(arg: &Path, base: Option<&Path>) -> String {
+    let joined: PathBuf = match base {
+        Some(base) if arg.is_relative() => base.join(arg),
+        _ => arg.to_owned(),
+    };
+    let mut out = PathBuf::new();
+    for component in joined.components() {
+        match component {
+            Component::ParentDir => {
+                if out.parent().is_some() {
+                    out.pop();
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::observe::event::{Exec, Exit, Header};
+
+    fn header(t: u64, pid: u32) -> Header {
+        Header {
+            ktime_ns: t,
+            cgroup_id: 9,
+            pid,
+            tgid: pid,
+        }
+    }
+
+    fn ctx(secrets: &[String]) -> StepContext<'_> {
+        StepContext {
+            job_id: "job",
+            step: "compile",
+            builder_id: "urn:kiln:node:00",
+            started_on: "2025-01-01T00:00:00Z",
+            finished_on: "2025-01-01T00:00:01Z",
+            secrets,
+            attached_before_start: true,
+            until_last_exit: true,
+            cgroup_id: 9,
+        }
+    }
+
+    fn events() -> Vec<Event> {
+        vec![
+            Event::Exec(Exec {
+                header: header(10, 5),
+                ppid: 1,
+                start_ns: 1,
+                uid: 0,
+                gid: 0,
+                euid: 0,
+                egid: 0,
+                filename: PathBuf::from("/bin/cc"),
+                exe: PathBuf::from("/usr/bin/gcc-12"),
+                cwd: PathBuf::from("/workspace/src"),
+                argv: ["cc", "--token=hunter2", "-c"].map(OsString::from).to_vec(),
+                argc: 3,
+                flags: 0,
+            }),
+            Event::Exit(Exit {
+                header: header(20, 5),
+                code: 0,
+                signal: 0,
+                core_dumped: false,
+                start_ns: 1,
+            }),
+        ]
+    }
+
+    fn lines(blob: &[u8]) -> Vec<TraceRecord> {
+        String::from_utf8(decompress(blob).unwrap())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn trace_has_header_events_tree_and_summary_with_secrets_redacted() {
+        let secrets = vec!["hunter2".to_owned()];
+        let assembled = assemble(&events(), 0, &ctx(&secrets)).unwrap();
+        let records = lines(&assembled.blob);
+        assert!(
+            matches!(&records[0], TraceRecord::Header(h) if h.step == "compile" && h.secrets_declared == 1)
+        );
+        assert!(
+            matches!(&records[1], TraceRecord::Exec(e) if e.argv == ["cc", "--token=[REDACTED]", "-c"])
+        );
+        assert!(
+            matches!(&records[3], TraceRecord::Process(p) if p.exit_code == Some(0) && p.argv[1] == "--token=[REDACTED]")
+        );
+        let TraceRecord::Summary(summary) = records.last().unwrap() else {
+            panic!("no summary last");
+        };
+        assert!(summary.complete);
+        assert_eq!((summary.events.exec, summary.events.exit), (1, 1));
+        let text = String::from_utf8(decompress(&assembled.blob).unwrap()).unwrap();
+        assert!(!text.contains("hunter2"));
+        let st = statement(&assembled, &Digest::of(&assembled.blob), &ctx(&secrets));
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(!json.contains("hunter2"));
+        assert!(
+            json.contains(
+                "\"predicateType\":\"https://in-toto.io/attestation/runtime-trace/v0.1\""
+            )
+        );
+        assert!(json.contains("\"monitoredProcess\":{\"hostID\""));
+        assert!(json.contains("\"kilnTrace\":{\"trace\""));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_their_directory() {
+        let base = Path::new("/workspace/src");
+        assert_eq!(
+            resolve(Path::new("hello.c"), Some(base)),
+            "/workspace/src/hello.c"
+        );
+        assert_eq!(
+            resolve(Path::new("../build/./x"), Some(base)),
+            "/workspace/build/x"
+        );
+        assert_eq!(resolve(Path::new("/etc/../../tmp"), Some(base)), "/tmp");
+        assert_eq!(resolve(Path::new("rel"), None), "rel");
+    }
+
+    #[test]
+    fn lost_events_make_the_trace_incomplete() {
+        let assembled = assemble(&events(), 2, &ctx(&[])).unwrap();
+        assert!(!assembled.summary.complete);
+        assert_eq!(assembled.summary.lost, 2);
+    }
+}

@@ -1,0 +1,243 @@
+//! The node's one observer, shared by every running step: one task drains the ring buffer and
+//! routes each event by its cgroup id to the step that owns that cgroup.
+//!
+//! A step's lifecycle: [`ObserverService::attach`] with the step's cgroup id after the cgroup
+//! exists and BEFORE the helper that joins it is spawned (so the step's first instruction is
+//! observed); the step runs; after its teardown verified the cgroup empty and removed,
+//! [`StepObservation::finish`] drains until quiet, stops filtering on the cgroup and returns the
+//! events with the cgroup's lost count.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{CgroupId, Event, EventStream, ObserveError, Observer, ObserverConfig};
+
+/// How long the ring must stay empty of a finished step's events before its trace is sealed.
+/// Records are committed before the task that wrote them can leave its cgroup, so this only
+/// covers a record another CPU still holds reserved in front of them.
+const QUIET: Duration = Duration::from_millis(30);
+/// Flush rounds after which a still-busy ring is given up on (the remainder counts as lost).
+const MAX_FLUSH_ROUNDS: usize = 200;
+
+type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
+
+/// The loaded observer and its ring-buffer router.
+#[derive(Debug)]
+pub struct ObserverService {
+    observer: Mutex<Observer>,
+    routes: Routes,
+    flush: mpsc::Sender<oneshot::Sender<()>>,
+    ring_bytes: u32,
+}
+
+/// Observation of one step's cgroup; finish it (or drop it, which stops filtering without a
+/// trace).
+#[derive(Debug)]
+pub struct StepObservation {
+    service: Arc<ObserverService>,
+    id: CgroupId,
+    events: mpsc::UnboundedReceiver<Event>,
+    finished: bool,
+}
+
+/// What the kernel reported for one step.
+#[derive(Debug)]
+pub struct StepEvents {
+    /// Every event, in ring order.
+    pub events: Vec<Event>,
+    /// Events of the step the kernel could not deliver.
+    pub lost: u64,
+    /// The cgroup observed.
+    pub cgroup: CgroupId,
+}
+
+impl ObserverService {
+    /// Loads and attaches the BPF programs and starts the router task. Must run in a tokio
+    /// runtime.
+    pub fn start(config: &ObserverConfig) -> Result<Arc<Self>, ObserveError> {
+        let (observer, stream) = Observer::load(config)?;
+        let routes: Routes = Arc::default();
+        let (flush, flush_rx) = mpsc::channel(16);
+        tokio::spawn(route(stream, routes.clone(), flush_rx));
+        Ok(Arc::new(Self {
+            observer: Mutex::new(observer),
+            routes,
+            flush,
+            ring_bytes: config.ring_bytes,
+        }))
+    }
+
+    /// The ring buffer size in bytes.
+    pub fn ring_bytes(&self) -> u32 {
+        self.ring_bytes
+    }
+
+    /// Starts observing cgroup `id` and returns its event receiver. Call before anything runs
+    /// in the cgroup.
+    pub fn attach(self: &Arc<Self>, id: CgroupId) -> Result<StepObservation, ObserveError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Route first, filter next: no event of the cgroup can arrive unrouted.
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.0, tx);
+        let observed = self
+            .observer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe_cgroup(id);
+        if let Err(err) = observed {
+            self.remove_route(id);
+            return Err(err);
+        }
+        Ok(StepObservation {
+            service: self.clone(),
+            id,
+            events: rx,
+            finished: false,
+        })
+    }
+
+    /// Asks the router to drain the ring now; returns when it has.
+    async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.flush.send(done).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    fn remove_route(&self, id: CgroupId) {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id.0);
+    }
+
+    fn unobserve(&self, id: CgroupId) -> Result<u64, ObserveError> {
+        self.observer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unobserve_cgroup(id)
+    }
+
+    /// Takes (and clears) the kernel's per-file write totals of cgroup `id`.
+    fn take_writes(&self, id: CgroupId) -> Vec<Event> {
+        self.observer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_pending_writes(id)
+    }
+}
+
+impl StepObservation {
+    /// The observed cgroup.
+    pub fn cgroup(&self) -> CgroupId {
+        self.id
+    }
+
+    /// Call after every process of the cgroup is gone: drains the ring until no event of this
+    /// cgroup arrives for a quiet period, stops observing, and returns the events and losses.
+    pub async fn finish(mut self) -> Result<StepEvents, ObserveError> {
+        self.finished = true;
+        let mut events = Vec::new();
+        let mut quiet_rounds = 0;
+        for _ in 0..MAX_FLUSH_ROUNDS {
+            self.service.flush().await;
+            let before = events.len();
+            while let Ok(event) = self.events.try_recv() {
+                events.push(event);
+            }
+            if events.len() == before {
+                quiet_rounds += 1;
+                if quiet_rounds >= 2 {
+                    break;
+                }
+            } else {
+                quiet_rounds = 0;
+            }
+            tokio::time::sleep(QUIET).await;
+        }
+        // Write totals of files still open at exit are emitted by userspace, after the ring.
+        events.extend(self.service.take_writes(self.id));
+        let lost = self.service.unobserve(self.id);
+        self.service.remove_route(self.id);
+        while let Ok(event) = self.events.try_recv() {
+            events.push(event);
+        }
+        Ok(StepEvents {
+            events,
+            lost: lost?,
+            cgroup: self.id,
+        })
+    }
+}
+
+impl Drop for StepObservation {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Err(err) = self.service.unobserve(self.id) {
+                tracing::warn!(%err, cgroup = %self.id, "cannot stop observing an abandoned step cgroup");
+            }
+            let _ = self.service.take_writes(self.id);
+            self.service.remove_route(self.id);
+        }
+    }
+}
+
+/// The router: drains the ring (on wakeup, on its poll interval, and on flush requests) and
+/// sends each event to the step observing its cgroup.
+async fn route(
+    mut stream: EventStream,
+    routes: Routes,
+    mut flush: mpsc::Receiver<oneshot::Sender<()>>,
+) {
+    let mut batch = Vec::new();
+    let mut unrouted: u64 = 0;
+    loop {
+        let mut flush_request = None;
+        tokio::select! {
+            result = stream.next_batch(&mut batch) => {
+                if let Err(err) = result {
+                    tracing::error!(%err, "observer ring buffer failed; traces from now on are incomplete");
+                    return;
+                }
+            }
+            request = flush.recv() => match request {
+                Some(done) => flush_request = Some(done),
+                None => return,
+            },
+        }
+        if flush_request.is_some() {
+            while stream.drain(&mut batch) > 0 {
+                dispatch(&routes, &mut batch, &mut unrouted);
+            }
+        }
+        dispatch(&routes, &mut batch, &mut unrouted);
+        if let Some(done) = flush_request {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn dispatch(routes: &Routes, batch: &mut Vec<Event>, unrouted: &mut u64) {
+    if batch.is_empty() {
+        return;
+    }
+    let routes = routes.lock().unwrap_or_else(PoisonError::into_inner);
+    for event in batch.drain(..) {
+        match routes.get(&event.header().cgroup_id) {
+            Some(tx) if tx.send(event).is_ok() => {}
+            _ => {
+                // A record of a cgroup whose step already finished (it cannot be a step's own
+                // event: a step stops observing only after its cgroup is gone and drained).
+                *unrouted += 1;
+                if unrouted.is_power_of_two() {
+                    tracing::debug!(unrouted = *unrouted, "observer events without a step");
+                }
+            }
+        }
+    }
+}

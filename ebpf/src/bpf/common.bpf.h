@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * common.bpf.h: what every program family of the observer shares: the cgroup filter
+ * (observed_cgroups), the ring buffer and its batched wakeups, per-CPU and per-cgroup loss
+ * counters, and the bounded dentry walk. Included once, by observer.bpf.c, so all families
+ * share one set of maps.
+ */
+#ifndef KILN_COMMON_BPF_H
+#define KILN_COMMON_BPF_H
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#include "events.h"
+
+/* Set by the loader (EbpfLoader::set_global) before load. */
+const volatile __u64 kiln_wakeup_threshold = 256 * 1024;
+const volatile __u64 kiln_wakeup_interval_ns = 10 * 1000 * 1000;
+
+/* Last forced wakeup; racy updates across CPUs are harmless (at worst one extra wakeup). */
+__u64 kiln_last_wakeup_ns = 0;
+
+/* cgroup v2 id -> events lost (reserve failed) for that cgroup. Filled by userspace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u64);
+} observed_cgroups SEC(".maps");
+
+/* Size is overridden by the loader (ObserverConfig::ring_bytes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 16 * 1024 * 1024);
+} events SEC(".maps");
+
+/* Events lost on this CPU, all cgroups together. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost_events SEC(".maps");
+
+/*
+ * Scratch space for a dentry walk: a component (read with a bound of 256 bytes) may start at
+ * any offset below KILN_PATH_MAX, so the buffer has 256 bytes of slack past it.
+ */
+#define KILN_NAME_READ 256
+struct path_scratch {
+	char buf[KILN_PATH_MAX + KILN_NAME_READ];
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct path_scratch);
+} path_scratch SEC(".maps");
+
+static __always_inline __u64 *observed(__u64 cgroup_id)
+{
+	return bpf_map_lookup_elem(&observed_cgroups, &cgroup_id);
+}
+
+static __always_inline void count_lost(__u64 *cgroup_lost)
+{
+	__u32 zero = 0;
+	__u64 *cpu_lost = bpf_map_lookup_elem(&lost_events, &zero);
+
+	if (cpu_lost)
+		*cpu_lost += 1; /* per-CPU value: no other writer */
+	__sync_fetch_and_add(cgroup_lost, 1);
+}
+
+/*
+ * Reserves a record of `size` bytes for an event of a task in cgroup `cgroup_id` and fills its
+ * header (pid/tgid: the current task). NULL when the cgroup is not observed, or when the ring
+ * is full: then the loss is counted.
+ */
+static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_id, __u64 now)
+{
+	__u64 *cgroup_lost = observed(cgroup_id);
+
+	if (!cgroup_lost)
+		return NULL;
+
+	struct kiln_event_header *hdr = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (!hdr) {
+		count_lost(cgroup_lost);
+		return NULL;
+	}
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	hdr->type = type;
+	hdr->size = size;
+	hdr->ktime_ns = now;
+	hdr->cgroup_id = cgroup_id;
+	hdr->pid = (__u32)pid_tgid;
+	hdr->tgid = pid_tgid >> 32;
+	return hdr;
+}
+
+static __always_inline __u64 wakeup_flags(__u64 now)
+{
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= kiln_wakeup_threshold ||
+	    now - kiln_last_wakeup_ns >= kiln_wakeup_interval_ns) {
+		kiln_last_wakeup_ns = now;
+		return BPF_RB_FORCE_WAKEUP;
+	}
+	return BPF_RB_NO_WAKEUP;
+}
+
+/* State of one dentry walk; a bpf_loop callback advances it by one component. */
+struct walk_state {
+	struct dentry *dentry;
+	struct vfsmount *vfsmnt;
+	struct mount *mnt;
+	struct dentry *root_dentry;
+	struct vfsmount *root_mnt;
+	char *buf;
+	__u32 off;
+	bool truncated;
+};
+
+/*
+ * One step of a walk from a dentry up to the task's root (see walk_path). Returns 1 to stop.
+ * A callback rather than a bounded loop: the verifier checks it once, whereas an inlined loop
+ * whose write offset differs on every path exceeds the 1M instruction budget.
+ */
+static long walk_step(__u64 index, struct walk_state *w)
+{
+	/* Locals, not w->field inside BPF_CORE_READ: that would relocate walk_state itself. */
+	struct dentry *dentry = w->dentry;
+	struct vfsmount *vfsmnt = w->vfsmnt;
+	struct mount *mnt = w->mnt;
+
+	if (dentry == w->root_dentry && vfsmnt == w->root_mnt) {
+		w->truncated = false;
+		return 1;
+	}
+	if (dentry == BPF_CORE_READ(vfsmnt, mnt_root)) {
+		struct mount *parent = BPF_CORE_READ(mnt, mnt_parent);
+
+		/* The root mount of its namespace: nothing above it. */
+		if (parent == mnt) {
+			w->truncated = false;
+			return 1;
+		}
+		w->dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
+		w->mnt = parent;
+		w->vfsmnt = (void *)parent + bpf_core_field_offset(struct mount, mnt);
+		return 0;
+	}
+	struct dentry *parent_dentry = BPF_CORE_READ(dentry, d_parent);
+
+	/* A filesystem root that is not a mount root (detached): nothing above it either. */
+	if (parent_dentry == dentry) {
+		w->truncated = false;
+		return 1;
+	}
+	__u32 off = w->off;
+	char *buf = w->buf;
+
+	if (off >= KILN_PATH_MAX)
+		return 1;
+	long n = bpf_probe_read_kernel_str(&buf[off & (KILN_PATH_MAX - 1)], KILN_NAME_READ,
+					   BPF_CORE_READ(dentry, d_name.name));
+	if (n <= 0)
+		return 1;
+	w->off = off + n;
+	w->dentry = parent_dentry;
+	return 0;
+}
+
+/*
+ * Writes the components of `dentry`/`vfsmnt` up to `root` leaf first, each NUL-terminated,
+ * into `buf` (see events.h) and returns the number of bytes written; sets *truncated when the
+ * walk stopped before reaching the root. Crosses mount points through struct mount.
+ */
+static __always_inline __u32 walk_path(struct dentry *dentry, struct vfsmount *vfsmnt,
+				       struct dentry *root_dentry, struct vfsmount *root_mnt,
+				       char *buf, bool *truncated)
+{
+	struct walk_state w = {
+		.dentry = dentry,
+		.vfsmnt = vfsmnt,
+		.mnt = (void *)vfsmnt - bpf_core_field_offset(struct mount, mnt),
+		.root_dentry = root_dentry,
+		.root_mnt = root_mnt,
+		.buf = buf,
+		.off = 0,
+		.truncated = true,
+	};
+
+	bpf_loop(KILN_PATH_COMPONENTS_MAX, walk_step, &w, 0);
+	*truncated = w.truncated;
+	if (w.off > KILN_PATH_MAX) {
+		*truncated = true;
+		return KILN_PATH_MAX;
+	}
+	return w.off;
+}
+
+/* Copies a walked path from scratch into a record field of KILN_PATH_MAX bytes. */
+static __always_inline __u16 copy_path(char *dst, const char *scratch, __u32 len)
+{
+	if (len == 0 || len > KILN_PATH_MAX)
+		return 0;
+	if (bpf_probe_read_kernel(dst, len, scratch) != 0)
+		return 0;
+	return len;
+}
+
+#endif /* KILN_COMMON_BPF_H */

@@ -1,0 +1,603 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * syscalls.bpf.c: the observer's syscall family (tp_btf/sys_enter + tp_btf/sys_exit), compiled
+ * as part of observer.bpf.c. For tasks in an observed cgroup only:
+ *
+ * - path-based file syscalls: the path arguments are read at sys_enter (before the kernel acts
+ *   on them), with the directory they are relative to walked in the kernel (cwd or dirfd), and
+ *   kept per task in `pending_files`; sys_exit adds the result (and, for an open that returned
+ *   an fd, the opened file's real path) and emits one struct kiln_file_event;
+ * - writes: bytes per (process, fd) summed in `write_totals`, emitted at close: a build that
+ *   writes a file in 4 KiB chunks costs one record, not thousands;
+ * - connect/bind/sendto: address and result at sys_exit (steps run in an empty network
+ *   namespace, so attempts fail: they are evidence);
+ * - any other syscall that returned -EPERM (the seccomp profile's errno).
+ *
+ * x86_64 syscall numbers below; keep in sync with daemon/src/observe/syscalls.rs (names).
+ * Unobserved tasks pay one cgroup id read and one hash lookup per syscall entry and exit.
+ */
+
+#define NR_WRITE 1
+#define NR_OPEN 2
+#define NR_CLOSE 3
+#define NR_PWRITE64 18
+#define NR_WRITEV 20
+#define NR_DUP2 33
+#define NR_CONNECT 42
+#define NR_SENDTO 44
+#define NR_BIND 49
+#define NR_TRUNCATE 76
+#define NR_CHDIR 80
+#define NR_FCHDIR 81
+#define NR_RENAME 82
+#define NR_MKDIR 83
+#define NR_RMDIR 84
+#define NR_CREAT 85
+#define NR_LINK 86
+#define NR_UNLINK 87
+#define NR_SYMLINK 88
+#define NR_CHMOD 90
+#define NR_CHOWN 92
+#define NR_LCHOWN 94
+#define NR_OPENAT 257
+#define NR_MKDIRAT 258
+#define NR_FCHOWNAT 260
+#define NR_UNLINKAT 263
+#define NR_RENAMEAT 264
+#define NR_LINKAT 265
+#define NR_SYMLINKAT 266
+#define NR_FCHMODAT 268
+#define NR_DUP3 292
+#define NR_PWRITEV 296
+#define NR_RENAMEAT2 316
+#define NR_PWRITEV2 328
+#define NR_OPENAT2 437
+#define NR_FCHMODAT2 452
+
+#define KILN_AT_FDCWD -100
+#define KILN_EPERM 1
+#define KILN_AF_UNIX 1
+#define KILN_AF_INET 2
+#define KILN_AF_INET6 10
+/* creat(2) is open(O_CREAT | O_WRONLY | O_TRUNC). */
+#define KILN_CREAT_FLAGS (0100 | 01 | 01000)
+
+/*
+ * pid_tgid -> the file syscall it is in (built at sys_enter, emitted at sys_exit): at most one
+ * per thread inside a traced file syscall at the same moment. Preallocated (~4.4 MiB): an
+ * update is a copy into a ready element, not an allocation per syscall. Full -> counted lost.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2048);
+	__type(key, __u64);
+	__type(value, struct kiln_file_event);
+} pending_files SEC(".maps");
+
+/* Scratch for building a pending record (too large for the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kiln_file_event);
+} file_scratch SEC(".maps");
+
+/* (cgroup, process, fd) -> bytes written so far; see struct kiln_write_event. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct kiln_write_key);
+	__type(value, struct kiln_write_total);
+} write_totals SEC(".maps");
+
+/* The arguments of a path-based file syscall. */
+struct file_args {
+	const char *path;
+	const char *path2;
+	__s32 dirfd;
+	__s32 dirfd2;
+	__u32 flags;
+	__u32 mode;
+	bool path_is_text; /* symlink target: link content, not a path to resolve */
+	bool fd_only;      /* fchdir: dirfd is the only argument */
+};
+
+/* Whether `id` is one of the path-based file syscalls (the cases of file_args). */
+static __always_inline bool is_file_nr(long id)
+{
+	switch (id) {
+	case NR_OPEN:
+	case NR_CREAT:
+	case NR_OPENAT:
+	case NR_OPENAT2:
+	case NR_RENAME:
+	case NR_LINK:
+	case NR_RENAMEAT:
+	case NR_RENAMEAT2:
+	case NR_LINKAT:
+	case NR_SYMLINK:
+	case NR_SYMLINKAT:
+	case NR_UNLINK:
+	case NR_RMDIR:
+	case NR_TRUNCATE:
+	case NR_CHDIR:
+	case NR_MKDIR:
+	case NR_CHMOD:
+	case NR_CHOWN:
+	case NR_LCHOWN:
+	case NR_UNLINKAT:
+	case NR_MKDIRAT:
+	case NR_FCHMODAT:
+	case NR_FCHMODAT2:
+	case NR_FCHOWNAT:
+	case NR_FCHDIR:
+		return true;
+	default:
+		return false;
+	}
+}
+
+static __always_inline bool is_write_nr(long id)
+{
+	return id == NR_WRITE || id == NR_PWRITE64 || id == NR_WRITEV || id == NR_PWRITEV ||
+	       id == NR_PWRITEV2;
+}
+
+/* Fills `a` for a path-based file syscall; false for any other syscall. */
+static __always_inline bool file_args(long id, struct pt_regs *regs, struct file_args *a)
+{
+	unsigned long a0 = BPF_CORE_READ(regs, di);
+	unsigned long a1 = BPF_CORE_READ(regs, si);
+	unsigned long a2 = BPF_CORE_READ(regs, dx);
+	unsigned long a3 = BPF_CORE_READ(regs, r10);
+	unsigned long a4 = BPF_CORE_READ(regs, r8);
+
+	a->path = NULL;
+	a->path2 = NULL;
+	a->dirfd = KILN_AT_FDCWD;
+	a->dirfd2 = KILN_AT_FDCWD;
+	a->flags = 0;
+	a->mode = 0;
+	a->path_is_text = false;
+	a->fd_only = false;
+	switch (id) {
+	case NR_OPEN:
+		a->path = (const char *)a0;
+		a->flags = a1;
+		a->mode = a2;
+		return true;
+	case NR_CREAT:
+		a->path = (const char *)a0;
+		a->flags = KILN_CREAT_FLAGS;
+		a->mode = a1;
+		return true;
+	case NR_OPENAT:
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		a->flags = a2;
+		a->mode = a3;
+		return true;
+	case NR_OPENAT2: {
+		__u64 how[2] = {}; /* struct open_how: flags, mode, resolve */
+
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		bpf_probe_read_user(how, sizeof(how), (const void *)a2);
+		a->flags = how[0];
+		a->mode = how[1];
+		return true;
+	}
+	case NR_RENAME:
+	case NR_LINK:
+		a->path = (const char *)a0;
+		a->path2 = (const char *)a1;
+		return true;
+	case NR_RENAMEAT:
+	case NR_RENAMEAT2:
+	case NR_LINKAT:
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		a->dirfd2 = a2;
+		a->path2 = (const char *)a3;
+		a->flags = id == NR_RENAMEAT ? 0 : a4;
+		return true;
+	case NR_SYMLINK:
+		a->path = (const char *)a0;
+		a->path2 = (const char *)a1;
+		a->path_is_text = true;
+		return true;
+	case NR_SYMLINKAT:
+		a->path = (const char *)a0;
+		a->dirfd2 = a1;
+		a->path2 = (const char *)a2;
+		a->path_is_text = true;
+		return true;
+	case NR_UNLINK:
+	case NR_RMDIR:
+	case NR_TRUNCATE:
+	case NR_CHDIR:
+		a->path = (const char *)a0;
+		return true;
+	case NR_MKDIR:
+	case NR_CHMOD:
+		a->path = (const char *)a0;
+		a->mode = a1;
+		return true;
+	case NR_CHOWN:
+	case NR_LCHOWN:
+		a->path = (const char *)a0;
+		return true;
+	case NR_UNLINKAT:
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		a->flags = a2;
+		return true;
+	case NR_MKDIRAT:
+	case NR_FCHMODAT:
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		a->mode = a2;
+		return true;
+	case NR_FCHMODAT2:
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		a->mode = a2;
+		a->flags = a3;
+		return true;
+	case NR_FCHOWNAT:
+		a->dirfd = a0;
+		a->path = (const char *)a1;
+		a->flags = a4;
+		return true;
+	case NR_FCHDIR:
+		a->dirfd = a0;
+		a->fd_only = true;
+		return true;
+	default:
+		return false;
+	}
+}
+
+/* The file open as `fd` in the current task, or NULL. */
+static __always_inline struct file *fd_file(struct task_struct *task, int fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+
+	if (fd < 0 || (unsigned int)fd >= max_fds)
+		return NULL;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	return file;
+}
+
+/*
+ * Walks the directory a path argument is relative to (the cwd for AT_FDCWD, else the file
+ * open as dirfd) into `dst` (KILN_PATH_MAX bytes); returns its length and sets *truncated.
+ */
+static __always_inline __u16 walk_dir(struct task_struct *task, __s32 dirfd, char *dst,
+				      bool *truncated)
+{
+	__u32 zero = 0;
+	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
+	struct fs_struct *fs = BPF_CORE_READ(task, fs);
+	struct dentry *dentry;
+	struct vfsmount *mnt;
+
+	if (!scratch)
+		return 0;
+	if (dirfd == KILN_AT_FDCWD) {
+		dentry = BPF_CORE_READ(fs, pwd.dentry);
+		mnt = BPF_CORE_READ(fs, pwd.mnt);
+	} else {
+		struct file *file = fd_file(task, dirfd);
+
+		if (!file)
+			return 0;
+		dentry = BPF_CORE_READ(file, f_path.dentry);
+		mnt = BPF_CORE_READ(file, f_path.mnt);
+	}
+	__u32 len = walk_path(dentry, mnt, BPF_CORE_READ(fs, root.dentry),
+			      BPF_CORE_READ(fs, root.mnt), scratch->buf, truncated);
+	return copy_path(dst, scratch->buf, len);
+}
+
+/* Reads a user path argument into `dst` (KILN_ARG_MAX bytes); returns its length. */
+static __always_inline __u16 read_arg(char *dst, const char *src, __u16 *evflags, __u16 cut)
+{
+	if (!src)
+		return 0;
+	long n = bpf_probe_read_user_str(dst, KILN_ARG_MAX, src);
+
+	if (n <= 0) {
+		*evflags |= KILN_FILE_PATH_FAULT;
+		return 0;
+	}
+	if (n == KILN_ARG_MAX)
+		*evflags |= cut;
+	return n - 1;
+}
+
+static __always_inline bool is_relative(const char *path, __u16 len)
+{
+	return len == 0 || path[0] != '/';
+}
+
+static __always_inline void close_fd(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd)
+{
+	struct kiln_write_key key = {
+		.cgroup_id = cgroup_id,
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.fd = fd,
+	};
+	struct kiln_write_total *total = bpf_map_lookup_elem(&write_totals, &key);
+
+	if (!total)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	struct kiln_write_event *ev =
+		reserve_event(KILN_EVENT_WRITE, sizeof(*ev), cgroup_id, now);
+
+	if (ev) {
+		struct task_struct *task = bpf_get_current_task_btf();
+		__u32 zero = 0;
+		struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
+		struct file *file = fd_file(task, fd);
+
+		ev->fd = fd;
+		ev->bytes = total->bytes;
+		ev->writes = total->writes;
+		ev->path_len = 0;
+		ev->wflags = 0;
+		/* The fd is still open at sys_enter of close/dup2: name the file it writes. */
+		if (scratch && file) {
+			struct fs_struct *fs = BPF_CORE_READ(task, fs);
+			bool truncated = false;
+			__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry),
+					      BPF_CORE_READ(file, f_path.mnt),
+					      BPF_CORE_READ(fs, root.dentry),
+					      BPF_CORE_READ(fs, root.mnt), scratch->buf, &truncated);
+			ev->path_len = copy_path(ev->path, scratch->buf, len);
+			ev->wflags = KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
+		}
+		bpf_ringbuf_submit(ev, wakeup_flags(now));
+	} else {
+		count_lost(cgroup_lost);
+	}
+	bpf_map_delete_elem(&write_totals, &key);
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
+{
+	/* Every syscall on the host comes here: filter on the number first (free), the cgroup
+	 * second (a pointer chase and a hash lookup). */
+	if (id != NR_CLOSE && id != NR_DUP2 && id != NR_DUP3 && !is_file_nr(id))
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 *cgroup_lost = observed(cgroup_id);
+
+	if (!cgroup_lost)
+		return 0;
+	if (id == NR_CLOSE) {
+		close_fd(cgroup_id, cgroup_lost, BPF_CORE_READ(regs, di));
+		return 0;
+	}
+	if (id == NR_DUP2 || id == NR_DUP3) {
+		/* dup2(old, new) closes `new` first: its write total ends here. */
+		__s32 oldfd = BPF_CORE_READ(regs, di);
+		__s32 newfd = BPF_CORE_READ(regs, si);
+
+		if (oldfd != newfd)
+			close_fd(cgroup_id, cgroup_lost, newfd);
+		return 0;
+	}
+	struct file_args a;
+
+	if (!file_args(id, regs, &a))
+		return 0;
+
+	__u32 zero = 0;
+	struct kiln_file_event *ev = bpf_map_lookup_elem(&file_scratch, &zero);
+
+	if (!ev)
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u16 evflags = 0;
+	bool truncated = false;
+
+	ev->nr = id;
+	ev->flags = a.flags;
+	ev->mode = a.mode;
+	ev->dirfd = a.dirfd;
+	ev->dirfd2 = a.dirfd2;
+	ev->result = 0;
+	ev->real_len = 0;
+	ev->path_len = read_arg(ev->path, a.path, &evflags, KILN_FILE_PATH_TRUNCATED);
+	ev->path2_len = read_arg(ev->path2, a.path2, &evflags, KILN_FILE_PATH2_TRUNCATED);
+	ev->base_len = 0;
+	ev->base2_len = 0;
+	if (a.fd_only || (!a.path_is_text && a.path && is_relative(ev->path, ev->path_len))) {
+		ev->base_len = walk_dir(task, a.dirfd, ev->base, &truncated);
+		evflags |= KILN_FILE_HAS_BASE;
+		if (truncated)
+			evflags |= KILN_FILE_BASE_TRUNCATED;
+	}
+	if (a.path2 && is_relative(ev->path2, ev->path2_len)) {
+		ev->base2_len = walk_dir(task, a.dirfd2, ev->base2, &truncated);
+		evflags |= KILN_FILE_HAS_BASE2;
+		if (truncated)
+			evflags |= KILN_FILE_BASE2_TRUNCATED;
+	}
+	ev->evflags = evflags;
+
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (bpf_map_update_elem(&pending_files, &pid_tgid, ev, BPF_ANY) != 0)
+		count_lost(cgroup_lost);
+	return 0;
+}
+
+static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes)
+{
+	struct kiln_write_key key = {
+		.cgroup_id = cgroup_id,
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.fd = fd,
+	};
+	struct kiln_write_total *total = bpf_map_lookup_elem(&write_totals, &key);
+
+	if (!total) {
+		struct kiln_write_total fresh = { .bytes = 0, .writes = 0 };
+
+		bpf_map_update_elem(&write_totals, &key, &fresh, BPF_NOEXIST);
+		total = bpf_map_lookup_elem(&write_totals, &key);
+		if (!total) {
+			count_lost(cgroup_lost);
+			return;
+		}
+	}
+	__sync_fetch_and_add(&total->bytes, bytes);
+	__sync_fetch_and_add(&total->writes, 1);
+}
+
+static __always_inline void emit_net(__u64 cgroup_id, long id, long ret,
+				     const void *addr, unsigned long addrlen)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct kiln_net_event *ev = reserve_event(KILN_EVENT_NET, sizeof(*ev), cgroup_id, now);
+
+	if (!ev)
+		return;
+	__u16 family = 0;
+
+	ev->result = ret;
+	ev->nr = id;
+	ev->addrlen = addrlen;
+	ev->port = 0;
+	ev->path_len = 0;
+	ev->_pad0 = 0;
+	__builtin_memset(ev->addr, 0, sizeof(ev->addr));
+	bpf_probe_read_user(&family, sizeof(family), addr);
+	ev->family = family;
+	if (family == KILN_AF_INET || family == KILN_AF_INET6) {
+		__u16 port = 0;
+
+		bpf_probe_read_user(&port, sizeof(port), addr + 2);
+		ev->port = __builtin_bswap16(port);
+		if (family == KILN_AF_INET)
+			bpf_probe_read_user(ev->addr, 4, addr + 4);
+		else
+			bpf_probe_read_user(ev->addr, 16, addr + 8);
+	} else if (family == KILN_AF_UNIX && addrlen > 2) {
+		unsigned long len = addrlen - 2;
+
+		if (len > KILN_UNIX_PATH_MAX)
+			len = KILN_UNIX_PATH_MAX;
+		if (bpf_probe_read_user(ev->unix_path, len, addr + 2) == 0)
+			ev->path_len = len;
+	}
+	bpf_ringbuf_submit(ev, wakeup_flags(now));
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
+{
+	long id = BPF_CORE_READ(regs, orig_ax);
+
+	/* As in sys_enter: the number (and result) first, the cgroup only for candidates. */
+	if (ret != -KILN_EPERM && !is_write_nr(id) && id != NR_CONNECT && id != NR_BIND &&
+	    id != NR_SENDTO && !is_file_nr(id))
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 *cgroup_lost = observed(cgroup_id);
+
+	if (!cgroup_lost)
+		return 0;
+
+	switch (id) {
+	case NR_WRITE:
+	case NR_PWRITE64:
+	case NR_WRITEV:
+	case NR_PWRITEV:
+	case NR_PWRITEV2:
+		if (ret > 0)
+			add_write(cgroup_id, cgroup_lost, BPF_CORE_READ(regs, di), ret);
+		return 0;
+	case NR_CONNECT:
+	case NR_BIND:
+		emit_net(cgroup_id, id, ret, (const void *)BPF_CORE_READ(regs, si),
+			 BPF_CORE_READ(regs, dx));
+		return 0;
+	case NR_SENDTO: {
+		const void *addr = (const void *)BPF_CORE_READ(regs, r8);
+
+		if (addr)
+			emit_net(cgroup_id, id, ret, addr, BPF_CORE_READ(regs, r9));
+		return 0;
+	}
+	default:
+		break;
+	}
+
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct kiln_file_event *pending = bpf_map_lookup_elem(&pending_files, &pid_tgid);
+
+	if (pending) {
+		if (pending->nr == id) {
+			__u64 now = bpf_ktime_get_ns();
+			struct kiln_file_event *ev =
+				reserve_event(KILN_EVENT_FILE, sizeof(*ev), cgroup_id, now);
+
+			if (ev) {
+				/* Copy the body; reserve_event wrote the header. */
+				bpf_probe_read_kernel((void *)ev + sizeof(ev->hdr),
+						      sizeof(*ev) - sizeof(ev->hdr),
+						      (void *)pending + sizeof(pending->hdr));
+				ev->result = ret;
+				bool is_open = id == NR_OPEN || id == NR_OPENAT ||
+					       id == NR_OPENAT2 || id == NR_CREAT;
+
+				if (is_open && ret >= 0) {
+					struct task_struct *task = bpf_get_current_task_btf();
+					__u32 zero = 0;
+					struct path_scratch *scratch =
+						bpf_map_lookup_elem(&path_scratch, &zero);
+					struct file *file = fd_file(task, ret);
+
+					if (scratch && file) {
+						struct fs_struct *fs = BPF_CORE_READ(task, fs);
+						bool truncated = false;
+						__u32 len = walk_path(
+							BPF_CORE_READ(file, f_path.dentry),
+							BPF_CORE_READ(file, f_path.mnt),
+							BPF_CORE_READ(fs, root.dentry),
+							BPF_CORE_READ(fs, root.mnt), scratch->buf,
+							&truncated);
+						ev->real_len = copy_path(ev->real, scratch->buf, len);
+						ev->evflags |= KILN_FILE_HAS_REAL;
+						if (truncated)
+							ev->evflags |= KILN_FILE_REAL_TRUNCATED;
+					}
+				}
+				bpf_ringbuf_submit(ev, wakeup_flags(now));
+			}
+		}
+		bpf_map_delete_elem(&pending_files, &pid_tgid);
+		return 0;
+	}
+	if (ret == -KILN_EPERM) {
+		__u64 now = bpf_ktime_get_ns();
+		struct kiln_denied_event *ev =
+			reserve_event(KILN_EVENT_DENIED, sizeof(*ev), cgroup_id, now);
+
+		if (ev) {
+			ev->result = ret;
+			ev->nr = id;
+			ev->_pad0 = 0;
+			bpf_ringbuf_submit(ev, wakeup_flags(now));
+		}
+	}
+	return 0;
+}
