@@ -20,3 +20,15 @@ pub mod pipeline;
 pub mod provenance;
 pub mod sandbox;
 pub mod store;
+
+/// An error and its `source()` chain on one line, `: `-separated (for logs and step reasons).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

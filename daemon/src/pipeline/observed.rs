@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 
 use super::{JobRun, Node};
 use crate::config::ObserverSection;
+use crate::error_chain;
 use crate::observe::assemble::{self, StepContext};
 use crate::observe::{CgroupId, ObserverConfig, ObserverService, StepObservation};
 use crate::sandbox::cgroup::CgroupPaths;
@@ -72,18 +73,6 @@ impl NodeObserver {
     pub fn is_loaded(&self) -> bool {
         matches!(self, Self::Loaded(_))
     }
-}
-
-/// An error and its sources, one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What sealing a step's trace produced, for its provenance.

@@ -36,6 +36,7 @@ use super::confine::{self, LandlockEnforcement};
 use super::rootfs::{RealHost, plan_root};
 use super::spec::{SECRETS_MOUNT, SandboxOutcome, SandboxSpec, StepEnd};
 use super::sys;
+use crate::error_chain;
 
 /// Largest spec accepted on stdin.
 const MAX_SPEC_BYTES: u64 = 16 << 20;
@@ -515,18 +516,6 @@ fn prepare_step(
     // this may need a syscall the profile does not allow.
     sys::install_seccomp(&program.seccomp).map_err(|err| Failure::new("seccomp", err))?;
     Ok(())
-}
-
-/// `err` with its sources, `: `-separated.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Root with all capabilities → `spec.uid`/`spec.gid` with none, for good: bounding set, locked
