@@ -99,6 +99,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         nix::unistd::geteuid().is_root(),
         "kilnd must run as root: it creates namespaces and mounts for every build worker"
     );
+    // Handlers first: once the socket is bound a client (or systemd) may send SIGTERM at any
+    // moment, and it must mean "shut down cleanly", never the default "die now".
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let helper = sandbox_helper(&config)?;
     let profiles = sandbox::load_profiles(&config.profiles_dir).with_context(|| {
         format!(
@@ -116,9 +120,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.state_dir).context("opening the store")?;
     let signer = node_signer(&config).await?;
     let socket = config.api.socket.clone();
+    let socket_shown = match api::systemd_listen_fd() {
+        Some(fd) => format!("fd {fd} from systemd"),
+        None => socket.display().to_string(),
+    };
     let listener = api::listen(&socket)?;
     info!(
-        socket = %socket.display(),
+        socket = %socket_shown,
         state_dir = %config.state_dir.display(),
         builder_id = %signer.builder_id,
         key = %signer.info.kind,
@@ -129,8 +137,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let serve_stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(api::serve(listener, node.clone(), serve_stop.clone()));
 
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),

@@ -1058,3 +1058,61 @@ fn base64_encode(bytes: &[u8]) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
 }
+
+#[test]
+fn systemd_socket_activation_serves_on_the_passed_socket() {
+    if !privileged("systemd_socket_activation_serves_on_the_passed_socket") {
+        return;
+    }
+    // Configure a daemon, then hand its socket to systemd-socket-activate instead: the daemon
+    // must serve on the inherited fd (LISTEN_PID/LISTEN_FDS), not bind its configured path.
+    let mut k = Kilnd::start("");
+    assert!(k.stop().success());
+    let _ = std::fs::remove_file(&k.socket);
+    let activated = k.dir.path().join("activated.sock");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(k.dir.path().join("kilnd.log"))
+        .unwrap();
+    let child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&activated)
+        .arg(kiln_e2e::bin("kilnd"))
+        .arg("--config")
+        .arg(&k.config)
+        .arg("--insecure-software-key")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    k.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !activated.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate never bound its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts kilnd; the request waits in the listen backlog meanwhile.
+    let o = Command::new(kiln_e2e::bin("kiln"))
+        .arg("--socket")
+        .arg(&activated)
+        .args(["--json", "jobs"])
+        .output()
+        .unwrap();
+    expect_code(&o, 0, "jobs over the activated socket");
+    assert!(
+        k.log().contains("using the socket passed by systemd"),
+        "{}",
+        k.log()
+    );
+    assert!(
+        !k.socket.exists(),
+        "kilnd bound its configured socket despite activation"
+    );
+    assert!(k.stop().success(), "{}", k.log());
+    // The socket belongs to systemd: kilnd must not remove it on shutdown.
+    assert!(activated.exists());
+}

@@ -155,8 +155,8 @@ pub fn listen(path: &Path) -> Result<UnixListener, ListenError> {
     Ok(listener)
 }
 
-/// fd 3 if systemd socket activation passed exactly one socket to this process.
-fn systemd_listen_fd() -> Option<RawFd> {
+/// fd 3 if systemd socket activation passed a socket to this process.
+pub fn systemd_listen_fd() -> Option<RawFd> {
     let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
     let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
     (pid == std::process::id() && fds >= 1).then_some(3)
