@@ -9,18 +9,19 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CgroupId, Event, EventStream, ObserveError, Observer, ObserverConfig};
 
-/// How long the ring must stay empty of a finished step's events before its trace is sealed.
-/// Records are committed before the task that wrote them can leave its cgroup, so this only
-/// covers a record another CPU still holds reserved in front of them.
-const QUIET: Duration = Duration::from_millis(30);
+/// Consecutive empty flush rounds before a finished step's trace is sealed. Records are committed
+/// before the task that wrote them can leave its cgroup, so the rounds only cover a record another
+/// CPU still holds reserved in front of them — a BPF program commits within microseconds, and each
+/// round is a round trip through the router task. (A 30 ms quiet period here used to be the
+/// largest per-step cost: 85 ms of a `true` step, see scripts/bench/steps.)
+const QUIET_ROUNDS: usize = 3;
 /// Flush rounds after which a still-busy ring is given up on (the remainder counts as lost).
-const MAX_FLUSH_ROUNDS: usize = 200;
+const MAX_FLUSH_ROUNDS: usize = 2000;
 
 type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
 
@@ -152,13 +153,13 @@ impl StepObservation {
             }
             if events.len() == before {
                 quiet_rounds += 1;
-                if quiet_rounds >= 2 {
+                if quiet_rounds >= QUIET_ROUNDS {
                     break;
                 }
             } else {
                 quiet_rounds = 0;
             }
-            tokio::time::sleep(QUIET).await;
+            tokio::task::yield_now().await;
         }
         // Write totals of files still open at exit are emitted by userspace, after the ring.
         events.extend(self.service.take_writes(self.id));

@@ -18,7 +18,7 @@ use super::sys;
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Poll interval while waiting for the cgroups to empty.
-const POLL: Duration = Duration::from_millis(5);
+const POLL: Duration = Duration::from_millis(1);
 
 /// The result of checking that a step left nothing behind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
