@@ -7,10 +7,12 @@
     reason = "test helpers outside #[test] fns: a failed setup is a failed test"
 )]
 
+mod support;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use support::{have_root, host_processes_with};
 
 use kilnd::sandbox::cgroup::{self, CgroupPaths, Controller, LimitHit, Limits};
 use kilnd::sandbox::teardown::processes_in;
@@ -20,19 +22,6 @@ use kilnd::sandbox::{
 };
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
-
-/// True if the tests can run; prints why not (or fails under CI) otherwise.
-fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "cgroup tests need root (cgroups, namespaces, mounts) and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: cgroup tests need root (cgroups, namespaces, mounts); run as root");
-    false
-}
 
 struct Fixture {
     _root: TempDir,
@@ -140,23 +129,6 @@ fn assert_torn_down(outcome: &SandboxOutcome, cgroups: &CgroupPaths, log: &str) 
     assert_eq!(processes_in(cgroups), Vec::new());
 }
 
-/// Host processes whose command line contains `marker`.
-fn host_processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(marker) {
-                found.push(format!(
-                    "{}: {cmdline}",
-                    entry.file_name().to_string_lossy()
-                ));
-            }
-        }
-    }
-    found
-}
-
 /// A sleep duration unique to this test run, used to find leftover processes on the host.
 fn marker(salt: u32) -> String {
     format!("2000.{}{salt:03}", std::process::id())
@@ -172,7 +144,7 @@ fn limits(memory_bytes: u64, pids: u64, cpu_millicores: u64) -> Limits {
 
 #[tokio::test]
 async fn normal_step_is_torn_down_and_verified() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     let f = fixture(
@@ -191,7 +163,7 @@ async fn normal_step_is_torn_down_and_verified() {
 
 #[tokio::test]
 async fn step_processes_are_in_the_step_cgroups_while_running() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     let f = fixture("sleep 2", Limits::default());
@@ -265,7 +237,7 @@ async fn step_processes_are_in_the_step_cgroups_while_running() {
 
 #[tokio::test]
 async fn fork_bomb_hits_the_pids_limit_and_the_host_is_fine() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     let mark = marker(1);
@@ -304,7 +276,7 @@ fn panic_with(outcome: &SandboxOutcome, log: &str) -> ! {
 
 #[tokio::test]
 async fn memory_bomb_is_oom_killed_inside_the_step_only() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     // A host process that must survive the bomb.
@@ -343,7 +315,7 @@ async fn memory_bomb_is_oom_killed_inside_the_step_only() {
 
 #[tokio::test]
 async fn daemons_do_not_survive_the_step() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     let (setsid, double_fork, nohup) = (marker(3), marker(4), marker(5));
@@ -361,7 +333,7 @@ async fn daemons_do_not_survive_the_step() {
 
 #[tokio::test]
 async fn cpu_quota_caps_busy_loops() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     // Two busy loops could use both cores (2 s of CPU per second); the quota is half a core.
@@ -399,7 +371,7 @@ async fn cpu_quota_caps_busy_loops() {
 
 #[tokio::test]
 async fn cgroup_paths_outside_kiln_are_refused() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     let mut f = fixture("true", Limits::default());
@@ -419,7 +391,7 @@ async fn cgroup_paths_outside_kiln_are_refused() {
 
 #[tokio::test]
 async fn step_sees_only_its_own_cgroup_namespace() {
-    if !have_root() {
+    if !have_root("cgroup") {
         return;
     }
     let f = fixture("cat /proc/self/cgroup", Limits::default());

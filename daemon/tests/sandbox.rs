@@ -5,9 +5,11 @@
     reason = "test helpers outside #[test] fns: a failed setup is a failed test"
 )]
 
+mod support;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use support::{have_root, host_processes_with};
 
 use kilnd::sandbox::{
     Access, Sandbox, SandboxOutcome, SandboxSpec, StepEnd, WorkspaceMount, load_profiles,
@@ -17,19 +19,6 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 const NOBODY: u32 = 65534;
-
-/// True if the tests can run; prints why not (or fails under CI) otherwise.
-fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "sandbox tests need root (namespaces, mounts) and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: sandbox tests need root (namespaces, mounts); run as root");
-    false
-}
 
 struct Fixture {
     _root: TempDir,
@@ -126,23 +115,6 @@ fn assert_exited(outcome: &SandboxOutcome, code: i32, log: &str) {
     assert_eq!(outcome.end, StepEnd::Exited { code }, "log:\n{log}");
 }
 
-/// Host processes whose command line contains `marker`.
-fn host_processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(marker) {
-                found.push(format!(
-                    "{}: {cmdline}",
-                    entry.file_name().to_string_lossy()
-                ));
-            }
-        }
-    }
-    found
-}
-
 /// A sleep duration unique to this test run, used to find leftover processes on the host.
 fn marker(salt: u32) -> String {
     format!("1000.{}{salt:03}", std::process::id())
@@ -150,7 +122,7 @@ fn marker(salt: u32) -> String {
 
 #[tokio::test]
 async fn exit_code_and_signal_are_reported() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let (outcome, log, _f) = run_sh("echo to-stdout; echo to-stderr >&2; exit 7").await;
@@ -165,7 +137,7 @@ async fn exit_code_and_signal_are_reported() {
 
 #[tokio::test]
 async fn step_is_unprivileged_even_via_setuid_binaries() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     // /usr/bin/mount is setuid root on the host: nosuid + no_new_privs + empty bounding set must
@@ -203,7 +175,7 @@ async fn step_is_unprivileged_even_via_setuid_binaries() {
 
 #[tokio::test]
 async fn environment_is_exactly_the_spec() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let fixture = fixture(&["env"]);
@@ -223,7 +195,7 @@ async fn environment_is_exactly_the_spec() {
 
 #[tokio::test]
 async fn hostname_is_the_spec_s_and_host_is_untouched() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let host_before = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
@@ -243,7 +215,7 @@ async fn hostname_is_the_spec_s_and_host_is_untouched() {
 
 #[tokio::test]
 async fn pid_namespace_hides_host_processes() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let (outcome, log, _f) = run_sh("echo pid=$$; ps -e -o pid=,comm=; ls /proc").await;
@@ -267,7 +239,7 @@ async fn pid_namespace_hides_host_processes() {
 
 #[tokio::test]
 async fn network_is_empty_and_host_loopback_unreachable() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -302,7 +274,7 @@ async fn network_is_empty_and_host_loopback_unreachable() {
 
 #[tokio::test]
 async fn workspaces_input_read_only_output_writable() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let (outcome, log, fixture) = run_sh(
@@ -338,7 +310,7 @@ async fn workspaces_input_read_only_output_writable() {
 
 #[tokio::test]
 async fn system_paths_and_root_are_read_only() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let (outcome, log, _f) = run_sh(
@@ -374,7 +346,7 @@ async fn system_paths_and_root_are_read_only() {
 
 #[tokio::test]
 async fn tmp_is_private() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let host_file = PathBuf::from(format!("/tmp/kiln-host-only-{}", std::process::id()));
@@ -400,7 +372,7 @@ async fn tmp_is_private() {
 
 #[tokio::test]
 async fn timeout_kills_the_step_and_its_daemons() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let (daemon, step) = (marker(1), marker(2));
@@ -422,7 +394,7 @@ async fn timeout_kills_the_step_and_its_daemons() {
 
 #[tokio::test]
 async fn daemons_die_when_the_step_exits() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let daemon = marker(3);
@@ -433,7 +405,7 @@ async fn daemons_die_when_the_step_exits() {
 
 #[tokio::test]
 async fn cancel_kills_the_namespace() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let step = marker(4);
@@ -475,7 +447,7 @@ async fn cancel_kills_the_namespace() {
 
 #[tokio::test]
 async fn missing_command_is_exec_failed() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let fixture = fixture(&["kiln-no-such-command", "arg"]);
@@ -498,7 +470,7 @@ async fn missing_command_is_exec_failed() {
 
 #[tokio::test]
 async fn bad_cwd_is_setup_failed() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let mut fixture = fixture(&["true"]);
@@ -512,7 +484,7 @@ async fn bad_cwd_is_setup_failed() {
 
 #[tokio::test]
 async fn cc_compiles_and_runs_hello_world() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let fixture = fixture(&[
@@ -537,7 +509,7 @@ async fn cc_compiles_and_runs_hello_world() {
 
 #[tokio::test]
 async fn concurrent_sandboxes_share_a_root_dir() {
-    if !have_root() {
+    if !have_root("sandbox") {
         return;
     }
     let a = fixture(&["sh", "-c", "echo a > /tmp/f; sleep 0.2; cat /tmp/f"]);

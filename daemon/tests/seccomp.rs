@@ -9,9 +9,11 @@
     reason = "test helpers outside #[test] fns: a failed setup is a failed test"
 )]
 
+mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use support::have_root;
 
 use kilnd::sandbox::{
     Access, LandlockEnforcement, Profile, Sandbox, SandboxOutcome, SandboxSpec, StepEnd,
@@ -19,19 +21,6 @@ use kilnd::sandbox::{
 };
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
-
-/// True if the tests can run; prints why not (or fails under CI) otherwise.
-fn have_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "seccomp tests need root (namespaces, mounts) and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: seccomp tests need root (namespaces, mounts); run as root");
-    false
-}
 
 fn hermetic() -> Profile {
     let profiles =
@@ -179,7 +168,7 @@ async fn assert_blocked(attempts: &[&str], expected: &str) {
 
 #[tokio::test]
 async fn namespace_creation_is_denied_but_plain_fork_works() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     // The filter must not break ordinary process creation: fork and clone without namespace flags.
@@ -202,7 +191,7 @@ async fn namespace_creation_is_denied_but_plain_fork_works() {
 
 #[tokio::test]
 async fn clone3_fails_with_enosys_so_libc_falls_back() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     assert_blocked(&["clone3", "clone3_newuser"], "ENOSYS").await;
@@ -210,7 +199,7 @@ async fn clone3_fails_with_enosys_so_libc_falls_back() {
 
 #[tokio::test]
 async fn setns_into_other_namespaces_is_denied() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     // setns(-1) would be EBADF in the kernel; /proc/1/ns/* of the (root) reaper, or the step's own
@@ -230,7 +219,7 @@ async fn setns_into_other_namespaces_is_denied() {
 
 #[tokio::test]
 async fn unshare_and_mount_tools_fail() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     let (outcome, log) = run_sh(
@@ -271,7 +260,7 @@ EOF
 
 #[tokio::test]
 async fn mount_family_and_chroot_are_denied() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     assert_blocked(
@@ -291,7 +280,7 @@ async fn mount_family_and_chroot_are_denied() {
 
 #[tokio::test]
 async fn kernel_extension_and_tracing_are_denied() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     assert_blocked(
@@ -311,7 +300,7 @@ async fn kernel_extension_and_tracing_are_denied() {
 
 #[tokio::test]
 async fn other_processes_memory_is_out_of_reach() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     // PTRACE_TRACEME and process_vm_*(self) succeed without the filter.
@@ -329,7 +318,7 @@ async fn other_processes_memory_is_out_of_reach() {
 
 #[tokio::test]
 async fn keyring_io_uring_userfaultfd_and_file_handles_are_denied() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     assert_blocked(
@@ -349,7 +338,7 @@ async fn keyring_io_uring_userfaultfd_and_file_handles_are_denied() {
 
 #[tokio::test]
 async fn host_administration_is_denied() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     assert_blocked(
@@ -368,7 +357,7 @@ async fn host_administration_is_denied() {
 
 #[tokio::test]
 async fn personality_cannot_weaken_the_process() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     assert_blocked(&["personality_query", "personality_linux"], "ok").await;
@@ -382,7 +371,7 @@ async fn personality_cannot_weaken_the_process() {
 
 #[tokio::test]
 async fn rlimits_and_securebits_are_set_and_locked() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     let (outcome, log) = run_sh(
@@ -407,7 +396,7 @@ async fn rlimits_and_securebits_are_set_and_locked() {
 
 #[tokio::test]
 async fn landlock_denies_what_the_mounts_would_allow() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     // /proc is a read-write mount and /proc/self/comm is writable by its owner: only Landlock
@@ -439,7 +428,7 @@ async fn landlock_denies_what_the_mounts_would_allow() {
 
 #[tokio::test]
 async fn landlock_confines_a_writable_mount_left_out_of_the_rules() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     // The output workspace stays a read-write bind mount, but its Landlock rule is removed: the
@@ -477,7 +466,7 @@ async fn landlock_confines_a_writable_mount_left_out_of_the_rules() {
 
 #[tokio::test]
 async fn hello_c_example_builds_tests_and_packages_under_hermetic() {
-    if !have_root() {
+    if !have_root("seccomp") {
         return;
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
