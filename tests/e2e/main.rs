@@ -772,8 +772,21 @@ fn tpm_node_enrolls_and_artifacts_verify_back_to_the_ek_certificate() {
     );
 
     // Rotation: a new node key; the old bundle still verifies until the operator revokes it.
+    let node_keyid = || -> String {
+        let o = k.kiln(&["--json", "node"]);
+        expect_code(&o, 0, "node");
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["keyid"].as_str().unwrap().to_owned()
+    };
+    let before = node_keyid();
     let o = k.kiln(&["node", "rotate-key"]);
     expect_code(&o, 0, "rotate-key");
+    // The API reports the current node key, not the one kilnd started with.
+    assert_ne!(
+        node_keyid(),
+        before,
+        "GET /v1/node still names the rotated-out key"
+    );
     let o = verify(&bundle_path, &[]);
     expect_code(&o, 0, "old bundle after rotation");
     let out3 = d.join("out3");

@@ -59,11 +59,14 @@ pub async fn health() -> Json<serde_json::Value> {
 }
 
 pub async fn node_info(State(node): State<Arc<Node>>) -> Json<NodeInfo> {
+    // The current node key: after `kiln node rotate-key` it differs from the one kilnd started
+    // with (`signer.info`).
+    let key = node.signer.public_key();
     Json(NodeInfo {
         builder_id: node.signer.builder_id.clone(),
-        keyid: node.signer.info.keyid.clone(),
+        keyid: key.keyid(),
         key_kind: node.signer.info.kind.clone(),
-        public_key_pem: node.signer.public_key().to_pem(),
+        public_key_pem: key.to_pem(),
         version: env!("CARGO_PKG_VERSION").into(),
         hostname: node.hostname.clone(),
     })
