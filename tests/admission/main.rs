@@ -12,6 +12,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use kiln_common::dsse::Envelope;
 use kiln_e2e::{
@@ -291,7 +292,7 @@ fn a_workspace_tampered_between_steps_fails_step_admission() {
     let text = "version = 1\nname = \"tamper\"\n[workspaces.a]\n[workspaces.b]\n[[steps]]\nname = \"make\"\nkind = \"build\"\noutput = \"a\"\nscript = \"echo genuine > /workspace/a/payload.txt\"\n[[steps]]\nname = \"wait\"\nkind = \"run\"\noutput = \"b\"\nscript = \"sleep 4; echo done > /workspace/b/x\"\n[[steps]]\nname = \"consume\"\nkind = \"test\"\ninputs = [\"a\"]\nscript = \"cat /workspace/a/payload.txt\"\n";
     let f = pipeline_file(k.dir.path(), "tamper.toml", text);
     let job = submit(&k, &f, &[]);
-    wait_for_step_state(&k, &job, "wait", "running");
+    wait_for_step_state(&k, &job, "wait", "running", Duration::from_mins(1));
     // The host (or an escaped step) swaps the file `make` produced and signed.
     let payload = k.state().join("work").join(&job).join("ws/a/payload.txt");
     assert_eq!(std::fs::read_to_string(&payload).unwrap(), "genuine\n");

@@ -14,39 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    Kilnd, expect_code, follow, pipeline_file, privileged, repo, status, stderr, stdout, submit,
+    Kilnd, expect_code, follow, host_processes_with, pipeline_file, privileged, repo, status,
+    stderr, stdout, submit, wait_for_step_state,
 };
-
-/// Processes on the host whose command line contains `marker`.
-fn host_processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(marker) {
-                found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
-}
-
-fn wait_for_step_state(k: &Kilnd, job: &str, step: &str, state: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let st = status(k, job);
-        if st["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["name"] == step && s["state"] == state)
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("step {step} never reached {state}: {}", status(k, job));
-}
 
 #[test]
 fn example_pipeline_end_to_end_with_tamper_cases() {
@@ -491,7 +461,7 @@ fn sigterm_cancels_running_jobs_and_keeps_state_consistent() {
         "version = 1\nname = \"long\"\n[workspaces.o]\n[[steps]]\nname = \"long\"\nkind = \"run\"\noutput = \"o\"\nrun = [\"sleep\", \"3021\"]\n[[steps]]\nname = \"after\"\nkind = \"run\"\ninputs = [\"o\"]\nrun = [\"true\"]\n",
     );
     let job = submit(&k, &f, &[]);
-    wait_for_step_state(&k, &job, "long", "running");
+    wait_for_step_state(&k, &job, "long", "running", Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(10);
     while host_processes_with("sleep 3021").is_empty() {
         assert!(

@@ -444,9 +444,9 @@ pub fn files_containing(root: &Path, needle: &[u8]) -> Vec<PathBuf> {
     found
 }
 
-/// Poll a job's status until step `step` is in `state` (at most a minute).
-pub fn wait_for_step_state(k: &Kilnd, job: &str, step: &str, state: &str) {
-    let deadline = Instant::now() + Duration::from_mins(1);
+/// Poll a job's status until step `step` is in `state` (at most `within`).
+pub fn wait_for_step_state(k: &Kilnd, job: &str, step: &str, state: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         let st = status(k, job);
         if st["steps"]
@@ -460,4 +460,18 @@ pub fn wait_for_step_state(k: &Kilnd, job: &str, step: &str, state: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("step {step} never reached {state}: {}", status(k, job));
+}
+
+/// Host processes whose command line contains `marker` (a scan of `/proc`).
+pub fn host_processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) {
+                found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
 }

@@ -526,19 +526,7 @@ fn process_alive(pid: u32) -> bool {
     })
 }
 
-/// Host processes whose command line contains `marker`.
-pub fn host_processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(marker) {
-                found.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
-}
+pub use kiln_e2e::host_processes_with;
 
 /// A `sleep` on the host running as uid/gid 65534 — the step's own ids, so only the sandbox's
 /// namespaces stand between the step and it — in its own process group. Killed on drop.
