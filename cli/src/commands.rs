@@ -390,6 +390,7 @@ async fn submit(
         file_name,
         params,
         sources,
+        repos: BTreeMap::new(),
         signature,
     };
     let resp: SubmitJobResponse = client.post_json("/v1/jobs", &req).await?;

@@ -26,6 +26,10 @@ pub struct SubmitJobRequest {
     /// Workspace name → digest of a previously uploaded tar blob (`POST /v1/blobs`) that seeds it.
     #[serde(default)]
     pub sources: BTreeMap<String, Digest>,
+    /// Source step name → absolute path of its `git.repo` when the pipeline gives a relative one
+    /// (resolved by the CLI against the pipeline file's directory; client and node share a host).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub repos: BTreeMap<String, String>,
     /// DSSE envelope over the exact pipeline text (payload type
     /// [`crate::definition::PIPELINE_PAYLOAD_TYPE`]), as `kiln pipeline sign` writes it; the
     /// admission policy decides whose signatures are accepted and whether it may be absent.

@@ -12,6 +12,7 @@
 //! `${params.NAME}` substitution.
 
 mod graph;
+pub mod kinds;
 mod params;
 mod read;
 #[cfg(test)]
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use kinds::{FetchSpec, HostPort, Pin, SourceSpec};
 pub use params::{ParamError, ParamErrors, RenderedStep};
 
 /// The only pipeline spec version this crate reads (`version = 1`).
@@ -188,6 +190,9 @@ pub enum Command {
     Argv(Vec<String>),
     /// `script = "..."`: executed as `/bin/sh -eu -c SCRIPT`.
     Script(String),
+    /// No `run`/`script`: kilnd supplies the command (a source step with `git` or `tarball`);
+    /// [`Step::render`] gives an empty argv.
+    Builtin,
 }
 
 /// One step (`[[steps]]`).
@@ -215,6 +220,20 @@ pub struct Step {
     /// secret directory; never in the environment, the logs or the CAS).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// `image = "sha256:…"`: the step's root filesystem is this imported image (`kiln image
+    /// import`) instead of the profile's read-only host toolchain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::digest::Digest>,
+    /// `reproducible = true`: kilnd runs the step twice in fresh workers and records whether the
+    /// outputs match.
+    #[serde(default)]
+    pub reproducible: bool,
+    /// `git`/`tarball` of a `kind = "source"` step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceSpec>,
+    /// Allowlist and pins of a `kind = "fetch"` step (always present for that kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchSpec>,
 }
 
 impl Step {

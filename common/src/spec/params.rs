@@ -221,6 +221,7 @@ pub(super) fn render(step: &Step, params: &BTreeMap<String, String>) -> Rendered
             "-c".to_owned(),
             substitute(script, params),
         ],
+        Command::Builtin => Vec::new(),
     };
     let env = step
         .env

@@ -11,6 +11,8 @@ use std::ops::Range;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+mod kinds;
+
 use super::params::{ParamRef, check_value, compile_pattern, param_refs};
 use super::{
     Command, DEFAULT_MAX_LENGTH, DEFAULT_PROFILE, DEFAULT_TIMEOUT, LineIndex, MAX_MAX_LENGTH,
@@ -48,8 +50,24 @@ const PARAM_KEYS: &[&str] = &[
 ];
 const WORKSPACE_KEYS: &[&str] = &["source", "description"];
 const STEP_KEYS: &[&str] = &[
-    "name", "kind", "inputs", "output", "run", "script", "workdir", "env", "timeout", "profile",
+    "name",
+    "kind",
+    "inputs",
+    "output",
+    "run",
+    "script",
+    "workdir",
+    "env",
+    "timeout",
+    "profile",
     "secrets",
+    "image",
+    "reproducible",
+    "git",
+    "tarball",
+    "allow_hosts",
+    "pins",
+    "pin_lockfile",
 ];
 /// Longest parameter name (parameter names are identifiers, as env names are).
 const MAX_PARAM_NAME: usize = 64;
@@ -688,7 +706,11 @@ impl Reader {
 
         let run = self.strings(table, "run", ctx);
         let script = self.string(table, "script", ctx);
-        let command = match (run, script) {
+        let builtin_source = kind == Some(StepKind::Source)
+            && (table.contains_key("git") || table.contains_key("tarball"));
+        let mut command = match (run, script) {
+            // kilnd runs the ingest; `read_kind_keys` reports a run/script given anyway.
+            _ if builtin_source => Command::Builtin,
             (Some(_), Some(script)) => {
                 self.error(
                     script.span(),
@@ -758,6 +780,8 @@ impl Reader {
 
         let env = self.read_env(table, ctx, params);
         let secrets = self.read_secrets(table, ctx);
+        let kind_keys =
+            self.read_kind_keys(table, &span, kind, &mut command, output.is_some(), ctx);
 
         let mut timeout = DEFAULT_TIMEOUT;
         if let Some(given) = self.string(table, "timeout", ctx) {
@@ -815,6 +839,10 @@ impl Reader {
             timeout,
             profile: profile.map_or_else(|| DEFAULT_PROFILE.to_owned(), Spanned::into_inner),
             secrets,
+            image: kind_keys.image,
+            reproducible: kind_keys.reproducible,
+            source: kind_keys.source,
+            fetch: kind_keys.fetch,
         };
         (step, spans)
     }

@@ -163,6 +163,10 @@ fn full_pipeline_parses_to_expected_structure() {
                 profile: "hermetic".into(),
 
                 secrets: Vec::new(),
+                image: None,
+                reproducible: false,
+                source: None,
+                fetch: None,
             },
             Step {
                 name: "package".into(),
@@ -178,6 +182,10 @@ fn full_pipeline_parses_to_expected_structure() {
                 profile: "fetch".into(),
 
                 secrets: Vec::new(),
+                image: None,
+                reproducible: false,
+                source: None,
+                fetch: None,
             },
         ],
     };
@@ -266,7 +274,7 @@ tiemout = "5m"
             (
                 14,
                 1,
-                "step \"s\": unknown key \"tiemout\", expected one of: name, kind, inputs, output, run, script, workdir, env, timeout, profile, secrets",
+                "step \"s\": unknown key \"tiemout\", expected one of: name, kind, inputs, output, run, script, workdir, env, timeout, profile, secrets, image, reproducible, git, tarball, allow_hosts, pins, pin_lockfile",
             ),
         ],
     );
@@ -1192,6 +1200,167 @@ fn secrets_are_declared_per_step_and_validated() {
     );
     assert!(
         errors.contains("s.toml:7:39: step \"a\": secrets[3] must be a string"),
+        "{errors}"
+    );
+}
+
+/// A pipeline with one `[[steps]]` table holding `body`, and workspaces `src` and `out`.
+fn one_step(body: &str) -> String {
+    format!(
+        "version = 1\nname = \"x\"\n[workspaces.src]\nsource = \"s\"\n[workspaces.out]\n[[steps]]\nname = \"a\"\n{body}"
+    )
+}
+
+#[test]
+fn source_steps_pin_a_commit_or_a_tarball_digest() {
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let p = parse(
+        &one_step(&format!(
+            "kind = \"source\"\noutput = \"out\"\ngit = {{ repo = \"app.git\", commit = \"{commit}\" }}\n"
+        )),
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(p.steps[0].command, Command::Builtin);
+    assert!(p.render_step(0, &BTreeMap::new()).argv.is_empty());
+    assert_eq!(
+        p.steps[0].source,
+        Some(SourceSpec::Git {
+            repo: "app.git".into(),
+            commit: commit.into()
+        })
+    );
+    let hex = "ab".repeat(32);
+    let p = parse(
+        &one_step(&format!(
+            "kind = \"source\"\noutput = \"out\"\ntarball = {{ path = \"app.tar.gz\", sha256 = \"{hex}\" }}\n"
+        )),
+        "p.toml",
+    )
+    .unwrap();
+    assert!(
+        matches!(&p.steps[0].source, Some(SourceSpec::Tarball { sha256, .. }) if sha256.hex() == hex)
+    );
+
+    let errors = parse(
+        &one_step(
+            "kind = \"source\"\nrun = [\"x\"]\ngit = { repo = \"r\", commit = \"main\", depth = 1 }\n",
+        ),
+        "p.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "p.toml:10:38: step \"a\": git: unknown key \"depth\"",
+        "p.toml:10:30: step \"a\": git: commit \"main\" must be a full commit id",
+        "p.toml:9:7: step \"a\": a source step with git or tarball has no run",
+        "p.toml:6:1: step \"a\": a source step needs an output workspace",
+    ] {
+        assert!(errors.contains(want), "missing {want:?} in:\n{errors}");
+    }
+    let errors = parse(
+        &one_step(
+            "kind = \"build\"\nrun = [\"x\"]\ntarball = { path = \"/abs\", sha256 = \"zz\" }\n",
+        ),
+        "p.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains(
+            "p.toml:10:11: step \"a\": tarball is only allowed in a step of kind \"source\""
+        ),
+        "{errors}"
+    );
+}
+
+#[test]
+fn fetch_steps_need_pins_and_valid_hosts() {
+    let hex = "cd".repeat(32);
+    let p = parse(
+        &one_step(&format!(
+            "kind = \"fetch\"\ninputs = [\"src\"]\noutput = \"out\"\nrun = [\"true\"]\nallow_hosts = [\"Static.Crates.io\", \"127.0.0.1:8080\"]\npins = [{{ path = \"a/b.crate\", sha256 = \"sha256:{hex}\", url = \"https://x/b\" }}]\npin_lockfile = \"src/Cargo.lock\"\n"
+        )),
+        "p.toml",
+    )
+    .unwrap();
+    let fetch = p.steps[0].fetch.clone().unwrap();
+    assert_eq!(
+        fetch
+            .allow_hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["static.crates.io:443", "127.0.0.1:8080"]
+    );
+    assert_eq!(fetch.pins[0].path, "a/b.crate");
+    assert_eq!(fetch.pins[0].sha256.hex(), hex);
+    assert_eq!(fetch.pin_lockfile.as_deref(), Some("src/Cargo.lock"));
+
+    let errors = parse(
+        &one_step("kind = \"fetch\"\nrun = [\"true\"]\nallow_hosts = [\"*.evil.com\"]\npins = [{ path = \"../x\", sha256 = \"nothex\" }]\n"),
+        "p.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    for want in [
+        "p.toml:10:16: step \"a\": allow_hosts: \"*.evil.com\": not a host name",
+        "p.toml:11:18: step \"a\": pins[0]: path \"../x\" must not contain",
+        "p.toml:11:35: step \"a\": pins[0]: sha256 \"nothex\" must be 64 lowercase hex digits",
+        "p.toml:6:1: step \"a\": a fetch step needs an output workspace",
+    ] {
+        assert!(errors.contains(want), "missing {want:?} in:\n{errors}");
+    }
+    let errors = parse(
+        &one_step("kind = \"fetch\"\noutput = \"out\"\nrun = [\"true\"]\n"),
+        "p.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("a fetch step needs pins or pin_lockfile"),
+        "{errors}"
+    );
+    let errors = parse(
+        &one_step("kind = \"build\"\nrun = [\"true\"]\nallow_hosts = [\"x.org\"]\n"),
+        "p.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains(
+            "p.toml:10:15: step \"a\": allow_hosts is only allowed in a step of kind \"fetch\""
+        ),
+        "{errors}"
+    );
+}
+
+#[test]
+fn image_and_reproducible() {
+    let hex = "ef".repeat(32);
+    let p = parse(
+        &one_step(&format!(
+            "kind = \"build\"\noutput = \"out\"\nrun = [\"true\"]\nimage = \"sha256:{hex}\"\nreproducible = true\n"
+        )),
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(p.steps[0].image.map(|d| d.hex()), Some(hex.clone()));
+    assert!(p.steps[0].reproducible);
+    let errors = parse(
+        &one_step(&format!(
+            "kind = \"test\"\nrun = [\"true\"]\nimage = \"{hex}\"\nreproducible = true\n"
+        )),
+        "p.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("p.toml:10:9: step \"a\": image"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("p.toml:11:16: step \"a\": reproducible = true needs an output workspace"),
         "{errors}"
     );
 }

@@ -186,6 +186,7 @@ mod tests {
             file_name: "p.toml".into(),
             params: BTreeMap::new(),
             sources: BTreeMap::new(),
+            repos: BTreeMap::new(),
             signature,
         }
     }
