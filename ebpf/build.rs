@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// BPF objects: `src/bpf/<name>.bpf.c` -> `<name>.bpf.o`. `observer` includes the families
-/// (`process.bpf.c`, `syscalls.bpf.c`) and `common.bpf.h`.
+/// (`process.bpf.c`, `syscalls.bpf.c`, `sock.bpf.c`) and `common.bpf.h`.
 const PROGRAMS: &[&str] = &["observer"];
 
 /// Headers and sources every output depends on.
@@ -34,6 +34,7 @@ const INPUTS: &[&str] = &[
     "src/bpf/observer.bpf.c",
     "src/bpf/process.bpf.c",
     "src/bpf/syscalls.bpf.c",
+    "src/bpf/sock.bpf.c",
 ];
 
 /// Debian/Ubuntu keep `asm/types.h` in the multiarch directory, which clang does not search.

@@ -74,6 +74,26 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Export a job for offline verification: final artifacts, the bundle, every attestation
+    /// (DSSE JSON) and the node public key; with --oci also an OCI image layout.
+    Export {
+        /// Job id.
+        job: String,
+        /// Destination directory (created; must be empty).
+        dir: PathBuf,
+        /// Also write DIR/oci: an OCI image layout with the artifacts as layers and the
+        /// attestations as referrers.
+        #[arg(long)]
+        oci: bool,
+    },
+    /// Run a finished job's build and publish steps again against their recorded inputs and
+    /// compare the outputs with the attested ones (exit 1 on any difference).
+    Rebuild {
+        /// Job id.
+        job: String,
+        /// Only this step (any step with a recorded run).
+        step: Option<String>,
+    },
     /// Verify an artifact against its attestation bundle, fully offline.
     Verify {
         /// The artifact file.
@@ -110,6 +130,11 @@ pub enum Command {
     Attestations {
         /// `sha256:<hex>` or a file path.
         subject: String,
+    },
+    /// Build environment images: import a root filesystem (directory or tar), list images.
+    Image {
+        #[command(subcommand)]
+        command: crate::image::ImageCommand,
     },
     /// Show the node identity; enroll the node, rotate its key, revoke node keys.
     Node {
@@ -155,11 +180,11 @@ impl std::fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
-fn invalid(msg: impl Into<String>) -> anyhow::Error {
+pub(crate) fn invalid(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(Invalid(msg.into()))
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
@@ -218,6 +243,10 @@ pub async fn run(cmd: Command, client: &Client, json: bool) -> anyhow::Result<u8
             Ok(exit::OK)
         }
         Command::Artifacts { job, out, all } => artifacts(client, &job, &out, all, json).await,
+        Command::Export { job, dir, oci } => crate::export::export(client, &job, &dir, oci, json).await,
+        Command::Rebuild { job, step } => {
+            crate::export::rebuild(client, &job, step.as_deref(), json).await
+        }
         Command::Verify {
             artifact,
             bundle,
@@ -233,6 +262,7 @@ pub async fn run(cmd: Command, client: &Client, json: bool) -> anyhow::Result<u8
             json,
         ),
         Command::Pipeline { command } => crate::pipeline::run(command, json),
+        Command::Image { command } => crate::image::run(command, client, json).await,
         Command::Node {
             action: Some(action),
             ..
@@ -383,6 +413,28 @@ async fn submit(
             sources.insert(ws.clone(), blob.digest);
         }
     }
+    // Source steps: relative git repositories resolved here, pinned tarballs uploaded as blobs
+    // (kilnd takes the blob whose digest is the pin).
+    let step_sources =
+        crate::source::step_sources(&pipeline, base).map_err(|e| invalid(format!("{e:#}")))?;
+    for (step, path, bytes) in step_sources.tarballs {
+        let size = bytes.len();
+        let blob: BlobRef = client
+            .send_json(
+                Method::POST,
+                "/v1/blobs",
+                Some((Bytes::from(bytes), "application/octet-stream")),
+            )
+            .await
+            .with_context(|| format!("uploading tarball of step {step:?}"))?;
+        if !json {
+            eprintln!(
+                "uploaded {step:<12} {} ({size} bytes) from {}",
+                blob.digest,
+                path.display()
+            );
+        }
+    }
     // A signed definition (`kiln pipeline sign`) travels with it; the node's policy decides.
     let signature = crate::pipeline::load_signature(file).map_err(|e| invalid(format!("{e:#}")))?;
     let req = SubmitJobRequest {
@@ -390,7 +442,7 @@ async fn submit(
         file_name,
         params,
         sources,
-        repos: BTreeMap::new(),
+        repos: step_sources.repos,
         signature,
     };
     let resp: SubmitJobResponse = client.post_json("/v1/jobs", &req).await?;
@@ -500,7 +552,7 @@ async fn logs(client: &Client, job: &str, step: Option<&str>, json: bool) -> any
 }
 
 /// A relative path from the daemon that must stay inside `out`.
-fn safe_join(out: &Path, rel: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn safe_join(out: &Path, rel: &str) -> anyhow::Result<PathBuf> {
     let p = Path::new(rel);
     if rel.is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
         bail!("refusing artifact path {rel:?}: it would escape the output directory");
@@ -569,7 +621,7 @@ async fn artifacts(
 }
 
 /// Create a file that must not exist yet (no data is ever overwritten).
-fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -683,6 +735,20 @@ fn verify(
                 println!("  chain     {}", v.chain.join(" <- "));
                 if let Some(node) = &v.node {
                     crate::node::print_node_chain(node, &v);
+                }
+                for a in &v.attestations {
+                    println!(
+                        "  attested  {} by step {:?}: {} ({} subject(s){})",
+                        a.name,
+                        a.step,
+                        a.predicate_type,
+                        a.subjects,
+                        if a.covers_artifact {
+                            ", this artifact among them"
+                        } else {
+                            ""
+                        }
+                    );
                 }
                 for t in &traces {
                     println!(

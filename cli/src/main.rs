@@ -3,6 +3,8 @@
 
 mod client;
 mod commands;
+mod export;
+mod image;
 mod node;
 mod pipeline;
 mod policy;
@@ -45,6 +47,9 @@ Examples:
       --policy docs/examples/require-test.rego
   kiln pipeline keygen --out release && kiln pipeline sign pipeline.toml --key release.pem
   kiln trace JOB compile
+  kiln export JOB ./release --oci
+  kiln rebuild JOB
+  kiln image import ./rootfs   # then pin it in a step: image = \"sha256:...\"
 
 Exit codes:
   0 success (for submit --follow: the job succeeded)

@@ -51,6 +51,57 @@ pub fn pack(dir: &Path, ws: &str) -> anyhow::Result<Vec<u8>> {
     Ok(builder.into_inner()?)
 }
 
+/// What `kiln submit` sends for the source steps of a pipeline: absolute paths of relative git
+/// repositories (step → path), and the pinned tarballs to upload (step, file, bytes).
+pub struct StepSources {
+    /// Step name → absolute repository path (for `SubmitJobRequest::repos`).
+    pub repos: std::collections::BTreeMap<String, String>,
+    /// Tarballs to upload, checked against their pins already.
+    pub tarballs: Vec<(String, std::path::PathBuf, Vec<u8>)>,
+}
+
+/// Resolves the `git`/`tarball` keys of source steps against the pipeline file's directory
+/// `base`. A tarball whose sha256 differs from its pin is refused here, before any upload.
+pub fn step_sources(
+    pipeline: &kiln_common::spec::Pipeline,
+    base: &Path,
+) -> anyhow::Result<StepSources> {
+    use kiln_common::spec::SourceSpec;
+    let mut out = StepSources {
+        repos: std::collections::BTreeMap::new(),
+        tarballs: Vec::new(),
+    };
+    for step in &pipeline.steps {
+        match &step.source {
+            Some(SourceSpec::Git { repo, .. }) if !repo.starts_with('/') => {
+                let path = std::path::absolute(base.join(repo)).with_context(|| {
+                    format!("step {:?}: resolving git repo {repo:?}", step.name)
+                })?;
+                let path = path.to_str().with_context(|| {
+                    format!("step {:?}: repository path is not UTF-8", step.name)
+                })?;
+                out.repos.insert(step.name.clone(), path.to_owned());
+            }
+            None | Some(SourceSpec::Git { .. }) => {}
+            Some(SourceSpec::Tarball { path, sha256 }) => {
+                let file = base.join(path);
+                let bytes = std::fs::read(&file)
+                    .with_context(|| format!("step {:?}: tarball {}", step.name, file.display()))?;
+                let found = kiln_common::Digest::of(&bytes);
+                if found != *sha256 {
+                    bail!(
+                        "step {:?}: tarball {} has sha256 {found}, but the pipeline pins {sha256}",
+                        step.name,
+                        file.display()
+                    );
+                }
+                out.tarballs.push((step.name.clone(), file, bytes));
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -111,6 +111,10 @@ fn render(records: &[TraceRecord], out: &mut impl Write) -> anyhow::Result<bool>
                 n.port.map(|p| p.to_string()).unwrap_or_default(),
                 n.result
             )),
+            TraceRecord::Sock(k) => connections.push(format!(
+                "{} {} {}:{} (cgroup hook, before routing)",
+                k.hook, k.protocol, k.ip, k.port
+            )),
             TraceRecord::Denied(_) => denied += 1,
             _ => {}
         }
@@ -134,6 +138,23 @@ fn render(records: &[TraceRecord], out: &mut impl Write) -> anyhow::Result<bool>
     if denied > 0 {
         writeln!(out, "denied      {denied} syscalls returned EPERM")?;
     }
+    if !summary.materials.is_empty() || summary.materials_omitted > 0 {
+        writeln!(
+            out,
+            "materials   {} environment files used ({} not listed)",
+            summary.materials.len(),
+            summary.materials_omitted
+        )?;
+        for material in &summary.materials {
+            writeln!(
+                out,
+                "  {:<9} {} sha256:{}",
+                material.used_as.join(","),
+                material.path,
+                material.sha256
+            )?;
+        }
+    }
     Ok(summary.complete)
 }
 
@@ -141,7 +162,7 @@ fn print_summary(s: &TraceSummary, out: &mut impl Write) -> std::io::Result<()> 
     let e = &s.events;
     writeln!(
         out,
-        "events      {} (exec {}, fork {}, exit {}, file {}, write {}, net {}, denied {})",
+        "events      {} (exec {}, fork {}, exit {}, file {}, write {}, net {}, sock {}, denied {})",
         e.total(),
         e.exec,
         e.fork,
@@ -149,8 +170,16 @@ fn print_summary(s: &TraceSummary, out: &mut impl Write) -> std::io::Result<()> 
         e.file,
         e.write,
         e.net,
+        e.sock,
         e.denied
     )?;
+    if s.setup_events_omitted > 0 {
+        writeln!(
+            out,
+            "setup       {} records of kiln's sandbox setup left out",
+            s.setup_events_omitted
+        )?;
+    }
     writeln!(out, "connections {}", s.connections)?;
     writeln!(out, "lost        {}", s.lost)?;
     if s.complete {

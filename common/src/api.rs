@@ -277,6 +277,13 @@ pub struct AttestationRef {
     pub subject: String,
     /// Digest of the DSSE envelope (fetch it with `GET /v1/blobs/{digest}`).
     pub envelope: Digest,
+    /// For an attestation other than the step's provenance: its name (`sbom`,
+    /// `test-result:<test step>`) and predicate type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
+    /// Predicate type of that attestation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicate_type: Option<String>,
 }
 
 /// `GET /v1/node`.
@@ -340,4 +347,42 @@ pub enum EventKind {
         /// Text (lossy UTF-8).
         data: String,
     },
+}
+
+/// `POST /v1/jobs/{id}/rebuild`: run a finished job's steps again.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildRequest {
+    /// One step; default: every succeeded `build` and `publish` step with an output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+/// The answer of `POST /v1/jobs/{id}/rebuild`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildReport {
+    /// Job id.
+    pub job_id: String,
+    /// Every step rebuilt, in execution order.
+    pub steps: Vec<StepRebuild>,
+    /// Every rebuilt step ran and matches its attested outputs.
+    #[serde(rename = "match")]
+    pub matches: bool,
+}
+
+/// One step run again against its recorded inputs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRebuild {
+    /// Step name.
+    pub step: String,
+    /// Match and differences against the attested outputs (`first`) of the original run.
+    #[serde(flatten)]
+    pub result: crate::intoto::Reproducibility,
+    /// Wall time of the rebuild's worker, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why the rebuild could not run or did not succeed (then `match` is false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

@@ -21,6 +21,11 @@ pub const SLSA_PROVENANCE_V1: &str = "https://slsa.dev/provenance/v1";
 pub const KILN_JOB_PREDICATE: &str = "urn:kiln:predicate:job:v1";
 /// `buildDefinition.buildType` of a kiln pipeline step.
 pub const KILN_STEP_BUILD_TYPE: &str = "urn:kiln:buildtype:pipeline-step:v1";
+/// Predicate type of the test results a publish step attests (in-toto test-result v0.1).
+pub const TEST_RESULT_V01: &str = "https://in-toto.io/attestation/test-result/v0.1";
+/// Predicate type of a CycloneDX SBOM in an in-toto statement (the in-toto predicate registry's
+/// CycloneDX entry).
+pub const CYCLONEDX_BOM: &str = "https://cyclonedx.org/bom";
 /// Media type of the bundle `kiln artifacts` writes and `kiln verify` reads.
 pub const BUNDLE_MEDIA_TYPE: &str = "application/vnd.kiln.bundle.v1+json";
 
@@ -141,10 +146,185 @@ pub struct InternalParameters {
     /// accepted (`kiln pipeline sign`); absent when the policy admitted it unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline_signer: Option<String>,
-    /// The step's network: `none` (an empty network namespace, loopback down), the only mode
-    /// kilnd runs steps in today; absent in statements from before it was recorded.
+    /// The step's network: `none` (an empty network namespace, loopback down) for every step
+    /// but `kind = "fetch"`, which gets `proxy` (an otherwise empty network namespace whose
+    /// only reachable address is kilnd's allowlisting proxy; see `fetch`); absent in statements
+    /// from before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// What a source step ingested (`git` or `tarball`); absent for other steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceIngest>,
+    /// `SOURCE_DATE_EPOCH` the step ran with: the commit time of the job's git source step;
+    /// absent when the job has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<u64>,
+    /// A `reproducible = true` step was run a second time in a fresh worker with the same
+    /// inputs: whether both output trees are identical, else the differing files. Absent for
+    /// steps not declared reproducible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reproducible: Option<Reproducibility>,
+    /// A `kind = "fetch"` step: every connection its proxy saw (allowed and denied) and the
+    /// result of every hash pin; absent for other steps (which have no network path at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchRecord>,
+    /// The step's build environment image (`image = "sha256:…"`: the digest of its tree
+    /// manifest, `kiln image import`), also listed in `resolvedDependencies` as `kiln:image`;
+    /// absent when the step ran on the profile's read-only host toolchain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Digest>,
+}
+
+/// What kilnd recorded about a fetch step's network and its pinned downloads (docs/pipeline.md,
+/// "Fetch steps").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchRecord {
+    /// The proxy the step was given (`http://127.0.0.1:3128`), its only way out.
+    pub proxy: String,
+    /// Destinations the proxy admitted (`host:port`): the step's `allow_hosts`, capped by the
+    /// node's admission policy.
+    pub allow_hosts: Vec<String>,
+    /// Every connection attempt through the proxy, in arrival order.
+    pub connections: Vec<FetchConnection>,
+    /// Attempts beyond the recording limit (counted, not itemised).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub connections_not_itemised: u64,
+    /// One entry per output file and per pin: how each was checked.
+    pub pins: Vec<PinCheck>,
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One connection attempt through the fetch proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchConnection {
+    /// When it arrived (RFC 3339, UTC).
+    pub time: String,
+    /// `CONNECT` (a TLS tunnel) or the method of a plain-HTTP request (`GET`, …).
+    pub method: String,
+    /// Requested host (as the step wrote it, lowercased).
+    pub host: String,
+    /// Requested port.
+    pub port: u16,
+    /// The address kilnd resolved and connected to; absent when it never got that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Whether the proxy let it through.
+    pub allowed: bool,
+    /// Why it was denied or failed (`not in allow_hosts`, `resolves to 10.0.0.1 (private)…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Bytes from the step to the destination.
+    pub bytes_sent: u64,
+    /// Bytes from the destination to the step.
+    pub bytes_received: u64,
+}
+
+/// The check of one fetched file or one pin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PinCheck {
+    /// Path relative to the output workspace (for a lockfile pin not fetched: the file name).
+    pub path: String,
+    /// `pins` or `lockfile:<path>`; absent for an unpinned file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_by: Option<String>,
+    /// The pinned digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<Digest>,
+    /// The digest of the file in the output; absent when it was not fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<Digest>,
+    /// Where the pin says it comes from (`pins[].url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `ok`, `mismatch`, `missing` (pinned, not fetched) or `unpinned`.
+    pub result: String,
+}
+
+/// The outcome of running a step twice with the same inputs (`reproducible = true`,
+/// `kiln rebuild`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reproducibility {
+    /// Both runs wrote exactly the same files with the same contents.
+    #[serde(rename = "match")]
+    pub matches: bool,
+    /// The files that differ, by path; empty when they match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<FileDifference>,
+}
+
+/// One file whose content differs between two runs (a `None` digest: the run did not write it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDifference {
+    /// Path relative to the output workspace.
+    pub path: String,
+    /// Digest in the first (attested) run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<Digest>,
+    /// Digest in the second run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub second: Option<Digest>,
+}
+
+impl Reproducibility {
+    /// Compare two output trees (path → digest).
+    pub fn compare(first: &[crate::digest::TreeEntry], second: &[crate::digest::TreeEntry]) -> Self {
+        let a: BTreeMap<&str, Digest> = first.iter().map(|e| (e.path.as_str(), e.digest)).collect();
+        let b: BTreeMap<&str, Digest> =
+            second.iter().map(|e| (e.path.as_str(), e.digest)).collect();
+        let mut paths: Vec<&str> = a.keys().chain(b.keys()).copied().collect();
+        paths.sort_unstable();
+        paths.dedup();
+        let differences: Vec<FileDifference> = paths
+            .into_iter()
+            .filter(|p| a.get(p) != b.get(p))
+            .map(|p| FileDifference {
+                path: p.to_owned(),
+                first: a.get(p).copied(),
+                second: b.get(p).copied(),
+            })
+            .collect();
+        Self {
+            matches: differences.is_empty(),
+            differences,
+        }
+    }
+}
+
+/// What a source step ingested, as recorded in its provenance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum SourceIngest {
+    /// The tree of a pinned commit of a git repository on the node.
+    #[serde(rename_all = "camelCase")]
+    Git {
+        /// Absolute repository path on the node.
+        repo: String,
+        /// Pinned commit id.
+        commit: String,
+        /// The commit's git tree id, as git reported it inside the sandbox.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tree: Option<String>,
+        /// Committer time (seconds since the epoch); the job's `SOURCE_DATE_EPOCH`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        commit_time: Option<u64>,
+    },
+    /// A tar archive pinned by digest.
+    Tarball {
+        /// Path as written in the pipeline (relative to the pipeline file).
+        path: String,
+        /// The archive's digest (the pin).
+        sha256: Digest,
+    },
 }
 
 /// Description of the node key that signed an attestation.
@@ -254,3 +434,61 @@ pub struct JobStepRef {
 
 /// A job's statement.
 pub type JobStatement = Statement<JobPredicate>;
+
+/// Byproduct name, in a publish step's provenance, of its SBOM envelope.
+pub const SBOM_BYPRODUCT: &str = "sbom";
+/// Byproduct name prefix, in a publish step's provenance, of a test step's result envelope
+/// (`test-result:<test step>`).
+pub const TEST_RESULT_BYPRODUCT_PREFIX: &str = "test-result:";
+
+/// in-toto test-result v0.1 predicate ([`TEST_RESULT_V01`]), with kiln's record of the test
+/// step in `kiln` (in-toto consumers ignore unknown fields).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestResult {
+    /// `PASSED` or `FAILED` (kiln has no warnings).
+    pub result: String,
+    /// The test's configuration: the pipeline file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configuration: Vec<ResourceDescriptor>,
+    /// The test run: `urn:kiln:job:<job id>:step:<step>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Passed tests: the step name when it exited 0.
+    #[serde(default)]
+    pub passed_tests: Vec<String>,
+    /// Always empty.
+    #[serde(default)]
+    pub warned_tests: Vec<String>,
+    /// Failed tests: the step name when it did not succeed.
+    #[serde(default)]
+    pub failed_tests: Vec<String>,
+    /// kiln's record of the test step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kiln: Option<TestRun>,
+}
+
+/// kiln's record of one test step, inside a [`TestResult`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestRun {
+    /// Test step name.
+    pub step: String,
+    /// Step outcome (`succeeded`, `failed`, ...).
+    pub outcome: String,
+    /// Exit code of the test command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Worker wall time, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// The step's log (a CAS blob).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<Digest>,
+    /// The test step's own provenance envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Digest>,
+    /// The input workspaces it read (`urn:kiln:workspace:<name>`, tree digest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<ResourceDescriptor>,
+}

@@ -14,6 +14,7 @@
 //! - [`attest`]: TPM node attestation checks (EK chain, enrollment challenge, quote, certify,
 //!   event log), pure Rust.
 //! - [`api`]: the kilnd HTTP/JSON API's request and response types.
+//! - [`sbom`]: the CycloneDX SBOM a publish step attests; [`oci`]: OCI image layout export.
 
 pub mod api;
 pub mod attest;
@@ -22,7 +23,9 @@ pub mod digest;
 pub mod dsse;
 pub mod intoto;
 pub mod keys;
+pub mod oci;
 pub mod policy;
+pub mod sbom;
 pub mod secretscan;
 pub mod spec;
 pub mod trace;

@@ -37,6 +37,24 @@ pub struct PolicyInput {
     /// Names of the steps whose links `verify` checked, from the producing step back to the
     /// sources (the artifact's own chain; `steps` may hold more).
     pub chain: Vec<String>,
+    /// The extra attestations `verify` checked (a publish step's SBOM and test results).
+    pub attestations: Vec<AttestationInput>,
+}
+
+/// One entry of `input.attestations`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttestationInput {
+    /// The step that signed it.
+    pub step: String,
+    /// Its byproduct name (`sbom`, `test-result:<test step>`).
+    pub name: String,
+    /// The statement's predicate type.
+    pub predicate_type: String,
+    /// Subjects (name → sha256 digest).
+    pub subjects: Vec<FileInput>,
+    /// The predicate as signed.
+    pub predicate: serde_json::Value,
 }
 
 /// `input.artifact`.
@@ -134,6 +152,14 @@ pub struct StepInput {
     pub started_on: Option<String>,
     /// RFC 3339.
     pub finished_on: Option<String>,
+    /// Every resolved dependency of the step's provenance as signed (input workspaces, the git
+    /// commit or tarball of a source step, the image of the build environment, …).
+    pub dependencies: Vec<crate::intoto::ResourceDescriptor>,
+    /// The step provenance's `internalParameters`, exactly as signed (`null` without a
+    /// statement): everything kind-specific a policy may check — `source` (git commit),
+    /// `sourceDateEpoch`, the fetch step's connections and pins, reproducibility, the image, …
+    /// (docs/formats.md lists the fields).
+    pub internal_parameters: serde_json::Value,
 }
 
 /// An input workspace of a step.
@@ -196,6 +222,37 @@ impl PolicyInput {
             };
             steps.push(step_input(&step.name, &step.outcome, statement.as_ref()));
         }
+        let mut attestations = Vec::new();
+        for extra in &bundle.attestations {
+            let checked = verified
+                .attestations
+                .iter()
+                .any(|a| a.step == extra.step && a.name == extra.name);
+            if !checked {
+                continue;
+            }
+            let statement = extra
+                .envelope
+                .decode_statement::<serde_json::Value>()
+                .map_err(|source| PolicyInputError {
+                    attestation: format!("{} of step {}", extra.name, extra.step),
+                    source,
+                })?;
+            attestations.push(AttestationInput {
+                step: extra.step.clone(),
+                name: extra.name.clone(),
+                predicate_type: statement.predicate_type.clone(),
+                subjects: statement
+                    .subject
+                    .iter()
+                    .map(|s| FileInput {
+                        path: s.name.clone().unwrap_or_default(),
+                        digest: sha256_of(&s.digest),
+                    })
+                    .collect(),
+                predicate: statement.predicate,
+            });
+        }
         Ok(Self {
             artifact: ArtifactInput {
                 name: artifact.name.clone(),
@@ -223,6 +280,7 @@ impl PolicyInput {
             sources: job.sources.clone(),
             steps,
             chain: verified.chain.clone(),
+            attestations,
         })
     }
 }
@@ -248,6 +306,8 @@ fn step_input(name: &str, outcome: &str, statement: Option<&StepStatement>) -> S
             outputs: Vec::new(),
             started_on: None,
             finished_on: None,
+            dependencies: Vec::new(),
+            internal_parameters: serde_json::Value::Null,
         };
     };
     let definition = &statement.predicate.build_definition;
@@ -292,6 +352,8 @@ fn step_input(name: &str, outcome: &str, statement: Option<&StepStatement>) -> S
             .collect(),
         started_on: Some(run.metadata.started_on.clone()),
         finished_on: Some(run.metadata.finished_on.clone()),
+        dependencies: definition.resolved_dependencies.clone(),
+        internal_parameters: serde_json::to_value(internal).unwrap_or_default(),
     }
 }
 
@@ -327,5 +389,11 @@ mod tests {
         assert_eq!(json["steps"][0]["teardownVerified"], true);
         assert_eq!(json["steps"][2]["outputs"][0]["path"], "dist/hello.tar.gz");
         assert_eq!(json["pipeline"]["signer"], serde_json::Value::Null);
+        assert_eq!(json["steps"][0]["internalParameters"]["teardownVerified"], true);
+        assert_eq!(json["steps"][0]["internalParameters"]["kind"], "build");
+        assert_eq!(
+            json["steps"][1]["dependencies"][0]["uri"],
+            "urn:kiln:workspace:src"
+        );
     }
 }

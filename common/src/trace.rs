@@ -63,6 +63,8 @@ pub enum TraceRecord {
     Net(NetRecord),
     /// A syscall that returned EPERM (the seccomp profile's errno, or a permission check).
     Denied(DeniedRecord),
+    /// A connect or UDP send destination, seen by a cgroup socket hook before routing.
+    Sock(SockRecord),
     /// Derived: one process of the assembled tree, in depth-first order.
     Process(ProcessRecord),
     /// Last line.
@@ -232,6 +234,27 @@ pub struct DeniedRecord {
     pub result: i64,
 }
 
+/// A connect (TCP or UDP) or an unconnected UDP send, seen by the cgroup socket hooks
+/// (`cgroup/connect4`, `connect6`, `sendmsg4`, `sendmsg6`) before the kernel routes it: the
+/// destination asked for, whatever the outcome (the matching `net` record, when the syscall is a
+/// connect or sendto, has the result).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SockRecord {
+    /// When.
+    pub t: u64,
+    /// Process id.
+    pub pid: u32,
+    /// `connect4`, `connect6`, `sendmsg4`, `sendmsg6`.
+    pub hook: String,
+    /// Destination address.
+    pub ip: String,
+    /// Destination port.
+    pub port: u16,
+    /// `tcp`, `udp`, or `ipproto-<n>`.
+    pub protocol: String,
+}
+
 /// One process of the assembled tree.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -280,12 +303,22 @@ pub struct EventCounts {
     pub net: u64,
     /// denied records.
     pub denied: u64,
+    /// sock records (cgroup socket hooks).
+    #[serde(default)]
+    pub sock: u64,
 }
 
 impl EventCounts {
     /// All kernel events together.
     pub fn total(&self) -> u64 {
-        self.exec + self.fork + self.exit + self.file + self.write + self.net + self.denied
+        self.exec
+            + self.fork
+            + self.exit
+            + self.file
+            + self.write
+            + self.net
+            + self.denied
+            + self.sock
     }
 
     /// Counts `record` (derived records and header/summary do not count).
@@ -298,6 +331,7 @@ impl EventCounts {
             TraceRecord::Write(_) => self.write += 1,
             TraceRecord::Net(_) => self.net += 1,
             TraceRecord::Denied(_) => self.denied += 1,
+            TraceRecord::Sock(_) => self.sock += 1,
             TraceRecord::Header(_) | TraceRecord::Process(_) | TraceRecord::Summary(_) => {}
         }
     }
@@ -323,8 +357,37 @@ pub struct TraceSummary {
     pub files_read: u64,
     /// Distinct files opened for writing or created, renamed, unlinked.
     pub files_written: u64,
-    /// Socket operations (attempts included).
+    /// Socket operations (attempts included): `net` and `sock` records.
     pub connections: u64,
+    /// Records of kiln's own sandbox setup left out of the trace: every file, write, net, sock
+    /// and denied record of a process that is not the step's (the helper and the worker before
+    /// the step's first execve, and the helper after it). Their paths are host paths
+    /// (docs/trace.md).
+    #[serde(default)]
+    pub setup_events_omitted: u64,
+    /// Environment files the step executed or opened for reading (outside `/workspace`,
+    /// `/tmp`, `/proc`, `/sys`, `/dev` and the secrets mount), with their sha256 hashed by kilnd
+    /// after the step from the host path bound at the same place (docs/trace.md for the caps).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub materials: Vec<Material>,
+    /// Material candidates not listed: over the count cap, or too large, unreadable or not a
+    /// regular file (see [`Material`]); `materials` is then not the whole set.
+    #[serde(default)]
+    pub materials_omitted: u64,
+}
+
+/// An environment file a step used, with its content digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Material {
+    /// Absolute path (the same in the sandbox and on the host).
+    pub path: String,
+    /// sha256 of the content, hex.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+    /// `exec` (run as a program or interpreter) and/or `read` (opened for reading).
+    pub used_as: Vec<String>,
 }
 
 impl TraceSummary {

@@ -59,6 +59,41 @@ pub struct Bundle {
     /// with an `x509CertificateChain`), for every workload key that signed an envelope here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub verification_material: BTreeMap<String, VerificationMaterial>,
+    /// Further attestations of the job's steps: a publish step's SBOM and test results, each
+    /// signed by that step's workload key and named (by envelope digest) among the byproducts
+    /// of its provenance. Absent in bundles from before the publish step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attestations: Vec<StepAttestation>,
+}
+
+/// An attestation a step made besides its provenance (see [`Bundle::attestations`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepAttestation {
+    /// The step that signed it.
+    pub step: String,
+    /// Its byproduct name in the step's provenance ([`crate::intoto::SBOM_BYPRODUCT`],
+    /// `test-result:<test step>`).
+    pub name: String,
+    /// The DSSE envelope (an in-toto Statement).
+    pub envelope: Envelope,
+}
+
+/// An extra attestation that verified (see [`Bundle::attestations`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifiedAttestation {
+    /// Signing step.
+    pub step: String,
+    /// Byproduct name.
+    pub name: String,
+    /// The statement's predicate type.
+    pub predicate_type: String,
+    /// Envelope digest.
+    pub envelope_digest: Digest,
+    /// Number of subjects (each an attested output of the job).
+    pub subjects: usize,
+    /// One of its subjects is the verified artifact.
+    pub covers_artifact: bool,
 }
 
 /// The artifact to verify: its file name and content digest.
@@ -107,6 +142,10 @@ pub struct VerifiedArtifact {
     /// TPM-rooted verification: the node links that verified (EK → AK → quote → node key).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<VerifiedNodeChain>,
+    /// The bundle's extra attestations (SBOM, test results), each checked: signed by its step's
+    /// key, linked from its step's provenance, subjects attested by the job.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attestations: Vec<VerifiedAttestation>,
     /// Every key that verified an envelope of the bundle (raw-key trust: the trusted keys;
     /// TPM trust: the certified workload keys), for checks of further envelopes signed by them
     /// (runtime traces).
@@ -295,6 +334,75 @@ pub enum VerifyError {
         #[source]
         source: Box<TrustError>,
     },
+    /// An extra attestation names a step the job does not attest.
+    #[error("attestation {name:?} of step {step:?}: the job attests no such step")]
+    AttestationStepUnknown {
+        /// Step named.
+        step: String,
+        /// Byproduct name.
+        name: String,
+    },
+    /// An extra attestation that its step's provenance does not name.
+    #[error(
+        "attestation {name:?} ({found}) of step {step:?} is not among the step's attested byproducts: it was added or replaced"
+    )]
+    AttestationNotLinked {
+        /// Step.
+        step: String,
+        /// Byproduct name.
+        name: String,
+        /// Envelope digest.
+        found: Digest,
+    },
+    /// A step's provenance names an attestation the bundle lacks.
+    #[error("step {step:?} attests byproduct {name:?} ({expected}) but the bundle lacks it")]
+    AttestationMissing {
+        /// Step.
+        step: String,
+        /// Byproduct name.
+        name: String,
+        /// Digest the provenance names.
+        expected: Digest,
+    },
+    /// An extra attestation's signature or statement is invalid.
+    #[error("attestation {name:?} of step {step:?}: {source}")]
+    AttestationEnvelope {
+        /// Step.
+        step: String,
+        /// Byproduct name.
+        name: String,
+        /// What failed.
+        #[source]
+        source: DsseError,
+    },
+    /// An extra attestation signed by another key than its step's provenance.
+    #[error(
+        "attestation {name:?} of step {step:?} was signed by {actual} but the step's provenance by {expected}"
+    )]
+    AttestationSigner {
+        /// Step.
+        step: String,
+        /// Byproduct name.
+        name: String,
+        /// The step's signer.
+        expected: String,
+        /// The attestation's signer.
+        actual: String,
+    },
+    /// An extra attestation about something the job did not produce.
+    #[error(
+        "attestation {name:?} of step {step:?} has subject {subject:?} ({digest}), which no step of the job attests"
+    )]
+    AttestationSubject {
+        /// Step.
+        step: String,
+        /// Byproduct name.
+        name: String,
+        /// Subject name.
+        subject: String,
+        /// Its digest (zero when missing).
+        digest: Digest,
+    },
     /// The step that produced the artifact did not succeed.
     #[error("step {step:?} that produced the artifact ended {outcome:?}, not \"succeeded\"")]
     StepNotSucceeded {
@@ -421,6 +529,9 @@ pub fn verify_artifact_with(
     // 2. Every step envelope: trusted signer, listed by the job, same pipeline.
     let steps = check_steps(bundle, &job, &signers)?;
 
+    // 2b. The steps' extra attestations (SBOM, test results).
+    let attestations = check_attestations(bundle, &steps, artifact)?;
+
     // 3. Which step attests the artifact; 4. the chain behind it.
     let candidates = find_subject(artifact, &steps)?;
     let mut first_error = None;
@@ -440,6 +551,7 @@ pub fn verify_artifact_with(
                     signing_key_kind: internal.signing_key.kind.clone(),
                     chain,
                     node: node.clone(),
+                    attestations: attestations.clone(),
                     signer_keys: signer_keys(&signers, &job_keys, &steps),
                 });
             }
@@ -649,6 +761,99 @@ fn check_steps(
         }
     }
     Ok(ordered)
+}
+
+/// Link 2b: every extra attestation is named by its step's provenance (byproduct name and
+/// envelope digest), signed by the key that signed that provenance, and about outputs the job
+/// attests; every such byproduct a provenance names is in the bundle.
+fn check_attestations(
+    bundle: &Bundle,
+    steps: &[CheckedStep],
+    artifact: &ArtifactRef,
+) -> Result<Vec<VerifiedAttestation>, VerifyError> {
+    let attested: BTreeSet<Digest> = steps
+        .iter()
+        .flat_map(|s| s.outputs.iter().map(|e| e.digest))
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for att in &bundle.attestations {
+        let Some(step) = steps.iter().find(|s| s.name == att.step) else {
+            return Err(VerifyError::AttestationStepUnknown {
+                step: att.step.clone(),
+                name: att.name.clone(),
+            });
+        };
+        let found = envelope_digest(&att.envelope);
+        let linked = step
+            .provenance()
+            .run_details
+            .byproducts
+            .iter()
+            .any(|b| b.name.as_deref() == Some(att.name.as_str()) && sha256_of(&b.digest) == Some(found));
+        if !linked {
+            return Err(VerifyError::AttestationNotLinked {
+                step: att.step.clone(),
+                name: att.name.clone(),
+                found,
+            });
+        }
+        let envelope_error = |source| VerifyError::AttestationEnvelope {
+            step: att.step.clone(),
+            name: att.name.clone(),
+            source,
+        };
+        let verified = att.envelope.verify(&step.keys).map_err(envelope_error)?;
+        if verified.keyid != step.signer_keyid {
+            return Err(VerifyError::AttestationSigner {
+                step: att.step.clone(),
+                name: att.name.clone(),
+                expected: step.signer_keyid.clone(),
+                actual: verified.keyid,
+            });
+        }
+        let statement: crate::intoto::Statement<serde_json::Value> =
+            verified.decode_statement().map_err(envelope_error)?;
+        let mut covers_artifact = false;
+        for subject in &statement.subject {
+            let digest = sha256_of(&subject.digest);
+            if digest.is_none_or(|d| !attested.contains(&d)) {
+                return Err(VerifyError::AttestationSubject {
+                    step: att.step.clone(),
+                    name: att.name.clone(),
+                    subject: subject.name.clone().unwrap_or_default(),
+                    digest: digest.unwrap_or(Digest::from_bytes([0; 32])),
+                });
+            }
+            covers_artifact |= digest == Some(artifact.digest);
+        }
+        seen.insert((att.step.as_str(), att.name.as_str()));
+        out.push(VerifiedAttestation {
+            step: att.step.clone(),
+            name: att.name.clone(),
+            predicate_type: statement.predicate_type,
+            envelope_digest: found,
+            subjects: statement.subject.len(),
+            covers_artifact,
+        });
+    }
+    for step in steps {
+        for b in &step.provenance().run_details.byproducts {
+            let Some(name) = b.name.as_deref() else {
+                continue;
+            };
+            let is_attestation = name == crate::intoto::SBOM_BYPRODUCT
+                || name.starts_with(crate::intoto::TEST_RESULT_BYPRODUCT_PREFIX);
+            if is_attestation && !seen.contains(&(step.name.as_str(), name)) {
+                return Err(VerifyError::AttestationMissing {
+                    step: step.name.clone(),
+                    name: name.to_owned(),
+                    expected: sha256_of(&b.digest).unwrap_or(Digest::from_bytes([0; 32])),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Link 3: the steps (index, subject name) attesting the artifact's digest, best first: a subject
@@ -876,6 +1081,11 @@ pub(crate) mod fixture {
                                 observed: true,
                                 pipeline_signer: None,
                                 network: Some("none".into()),
+                                source: None,
+                                source_date_epoch: None,
+                                reproducible: None,
+                                fetch: None,
+                                image: None,
                             },
                             resolved_dependencies: inputs
                                 .iter()
@@ -986,6 +1196,7 @@ pub(crate) mod fixture {
                 traces: BTreeMap::new(),
                 node_identity: None,
                 verification_material: BTreeMap::new(),
+                attestations: Vec::new(),
             }
         }
 
@@ -1310,6 +1521,113 @@ mod tests {
         assert!(matches!(
             verify_artifact(&Fixture::artifact(), &fx.bundle(), &fx.trusted()),
             Err(VerifyError::JobPredicateType { .. })
+        ));
+    }
+
+    #[test]
+    fn extra_attestations_are_linked_signed_and_about_job_outputs() {
+        use crate::intoto::{
+            CYCLONEDX_BOM, PAYLOAD_TYPE, ResourceDescriptor, STATEMENT_TYPE, Statement,
+            digest_set,
+        };
+        let sign = |key: &SigningKey, name: &str, digest: Digest| {
+            let statement = Statement {
+                statement_type: STATEMENT_TYPE.into(),
+                subject: vec![ResourceDescriptor {
+                    name: Some(name.into()),
+                    uri: None,
+                    digest: digest_set(&digest),
+                    media_type: None,
+                }],
+                predicate_type: CYCLONEDX_BOM.into(),
+                predicate: serde_json::json!({ "bomFormat": "CycloneDX", "specVersion": "1.5" }),
+            };
+            Envelope::sign(PAYLOAD_TYPE, &serde_json::to_vec(&statement).unwrap(), key).unwrap()
+        };
+        let link = |fx: &mut Fixture, envelope: &Envelope| {
+            step_mut(fx, "package")
+                .predicate
+                .run_details
+                .byproducts
+                .push(ResourceDescriptor {
+                    name: Some("sbom".into()),
+                    uri: None,
+                    digest: digest_set(&envelope_digest(envelope)),
+                    media_type: Some("application/vnd.dsse.envelope.v1+json".into()),
+                });
+        };
+        let attach = |bundle: &mut Bundle, envelope: Envelope| {
+            bundle.attestations.push(StepAttestation {
+                step: "package".into(),
+                name: "sbom".into(),
+                envelope,
+            });
+        };
+        let mut fx = Fixture::new();
+        let sbom = sign(&fx.key, "dist/hello.tar.gz", Digest::of(ARTIFACT));
+        link(&mut fx, &sbom);
+        let mut bundle = fx.bundle();
+        // Named by the provenance but left out of the bundle.
+        let err = verify_artifact(&Fixture::artifact(), &bundle, &fx.trusted()).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::AttestationMissing { step, name, .. } if step == "package" && name == "sbom"),
+            "{err}"
+        );
+        attach(&mut bundle, sbom.clone());
+        let bundle: Bundle = serde_json::from_slice(&serde_json::to_vec(&bundle).unwrap()).unwrap();
+        let verified = verify_artifact(&Fixture::artifact(), &bundle, &fx.trusted()).unwrap();
+        assert_eq!(verified.attestations.len(), 1);
+        assert_eq!(verified.attestations[0].predicate_type, CYCLONEDX_BOM);
+        assert!(verified.attestations[0].covers_artifact);
+
+        // Another validly signed SBOM swapped in: not the one the provenance names.
+        let mut swapped = bundle.clone();
+        swapped.attestations[0].envelope = sign(&fx.key, "dist/SHA256SUMS", Digest::of(b"sums"));
+        let err = verify_artifact(&Fixture::artifact(), &swapped, &fx.trusted()).unwrap_err();
+        assert!(matches!(err, VerifyError::AttestationNotLinked { .. }), "{err}");
+
+        // Linked and signed, but about a file the job never produced.
+        let mut fx = Fixture::new();
+        let foreign = sign(&fx.key, "evil.bin", Digest::of(b"evil"));
+        link(&mut fx, &foreign);
+        let mut bundle = fx.bundle();
+        attach(&mut bundle, foreign);
+        let err = verify_artifact(&Fixture::artifact(), &bundle, &fx.trusted()).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::AttestationSubject { subject, .. } if subject == "evil.bin"),
+            "{err}"
+        );
+
+        // Linked, but signed by a key that did not sign the step.
+        let mut fx = Fixture::new();
+        let (other, _) = SigningKey::generate().unwrap();
+        let forged = sign(&other, "dist/hello.tar.gz", Digest::of(ARTIFACT));
+        link(&mut fx, &forged);
+        let mut bundle = fx.bundle();
+        attach(&mut bundle, forged);
+        let err = verify_artifact(&Fixture::artifact(), &bundle, &fx.trusted()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VerifyError::AttestationEnvelope {
+                    source: DsseError::UntrustedSigner { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // For a step the job does not attest.
+        let fx = Fixture::new();
+        let mut bundle = fx.bundle();
+        bundle.attestations.push(StepAttestation {
+            step: "deploy".into(),
+            name: "sbom".into(),
+            envelope: sbom,
+        });
+        assert!(matches!(
+            verify_artifact(&Fixture::artifact(), &bundle, &fx.trusted()),
+            Err(VerifyError::AttestationStepUnknown { .. })
         ));
     }
 

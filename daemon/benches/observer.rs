@@ -3,10 +3,16 @@
 //!    cgroup filtered in, events routed and assembled into a trace), and under
 //!    `strace -f -o /dev/null`: ratios observed/bare (target <= 1.03) and strace/bare, and
 //!    kiln's extra time as a fraction of strace's (target <= 1/10);
-//! 2. a syscall storm (open+close of /dev/null in a tight C loop): events/s delivered and lost
-//!    with the default ring, and the storm's slowdown observed vs bare;
-//! 3. the same storm outside any observed cgroup while the observer is loaded (what every other
-//!    process on the host pays), vs bare.
+//! 2. syscall storms, each event/s delivered and lost with the default ring, and the storm's
+//!    slowdown observed vs bare:
+//!    - `open`: open+close of /dev/null in a tight C loop (one file record per iteration); this
+//!      VM's kernel itself needs ~2.7 us per iteration, so it cannot pass ~370K iterations/s;
+//!    - `chdir`: chdir("/") in a tight loop in two processes (one per core): cheap syscalls that
+//!      each make a file record (the file path: sys_enter + sys_exit + task storage);
+//!    - `eperm`: setuid(0) as uid 65534 in two processes: each call one `denied` record, the
+//!      cheapest event, to measure the transport (ring + wakeups + consumer) itself;
+//! 3. the open storm outside any observed cgroup while the observer is loaded AND a step's
+//!    cgroup is observed (what every other process on the host pays), vs bare.
 //!
 //! Rounds are interleaved (bare, observed, strace, …) and the median is reported, to damp
 //! drift. Environment: `BENCH_BUILD_FILES` (default 160), `BENCH_RUNS` (default 3),
@@ -124,9 +130,21 @@ fn c_project(dir: &Path, files: usize) {
     std::fs::write(dir.join("Makefile"), makefile).unwrap();
 }
 
-const STORM_C: &str = "#include <fcntl.h>\n#include <stdlib.h>\n#include <unistd.h>\n\
-int main(int argc, char **argv) { long n = atol(argv[1]);\n\
-for (long i = 0; i < n; i++) { int fd = open(\"/dev/null\", O_RDONLY); close(fd); }\n\
+/// `storm open N`: N open+close of /dev/null. `storm chdir N`: N chdir("/") in each of two
+/// processes. `storm eperm N`: two processes drop to uid 65534, then N setuid(0) each (EPERM:
+/// one `denied` record per call, the smallest record: the transport's own ceiling).
+const STORM_C: &str = "#include <fcntl.h>\n#include <stdlib.h>\n#include <string.h>\n\
+#include <sys/wait.h>\n#include <unistd.h>\n\
+int main(int argc, char **argv) { long n = atol(argv[2]);\n\
+if (strcmp(argv[1], \"open\") == 0) {\n\
+  for (long i = 0; i < n; i++) { int fd = open(\"/dev/null\", O_RDONLY); close(fd); }\n\
+  return 0; }\n\
+pid_t child = fork();\n\
+if (strcmp(argv[1], \"eperm\") == 0) {\n\
+  if (setuid(65534) != 0) return 1;\n\
+  for (long i = 0; i < n; i++) setuid(0);\n\
+} else { for (long i = 0; i < n; i++) chdir(\"/\"); }\n\
+if (child > 0) { int status; waitpid(child, &status, 0); }\n\
 return 0; }\n";
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -161,6 +179,7 @@ async fn run_observed(
         attached_before_start: true,
         until_last_exit: true,
         cgroup_id: cgroup.id.0,
+        hash_materials: true,
     };
     let assembled = assemble::assemble(&collected.events, collected.lost, &ctx).unwrap();
     assert!(!assembled.blob.is_empty());
@@ -190,69 +209,116 @@ async fn main() {
         .unwrap();
     assert!(cc.success());
     let cgroup = BenchCgroup::new();
+    // A second step's cgroup, observed (idle) while the host storm runs.
+    let idle_step = BenchCgroup::new();
     let make = |join: bool| cgroup.command("make", &["-s", "-j2", "-B", "all"], dir.path(), join);
     let storm_arg = storm.to_string();
-    let storm_cmd = |join: bool| cgroup.command("./storm", &[&storm_arg], dir.path(), join);
+    let chdir_arg = (storm / 2).to_string();
+    let open_storm =
+        |join: bool| cgroup.command("./storm", &["open", &storm_arg], dir.path(), join);
+    let chdir_storm =
+        |join: bool| cgroup.command("./storm", &["chdir", &chdir_arg], dir.path(), join);
+    let eperm_storm =
+        |join: bool| cgroup.command("./storm", &["eperm", &chdir_arg], dir.path(), join);
+    let build = files > 0;
 
     println!(
-        "observer bench: {files}-file C build (make -j2), storm of {storm} open+close, {runs} rounds (median)"
+        "observer bench: {files}-file C build (make -j2), storms of {storm} events, {runs} rounds (median)"
     );
-    // Warm the page cache.
-    run(make(false)).await;
+    if build {
+        // Warm the page cache.
+        run(make(false)).await;
+    }
 
     let (mut bare, mut observed, mut straced) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut storm_bare, mut storm_observed, mut storm_on_host) =
-        (Vec::new(), Vec::new(), Vec::new());
-    let (mut build_events, mut storm_events, mut lost_in_storm) = (0, 0, 0);
+    let mut open_runs = StormRuns::default();
+    let mut chdir_runs = StormRuns::default();
+    let mut eperm_runs = StormRuns::default();
+    let mut storm_on_host = Vec::new();
+    let mut build_events = 0;
     for _ in 0..runs {
         // Nothing loaded.
-        bare.push(run(make(false)).await);
-        storm_bare.push(run(storm_cmd(false)).await);
-        let mut strace = Command::new("strace");
-        strace
-            .args(["-f", "-o", "/dev/null", "make", "-s", "-j2", "-B", "all"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        straced.push(run(strace).await);
+        if build {
+            bare.push(run(make(false)).await);
+            let mut strace = Command::new("strace");
+            strace
+                .args(["-f", "-o", "/dev/null", "make", "-s", "-j2", "-B", "all"])
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            straced.push(run(strace).await);
+        }
+        open_runs.bare.push(run(open_storm(false)).await);
+        chdir_runs.bare.push(run(chdir_storm(false)).await);
+        eperm_runs.bare.push(run(eperm_storm(false)).await);
 
-        // Loaded: observed build and storm, then the storm on the host (not observed).
+        // Loaded: observed build and storms, then the storm on the host (not observed) while
+        // another step's cgroup is observed.
         let service = ObserverService::start(&ObserverConfig::default()).unwrap();
-        let (wall, events, lost) = run_observed(&service, &cgroup, make(true)).await;
-        assert_eq!(lost, 0, "the build lost events");
-        observed.push(wall);
-        build_events = events;
-        let (wall, events, lost) = run_observed(&service, &cgroup, storm_cmd(true)).await;
-        storm_observed.push(wall);
-        storm_events = events;
-        lost_in_storm = lost;
-        storm_on_host.push(run(storm_cmd(false)).await);
+        if build {
+            let (wall, events, lost) = run_observed(&service, &cgroup, make(true)).await;
+            assert_eq!(lost, 0, "the build lost events");
+            observed.push(wall);
+            build_events = events;
+        }
+        open_runs.observe(run_observed(&service, &cgroup, open_storm(true)).await);
+        chdir_runs.observe(run_observed(&service, &cgroup, chdir_storm(true)).await);
+        eperm_runs.observe(run_observed(&service, &cgroup, eperm_storm(true)).await);
+        let idle = service.attach(idle_step.id).unwrap();
+        storm_on_host.push(run(open_storm(false)).await);
+        idle.finish().await.unwrap();
         drop(service);
     }
-    let (bare, observed, straced) = (median(bare), median(observed), median(straced));
-    let (storm_bare, storm_observed, storm_host) = (
-        median(storm_bare),
-        median(storm_observed),
-        median(storm_on_host),
-    );
-    let kiln_extra = observed.as_secs_f64() - bare.as_secs_f64();
-    let strace_extra = straced.as_secs_f64() - bare.as_secs_f64();
+    if build {
+        let (bare, observed, straced) = (median(bare), median(observed), median(straced));
+        let kiln_extra = observed.as_secs_f64() - bare.as_secs_f64();
+        let strace_extra = straced.as_secs_f64() - bare.as_secs_f64();
+        println!(
+            "build    bare {bare:.2?}  observed {observed:.2?} ({:.3}x, {build_events} events, 0 lost)  strace -f {straced:.2?} ({:.2}x)",
+            ratio(observed, bare),
+            ratio(straced, bare)
+        );
+        println!(
+            "build    kiln's extra time / strace's extra time = {:.3} (target <= 0.1)",
+            kiln_extra / strace_extra
+        );
+    }
+    let open_bare = median(open_runs.bare.clone());
+    open_runs.report("storm    open+close /dev/null, 1 process ");
+    chdir_runs.report("storm    chdir(\"/\"), 2 processes        ");
+    eperm_runs.report("storm    setuid(0) EPERM, 2 processes    ");
+    let storm_host = median(storm_on_host);
     println!(
-        "build    bare {bare:.2?}  observed {observed:.2?} ({:.3}x, {build_events} events, 0 lost)  strace -f {straced:.2?} ({:.2}x)",
-        ratio(observed, bare),
-        ratio(straced, bare)
+        "host     the open storm unobserved while the observer is loaded and a step observed: {storm_host:.2?} ({:.3}x bare; target <= 1.05)",
+        ratio(storm_host, open_bare)
     );
-    println!(
-        "build    kiln's extra time / strace's extra time = {:.3} (target <= 0.1)",
-        kiln_extra / strace_extra
-    );
-    println!(
-        "storm    bare {storm_bare:.2?}  observed {storm_observed:.2?} ({:.2}x): {storm_events} events delivered = {:.0} events/s, {lost_in_storm} lost",
-        ratio(storm_observed, storm_bare),
-        storm_events as f64 / storm_observed.as_secs_f64()
-    );
-    println!(
-        "host     the storm unobserved while the observer is loaded: {storm_host:.2?} ({:.2}x bare; target <= 1.05)",
-        ratio(storm_host, storm_bare)
-    );
+}
+
+/// One storm's rounds.
+#[derive(Default)]
+struct StormRuns {
+    bare: Vec<Duration>,
+    observed: Vec<Duration>,
+    events: usize,
+    lost: u64,
+}
+
+impl StormRuns {
+    fn observe(&mut self, (wall, events, lost): (Duration, usize, u64)) {
+        self.observed.push(wall);
+        self.events = events;
+        self.lost += lost;
+    }
+
+    fn report(&self, what: &str) {
+        let bare = median(self.bare.clone());
+        let observed = median(self.observed.clone());
+        println!(
+            "{what} bare {bare:.2?}  observed {observed:.2?} ({:.2}x): {} events delivered = {:.0} events/s, {} lost (all rounds)",
+            ratio(observed, bare),
+            self.events,
+            self.events as f64 / observed.as_secs_f64(),
+            self.lost
+        );
+    }
 }

@@ -84,6 +84,7 @@ fn spec(p: &Profile, e: &Env, argv: &[&str], cwd: &str, with_cgroups: Option<&st
         hostname: "kiln-bench".into(),
         root_dir: e.root_dir.clone(),
         host_paths: p.host_paths.clone(),
+        image_root: None,
         confinement: p.confinement(&workspaces),
         secrets: Vec::new(),
         workspaces,

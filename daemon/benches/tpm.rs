@@ -309,6 +309,7 @@ async fn main() {
             .iter()
             .map(|(k, dg)| (k.clone(), VerificationMaterial::leaf(cas.get(dg).unwrap())))
             .collect(),
+        attestations: Vec::new(),
     };
     let software_bundle = Bundle {
         media_type: intoto::BUNDLE_MEDIA_TYPE.into(),
@@ -323,6 +324,7 @@ async fn main() {
         traces: BTreeMap::new(),
         node_identity: None,
         verification_material: BTreeMap::new(),
+        attestations: Vec::new(),
     };
     let trust = TpmTrust {
         ek_ca: ca.clone(),

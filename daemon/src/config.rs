@@ -69,6 +69,8 @@ pub struct Config {
     pub admission: AdmissionConfig,
     /// TPM (node attestor) settings.
     pub tpm: TpmSection,
+    /// The daemon process itself.
+    pub daemon: DaemonSection,
     /// The file this configuration was read from (measured at start); not a config key.
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -101,6 +103,26 @@ impl Default for TpmSection {
             ek_ca_bundle: None,
             pcr: kiln_common::attest::MEASURED_START_PCR,
             insecure_software_key: false,
+        }
+    }
+}
+
+/// `[daemon]`: the daemon process itself.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Run in a mount namespace of kilnd's own, entered at start before any thread exists, with
+    /// every mount a slave of the host's: host mounts still propagate in, nothing kilnd mounts
+    /// (output workspace tmpfs, bpffs, tracefs) is ever seen by the host or outlives kilnd.
+    /// Default true; `PrivateMounts=yes` in kilnd.service does the same under systemd (both
+    /// together nest harmlessly). `false` only to debug kilnd's mounts from the host.
+    pub private_mounts: bool,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        Self {
+            private_mounts: true,
         }
     }
 }
@@ -169,6 +191,7 @@ impl Default for Config {
             observer: ObserverSection::default(),
             admission: AdmissionConfig::default(),
             tpm: TpmSection::default(),
+            daemon: DaemonSection::default(),
             config_file: None,
         }
     }
@@ -360,6 +383,16 @@ mod tests {
         );
         let err = Config::parse("state_dir = \"rel\"\n", Path::new("k.toml")).unwrap_err();
         assert!(err.to_string().contains("absolute"), "{err}");
+    }
+
+    #[test]
+    fn private_mounts_default_on_and_can_be_turned_off() {
+        assert!(Config::default().daemon.private_mounts);
+        let c = Config::parse("[daemon]\nprivate_mounts = false\n", Path::new("k.toml")).unwrap();
+        assert!(!c.daemon.private_mounts);
+        let err =
+            Config::parse("[daemon]\nprivate_mount = false\n", Path::new("k.toml")).unwrap_err();
+        assert!(err.to_string().contains("private_mount"), "{err}");
     }
 
     #[test]

@@ -39,6 +39,65 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// `[daemon] private_mounts`: moves kilnd into a mount namespace of its own, with every mount a
+/// recursive slave of the host's (`MS_SLAVE | MS_REC`): mounts made on the host still appear here,
+/// but nothing kilnd mounts — the output workspace tmpfs of each step, bpffs, tracefs — is seen
+/// by the host, and all of it goes with the namespace when kilnd exits, even on a crash.
+/// systemd's `PrivateMounts=yes` does the same; this makes it hold when kilnd is started by
+/// hand or by the test suites, and nests harmlessly under systemd.
+///
+/// Must run before any thread exists (call it from `main`, before the tokio runtime):
+/// `unshare(CLONE_NEWNS)` implies `CLONE_FS`, which the kernel refuses (EINVAL) in a process
+/// with more than one thread. Every later thread and every helper kilnd spawns inherits the
+/// namespace.
+pub fn enter_private_mount_namespace() -> anyhow::Result<()> {
+    let threads = thread_count();
+    anyhow::ensure!(
+        threads == Some(1),
+        "cannot enter a private mount namespace: kilnd already has {} threads (it must unshare before the runtime starts)",
+        threads.map_or_else(|| "an unknown number of".to_owned(), |n| n.to_string())
+    );
+    let host = mount_namespace_id();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).with_context(|| {
+        "cannot unshare the mount namespace ([daemon] private_mounts = true; kilnd must run as root)"
+    })?;
+    // The copied mounts keep the host's propagation: a shared `/` (systemd hosts) would send
+    // every mount made here back to the host. Slave, not private: host mounts made later (a
+    // toolchain on /opt, a new cgroup hierarchy) must still be visible to kilnd.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_SLAVE | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context(
+        "cannot make / a recursive slave in kilnd's mount namespace (mount --make-rslave /)",
+    )?;
+    info!(
+        host_mnt_ns = host.as_deref().unwrap_or("?"),
+        own_mnt_ns = mount_namespace_id().as_deref().unwrap_or("?"),
+        "private_mounts: kilnd runs in its own mount namespace (/ is a recursive slave of the host's); its mounts are invisible to the host"
+    );
+    Ok(())
+}
+
+/// `Threads:` of /proc/self/status.
+fn thread_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// `mnt:[4026531841]`: the mount namespace this process is in.
+fn mount_namespace_id() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/mnt")
+        .ok()
+        .map(|link| link.to_string_lossy().into_owned())
+}
+
 /// Where the `kiln-sandbox` helper is: configured, or next to this executable.
 fn sandbox_helper(config: &Config) -> anyhow::Result<PathBuf> {
     if let Some(p) = &config.sandbox_helper {

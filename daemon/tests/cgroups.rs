@@ -64,6 +64,7 @@ fn fixture(script: &str, limits: Limits) -> Fixture {
         hostname: "kiln-step".into(),
         root_dir: root.path().to_owned(),
         host_paths: hermetic.host_paths.clone(),
+        image_root: None,
         confinement: hermetic.confinement(&workspaces),
         secrets: Vec::new(),
         workspaces,

@@ -403,7 +403,8 @@ async fn tiny_ring_reports_every_lost_event() {
         assert_eq!(observer.unobserve_cgroup(cgroup.id).expect("unobserve"), 0);
         events.len()
     };
-    // 16 KiB holds about six exec records; nothing consumes while the storm runs.
+    // 16 KiB holds a few dozen (variable-size) exec records; nothing consumes while the storm
+    // runs.
     let config = ObserverConfig {
         ring_bytes: 16 << 10,
         ..ObserverConfig::default()
@@ -524,6 +525,7 @@ fn context(cgroup: &TestCgroup, lost_ok: bool) -> StepContext<'static> {
         attached_before_start: true,
         until_last_exit: true,
         cgroup_id: cgroup.id.0,
+        hash_materials: true,
     }
 }
 
@@ -921,4 +923,182 @@ async fn compile_matches_strace_execs_and_files() {
     assert_eq!(kiln_execs, strace_execs, "executed binaries");
     assert_eq!(kiln_written, strace_written, "files opened for writing");
     assert_eq!(kiln_read, strace_read, "files opened for reading");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network through the cgroup socket hooks, sandbox setup filtering, materials.
+
+use kiln_common::trace::{Material, SockRecord, TraceSummary};
+
+fn summary_of(records: &[TraceRecord]) -> &TraceSummary {
+    match records.last() {
+        Some(TraceRecord::Summary(summary)) => summary,
+        other => panic!("trace does not end with its summary: {other:?}"),
+    }
+}
+
+fn sock_records(records: &[TraceRecord]) -> Vec<&SockRecord> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Sock(sock) => Some(sock),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_udp_destinations_are_recorded_and_allowed() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    // A real listener on loopback: the step's connect must succeed (the hooks only observe).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind listener");
+    let port = listener.local_addr().expect("addr").port();
+    let accept = std::thread::spawn(move || listener.accept().map(drop));
+    // A host process connecting at the same time must not appear.
+    let host_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind host listener");
+    let host_port = host_listener.local_addr().expect("addr").port();
+    let host = std::thread::spawn(move || std::net::TcpStream::connect(("127.0.0.1", host_port)));
+    // TCP connect (connect4), UDP connect (connect4), unconnected UDP send (sendmsg6).
+    let script = format!(
+        "python3 -c 'import socket as S\n\
+         t = S.create_connection((\"127.0.0.1\", {port})); t.close()\n\
+         u = S.socket(S.AF_INET, S.SOCK_DGRAM); u.connect((\"127.0.0.1\", 9))\n\
+         v = S.socket(S.AF_INET6, S.SOCK_DGRAM); v.sendto(b\"x\", (\"::1\", 9))'"
+    );
+    let (records, lost) = traced_script(&service, &script).await;
+    assert!(
+        accept.join().expect("accept thread").is_ok(),
+        "the connect reached the listener"
+    );
+    assert!(host.join().expect("host thread").is_ok());
+    assert_eq!(lost, 0);
+    let socks = sock_records(&records);
+    let seen: Vec<(&str, &str, u16, &str)> = socks
+        .iter()
+        .map(|s| (s.hook.as_str(), s.ip.as_str(), s.port, s.protocol.as_str()))
+        .collect();
+    assert!(
+        seen.contains(&("connect4", "127.0.0.1", port, "tcp")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("connect4", "127.0.0.1", 9, "udp")),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&("sendmsg6", "::1", 9, "udp")), "{seen:?}");
+    assert!(
+        !seen.iter().any(|s| s.2 == host_port),
+        "a host process's connect leaked into the step's trace: {seen:?}"
+    );
+    let summary = summary_of(&records);
+    assert_eq!(summary.events.sock, socks.len() as u64);
+    assert!(summary.complete);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_setup_paths_do_not_leak_into_the_trace() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    // Stands for the host directories the sandbox helper builds the root from.
+    let host_dir = tempfile::tempdir().expect("tempdir");
+    let marker = host_dir.path().join("kiln-host-setup-marker");
+    std::fs::write(&marker, b"host").expect("write marker");
+    let marker_c = std::ffi::CString::new(marker.as_os_str().as_encoded_bytes()).expect("cstr");
+
+    let cgroup = TestCgroup::new();
+    let observation = service.attach(cgroup.id).expect("attach");
+    let mut cmd = cgroup.command("/bin/cat", &["/etc/hostname"]);
+    // Like the helper: inside the observed cgroup, touch host paths, then exec the step.
+    // SAFETY: runs between fork and exec; open(2) and close(2) are async-signal-safe, the path
+    // was allocated before the fork, nothing is allocated here.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(marker_c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    assert!(wait(cmd.spawn().expect("spawn")).await.success());
+    let collected = observation.finish().await.expect("finish");
+    // The raw events do have the setup open: the kernel saw it.
+    assert!(
+        format!("{:?}", collected.events).contains("kiln-host-setup-marker"),
+        "the setup open was not observed at all, the test proves nothing"
+    );
+    let assembled = assemble::assemble(&collected.events, collected.lost, &context(&cgroup, false))
+        .expect("assemble");
+    let text = String::from_utf8(assemble::decompress(&assembled.blob).expect("decompress"))
+        .expect("utf-8");
+    assert!(
+        !text.contains("kiln-host-setup-marker"),
+        "a host path of the setup leaked into the trace"
+    );
+    assert!(
+        text.contains("/etc/hostname"),
+        "the step's own open is kept"
+    );
+    assert!(assembled.summary.setup_events_omitted >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materials_are_the_executed_and_read_environment_files_with_their_digests() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let script = format!(
+        "/bin/cat /etc/hostname >/dev/null && echo out > {0}/out && cat {0}/out >/dev/null",
+        scratch.path().display()
+    );
+    let (records, lost) = traced_script(&service, &script).await;
+    assert_eq!(lost, 0);
+    let summary = summary_of(&records);
+    let find = |path: &Path| -> &Material {
+        let path = std::fs::canonicalize(path).expect("canonicalize");
+        let path = path.to_str().expect("utf-8 path");
+        summary
+            .materials
+            .iter()
+            .find(|m| m.path == path)
+            .unwrap_or_else(|| panic!("{path} is not a material: {:?}", summary.materials))
+    };
+    for (path, used_as) in [
+        (Path::new("/bin/cat"), "exec"),
+        (Path::new("/bin/sh"), "exec"),
+        (Path::new("/etc/hostname"), "read"),
+    ] {
+        let material = find(path);
+        let bytes = std::fs::read(path).expect("read");
+        assert_eq!(
+            material.sha256,
+            kiln_common::Digest::of(&bytes).hex(),
+            "{}",
+            path.display()
+        );
+        assert_eq!(material.size, bytes.len() as u64);
+        assert!(
+            material.used_as.iter().any(|u| u == used_as),
+            "{material:?}"
+        );
+    }
+    assert!(
+        summary.materials.iter().all(|m| !m.path.starts_with("/tmp")
+            && !m.path.starts_with("/dev")
+            && !m.path.starts_with("/proc")),
+        "step-private and pseudo files are not materials: {:?}",
+        summary.materials
+    );
+    assert_eq!(summary.materials_omitted, 0, "{records:?}");
 }

@@ -63,6 +63,7 @@ fn fixture(argv: &[&str]) -> Fixture {
         hostname: "kiln-step".into(),
         root_dir: root.path().to_owned(),
         host_paths: hermetic.host_paths.clone(),
+        image_root: None,
         // The hermetic profile's seccomp filter, rlimits and Landlock rules (tests/seccomp.rs
         // tries to defeat them).
         confinement: hermetic.confinement(&workspaces),

@@ -98,6 +98,7 @@ fn spec_for(
         hostname: "kiln-step".into(),
         root_dir: root.path().to_owned(),
         host_paths: profile.host_paths.clone(),
+        image_root: None,
         confinement: profile.confinement(&workspaces),
         secrets: Vec::new(),
         workspaces,
@@ -392,6 +393,34 @@ async fn rlimits_and_securebits_are_set_and_locked() {
     );
     // NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each locked, and KEEP_CAPS locked off.
     assert!(log.contains("securebits=0xef"), "{log}");
+}
+
+#[tokio::test]
+async fn an_rlimit_above_kilnd_s_hard_limit_is_clamped_never_loosened() {
+    if !have_root("seccomp") {
+        return;
+    }
+    // The test profile asks nofile = 65536; a host (a container, or this test's own lower limit)
+    // may not let even root raise a hard limit (no CAP_SYS_RESOURCE). The step must still run,
+    // with the inherited, lower limit — never above it, never failing setup.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let mut fixture = fixture(&["sh", "-c", "echo nofile=$(ulimit -n) hard=$(ulimit -Hn)"]);
+    let asked = hard + 1000;
+    fixture.spec.confinement.rlimits.nofile = asked;
+    let (outcome, log) = run(&fixture.spec).await;
+    assert_exited(&outcome, 0, &log);
+    let can_raise = caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_RESOURCE,
+    )
+    .unwrap();
+    let expected = if can_raise { asked } else { hard };
+    assert!(
+        log.contains(&format!("nofile={expected} hard={expected}")),
+        "can raise: {can_raise}: {log}"
+    );
 }
 
 #[tokio::test]

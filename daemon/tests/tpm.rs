@@ -831,6 +831,7 @@ mod rooted {
             traces: BTreeMap::new(),
             node_identity: Some(identity),
             verification_material,
+            attestations: Vec::new(),
         }
     }
 

@@ -36,6 +36,11 @@ struct AlignedObject<Bytes: ?Sized> {
 pub mod maps {
     /// `BPF_MAP_TYPE_HASH` cgroup v2 id (u64) -> events lost for that cgroup (u64).
     pub const OBSERVED_CGROUPS: &str = "observed_cgroups";
+    /// `BPF_MAP_TYPE_ARRAY` of u64 words: bit `id % FILTER_BITS` is set for every observed
+    /// cgroup id (a prefilter in front of `observed_cgroups`; see common.bpf.h).
+    pub const OBSERVED_FILTER: &str = "observed_filter";
+    /// Bits of `observed_filter` (KILN_FILTER_BITS in events.h; the layout test checks it).
+    pub const FILTER_BITS: u64 = 65_536;
     /// `BPF_MAP_TYPE_RINGBUF` of records (default 16 MiB).
     pub const EVENTS: &str = "events";
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`, one u64: events lost on each CPU, all cgroups.
@@ -55,6 +60,16 @@ pub mod maps {
         ("kiln_sys_enter", "sys_enter"),
         ("kiln_sys_exit", "sys_exit"),
     ];
+    /// cgroup socket-address programs (observe only, they always allow), attached as
+    /// bpf_links to the cgroup v2 root: `(program, hook)`.
+    pub const SOCK_PROGRAMS: &[(&str, &str)] = &[
+        ("kiln_connect4", "connect4"),
+        ("kiln_connect6", "connect6"),
+        ("kiln_sendmsg4", "sendmsg4"),
+        ("kiln_sendmsg6", "sendmsg6"),
+    ];
+    /// `BPF_MAP_TYPE_TASK_STORAGE`: each observed thread's file syscall in flight.
+    pub const PENDING_FILES: &str = "pending_files";
 }
 
 // Keep in sync with events.h: constants.
@@ -70,6 +85,10 @@ pub const PATH_COMPONENTS_MAX: usize = 48;
 pub const ARG_MAX: usize = 256;
 /// Bytes of a unix socket path.
 pub const UNIX_PATH_MAX: usize = 112;
+/// Most bytes of `data[]` of an exec, file and write record.
+pub const EXEC_DATA_MAX: usize = FILENAME_MAX + 2 * PATH_MAX + ARGV_MAX;
+pub const FILE_DATA_MAX: usize = 2 * ARG_MAX + 3 * PATH_MAX;
+pub const WRITE_DATA_MAX: usize = PATH_MAX;
 
 /// `kiln_event_header.type` values (enum kiln_event_type).
 pub const EVENT_EXEC: u32 = 1;
@@ -79,6 +98,13 @@ pub const EVENT_FILE: u32 = 4;
 pub const EVENT_WRITE: u32 = 5;
 pub const EVENT_NET: u32 = 6;
 pub const EVENT_DENIED: u32 = 7;
+pub const EVENT_SOCK: u32 = 8;
+
+/// `kiln_sock_event.hook` values.
+pub const SOCK_CONNECT4: u32 = 1;
+pub const SOCK_CONNECT6: u32 = 2;
+pub const SOCK_SENDMSG4: u32 = 3;
+pub const SOCK_SENDMSG6: u32 = 4;
 
 /// `kiln_file_event.evflags` bits.
 pub const FILE_PATH_TRUNCATED: u16 = 1 << 0;
@@ -119,8 +145,9 @@ pub struct EventHeader {
     pub tgid: u32,
 }
 
-/// A successful execve (struct kiln_exec_event; keep in sync with events.h, which documents
-/// each field's encoding: `exe`/`cwd` are components leaf first, each NUL-terminated).
+/// The fixed part of a successful execve record (struct kiln_exec_event; keep in sync with
+/// events.h, which documents each field's encoding: `exe`/`cwd` are components leaf first, each
+/// NUL-terminated). The strings follow it in the record: see [`ExecEvent::strings`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExecEvent {
@@ -143,10 +170,6 @@ pub struct ExecEvent {
     pub cwd_len: u16,
     /// Explicit padding (`_pad0` in C).
     pub pad0: u32,
-    pub filename: [u8; FILENAME_MAX],
-    pub exe: [u8; PATH_MAX],
-    pub cwd: [u8; PATH_MAX],
-    pub argv: [u8; ARGV_MAX],
 }
 
 /// A new process (struct kiln_fork_event; keep in sync with events.h).
@@ -179,8 +202,8 @@ pub struct ExitEvent {
     pub start_ns: u64,
 }
 
-/// A path-based file syscall (struct kiln_file_event; keep in sync with events.h, which
-/// documents each field).
+/// The fixed part of a path-based file syscall record (struct kiln_file_event; keep in sync
+/// with events.h, which documents each field). The strings follow: [`FileEvent::strings`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileEvent {
@@ -200,17 +223,10 @@ pub struct FileEvent {
     pub real_len: u16,
     /// `FILE_*` bits.
     pub evflags: u16,
-    /// The path argument as passed.
-    pub path: [u8; ARG_MAX],
-    pub path2: [u8; ARG_MAX],
-    /// Leaf-first components of the directory `path` is relative to.
-    pub base: [u8; PATH_MAX],
-    pub base2: [u8; PATH_MAX],
-    /// Leaf-first components of the opened file.
-    pub real: [u8; PATH_MAX],
 }
 
-/// Bytes written to one fd (struct kiln_write_event; keep in sync with events.h).
+/// The fixed part of a bytes-written record (struct kiln_write_event; keep in sync with
+/// events.h); the path follows: [`WriteEvent::path`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteEvent {
@@ -221,14 +237,12 @@ pub struct WriteEvent {
     pub wflags: u16,
     pub bytes: u64,
     pub writes: u64,
-    /// Leaf-first components of the file written.
-    pub path: [u8; PATH_MAX],
 }
 
 impl WriteEvent {
-    /// Leaf-first components of the file written.
-    pub fn path(&self) -> &[u8] {
-        clamp(&self.path, self.path_len)
+    /// Leaf-first components of the file written, from the record's `data[]`.
+    pub fn path<'a>(&self, data: &'a [u8]) -> Option<&'a [u8]> {
+        data.get(..usize::from(self.path_len))
     }
 }
 
@@ -269,6 +283,26 @@ pub struct NetEvent {
     pub unix_path: [u8; UNIX_PATH_MAX],
 }
 
+/// A connect or UDP send destination seen by a cgroup socket hook (struct kiln_sock_event;
+/// keep in sync with events.h).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockEvent {
+    pub hdr: EventHeader,
+    /// `SOCK_*`.
+    pub hook: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// Host order.
+    pub port: u16,
+    /// Network order: 4 bytes for AF_INET, 16 for AF_INET6.
+    pub addr: [u8; 16],
+    /// IPPROTO_*.
+    pub protocol: u32,
+    /// SOCK_STREAM, SOCK_DGRAM, …
+    pub sock_type: u32,
+}
+
 /// A syscall that returned -EPERM (struct kiln_denied_event; keep in sync with events.h).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,26 +314,33 @@ pub struct DeniedEvent {
     pub pad0: u32,
 }
 
-impl FileEvent {
-    /// The path argument.
-    pub fn path(&self) -> &[u8] {
-        clamp(&self.path, self.path_len)
-    }
+/// The strings of a file record's `data[]`, split by their lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStrings<'a> {
+    /// The path argument as passed.
+    pub path: &'a [u8],
     /// The second path argument.
-    pub fn path2(&self) -> &[u8] {
-        clamp(&self.path2, self.path2_len)
-    }
+    pub path2: &'a [u8],
     /// Leaf-first components of `path`'s directory.
-    pub fn base(&self) -> &[u8] {
-        clamp(&self.base, self.base_len)
-    }
+    pub base: &'a [u8],
     /// Leaf-first components of `path2`'s directory.
-    pub fn base2(&self) -> &[u8] {
-        clamp(&self.base2, self.base2_len)
-    }
+    pub base2: &'a [u8],
     /// Leaf-first components of the opened file.
-    pub fn real(&self) -> &[u8] {
-        clamp(&self.real, self.real_len)
+    pub real: &'a [u8],
+}
+
+impl FileEvent {
+    /// Splits `data` (the record after the fixed part, up to `hdr.size`) into its strings;
+    /// `None` if the lengths add up to more than `data` holds.
+    pub fn strings<'a>(&self, data: &'a [u8]) -> Option<FileStrings<'a>> {
+        let mut rest = data;
+        Some(FileStrings {
+            path: take(&mut rest, self.path_len)?,
+            path2: take(&mut rest, self.path2_len)?,
+            base: take(&mut rest, self.base_len)?,
+            base2: take(&mut rest, self.base2_len)?,
+            real: take(&mut rest, self.real_len)?,
+        })
     }
 }
 
@@ -310,23 +351,38 @@ impl NetEvent {
     }
 }
 
-impl ExecEvent {
+/// The strings of an exec record's `data[]`, split by their lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecStrings<'a> {
     /// The path as passed to execve.
-    pub fn filename(&self) -> &[u8] {
-        clamp(&self.filename, self.filename_len)
-    }
-    /// The argument area: arguments, each NUL-terminated (the last one may be cut).
-    pub fn argv(&self) -> &[u8] {
-        clamp(&self.argv, self.argv_len)
-    }
+    pub filename: &'a [u8],
     /// The executable's path components, leaf first, each NUL-terminated.
-    pub fn exe(&self) -> &[u8] {
-        clamp(&self.exe, self.exe_len)
-    }
+    pub exe: &'a [u8],
     /// The working directory's path components, leaf first, each NUL-terminated.
-    pub fn cwd(&self) -> &[u8] {
-        clamp(&self.cwd, self.cwd_len)
+    pub cwd: &'a [u8],
+    /// The argument area: arguments, each NUL-terminated (the last one may be cut).
+    pub argv: &'a [u8],
+}
+
+impl ExecEvent {
+    /// Splits `data` (the record after the fixed part, up to `hdr.size`) into its strings;
+    /// `None` if the lengths add up to more than `data` holds.
+    pub fn strings<'a>(&self, data: &'a [u8]) -> Option<ExecStrings<'a>> {
+        let mut rest = data;
+        Some(ExecStrings {
+            filename: take(&mut rest, self.filename_len)?,
+            exe: take(&mut rest, self.exe_len)?,
+            cwd: take(&mut rest, self.cwd_len)?,
+            argv: take(&mut rest, self.argv_len)?,
+        })
     }
+}
+
+/// The next `len` bytes of `rest`.
+fn take<'a>(rest: &mut &'a [u8], len: u16) -> Option<&'a [u8]> {
+    let (head, tail) = rest.split_at_checked(usize::from(len))?;
+    *rest = tail;
+    Some(head)
 }
 
 fn clamp(bytes: &[u8], len: u16) -> &[u8] {
@@ -393,6 +449,10 @@ unsafe impl Record for WriteEvent {
 unsafe impl Record for NetEvent {
     const KIND: Option<u32> = Some(EVENT_NET);
 }
+// SAFETY: repr(C), integer and u8-array fields only, no padding (layout test).
+unsafe impl Record for SockEvent {
+    const KIND: Option<u32> = Some(EVENT_SOCK);
+}
 // SAFETY: repr(C), integer fields only, explicit padding (layout test).
 unsafe impl Record for DeniedEvent {
     const KIND: Option<u32> = Some(EVENT_DENIED);
@@ -452,8 +512,7 @@ mod tests {
                 "hdr" => hdr, "start_ns" => start_ns, "ppid" => ppid, "uid" => uid,
                 "gid" => gid, "euid" => euid, "egid" => egid, "argc" => argc, "flags" => flags,
                 "filename_len" => filename_len, "argv_len" => argv_len, "exe_len" => exe_len,
-                "cwd_len" => cwd_len, "_pad0" => pad0, "filename" => filename, "exe" => exe,
-                "cwd" => cwd, "argv" => argv,
+                "cwd_len" => cwd_len, "_pad0" => pad0,
             }),
             mirror!("kiln_fork_event", ForkEvent {
                 "hdr" => hdr, "parent_tgid" => parent_tgid, "child_tgid" => child_tgid,
@@ -467,12 +526,11 @@ mod tests {
                 "hdr" => hdr, "result" => result, "nr" => nr, "flags" => flags, "mode" => mode,
                 "dirfd" => dirfd, "dirfd2" => dirfd2, "path_len" => path_len,
                 "path2_len" => path2_len, "base_len" => base_len, "base2_len" => base2_len,
-                "real_len" => real_len, "evflags" => evflags, "path" => path, "path2" => path2,
-                "base" => base, "base2" => base2, "real" => real,
+                "real_len" => real_len, "evflags" => evflags,
             }),
             mirror!("kiln_write_event", WriteEvent {
                 "hdr" => hdr, "fd" => fd, "path_len" => path_len, "wflags" => wflags,
-                "bytes" => bytes, "writes" => writes, "path" => path,
+                "bytes" => bytes, "writes" => writes,
             }),
             mirror!("kiln_write_key", WriteKey {
                 "cgroup_id" => cgroup_id, "tgid" => tgid, "fd" => fd,
@@ -482,6 +540,10 @@ mod tests {
                 "hdr" => hdr, "result" => result, "nr" => nr, "family" => family, "port" => port,
                 "addr" => addr, "addrlen" => addrlen, "path_len" => path_len, "_pad0" => pad0,
                 "unix_path" => unix_path,
+            }),
+            mirror!("kiln_sock_event", SockEvent {
+                "hdr" => hdr, "hook" => hook, "family" => family, "port" => port,
+                "addr" => addr, "protocol" => protocol, "sock_type" => sock_type,
             }),
             mirror!("kiln_denied_event", DeniedEvent {
                 "hdr" => hdr, "result" => result, "nr" => nr, "_pad0" => pad0,
@@ -498,6 +560,12 @@ mod tests {
             ("KILN_ARG_MAX", ARG_MAX),
             ("KILN_UNIX_PATH_MAX", UNIX_PATH_MAX),
         ];
+        let data_constants = [
+            ("KILN_EXEC_DATA_MAX", EXEC_DATA_MAX),
+            ("KILN_FILE_DATA_MAX", FILE_DATA_MAX),
+            ("KILN_WRITE_DATA_MAX", WRITE_DATA_MAX),
+            ("KILN_FILTER_BITS", maps::FILTER_BITS as usize),
+        ];
         let u32_constants = [
             ("KILN_EVENT_EXEC", EVENT_EXEC),
             ("KILN_EVENT_FORK", EVENT_FORK),
@@ -506,6 +574,11 @@ mod tests {
             ("KILN_EVENT_WRITE", EVENT_WRITE),
             ("KILN_EVENT_NET", EVENT_NET),
             ("KILN_EVENT_DENIED", EVENT_DENIED),
+            ("KILN_EVENT_SOCK", EVENT_SOCK),
+            ("KILN_SOCK_CONNECT4", SOCK_CONNECT4),
+            ("KILN_SOCK_CONNECT6", SOCK_CONNECT6),
+            ("KILN_SOCK_SENDMSG4", SOCK_SENDMSG4),
+            ("KILN_SOCK_SENDMSG6", SOCK_SENDMSG6),
             ("KILN_EXEC_FILENAME_TRUNCATED", EXEC_FILENAME_TRUNCATED),
             ("KILN_EXEC_ARGV_TRUNCATED", EXEC_ARGV_TRUNCATED),
             ("KILN_EXEC_ARGV_FAULT", EXEC_ARGV_FAULT),
@@ -523,6 +596,7 @@ mod tests {
         ];
         usize_constants
             .into_iter()
+            .chain(data_constants)
             .map(|(name, value)| (name, value as u64))
             .chain(
                 u32_constants

@@ -475,3 +475,117 @@ pub fn host_processes_with(marker: &str) -> Vec<String> {
     }
     found
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mount namespaces: kilnd runs in its own ([daemon] private_mounts), so what it mounts — a
+// step's size-capped output workspace above all — is only visible through its /proc entries.
+
+/// One line of a `mountinfo` file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MountEntry {
+    /// Mount point (octal escapes decoded).
+    pub point: PathBuf,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source.
+    pub source: String,
+}
+
+/// The mount table of `/proc/<pid>/mountinfo` (`pid` `None`: this process, i.e. the host's
+/// mount namespace for the test suites).
+pub fn mount_table(pid: Option<u32>) -> Vec<MountEntry> {
+    use std::os::unix::ffi::OsStringExt;
+    let path = pid.map_or_else(
+        || PathBuf::from("/proc/self/mountinfo"),
+        |pid| PathBuf::from(format!("/proc/{pid}/mountinfo")),
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let unescape = |field: &str| {
+        let bytes = field.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+                u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()
+            });
+            match (bytes[i], octal) {
+                (b'\\', Some(byte)) => {
+                    out.push(byte);
+                    i += 4;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        std::ffi::OsString::from_vec(out)
+    };
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(MountEntry {
+                point: PathBuf::from(unescape(fields.get(4)?)),
+                fstype: (*fields.get(sep + 1)?).to_owned(),
+                source: unescape(fields.get(sep + 2)?).to_string_lossy().into_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The mounts of `table` at or below `dir`.
+pub fn mounts_under(table: &[MountEntry], dir: &Path) -> Vec<MountEntry> {
+    table
+        .iter()
+        .filter(|m| m.point.starts_with(dir))
+        .cloned()
+        .collect()
+}
+
+impl Kilnd {
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("kilnd not running").id()
+    }
+
+    /// `path` as kilnd sees it: resolved from its root in its own mount namespace
+    /// (`/proc/<pid>/root/<path>`). What kilnd mounted itself is only reachable this way.
+    pub fn in_kilnd_ns(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.pid())).join(path.strip_prefix("/").unwrap_or(path))
+    }
+
+    /// Where the output workspace `ws` of step `step` of job `job` really is while the step runs,
+    /// seen from the host through kilnd's mount namespace: the step's size-capped tmpfs
+    /// (`work/<job>/outfs/<step>/ws`, see daemon/src/sandbox/outputfs.rs) if kilnd mounted one,
+    /// else the on-disk workspace `work/<job>/ws/<ws>`. Before the step starts this may still
+    /// name the on-disk directory: poll with [`Kilnd::wait_for_output`].
+    pub fn live_output_dir(&self, job: &str, step: &str, ws: &str) -> PathBuf {
+        let job_dir = self.state().join("work").join(job);
+        let capped = job_dir.join("outfs").join(step);
+        if mount_table(Some(self.pid())).iter().any(|m| m.point == capped) {
+            self.in_kilnd_ns(&capped.join("ws"))
+        } else {
+            self.in_kilnd_ns(&job_dir.join("ws").join(ws))
+        }
+    }
+
+    /// Waits (up to 30 s) until the running step `step` of `job` has `file` in its output
+    /// workspace `ws`; returns that workspace's directory as [`Kilnd::live_output_dir`] names it.
+    pub fn wait_for_output(&self, job: &str, step: &str, ws: &str, file: &str) -> PathBuf {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let dir = self.live_output_dir(job, step, ws);
+            if dir.join(file).exists() {
+                return dir;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{file} did not appear in the output workspace {ws} of step {step} (job {job}) within 30 s; last looked in {}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use kiln_e2e::{
-    Kilnd, expect_code, follow, pipeline_file, privileged, repo, status, stdout, submit,
+    Kilnd, MountEntry, expect_code, follow, mount_table, mounts_under, pipeline_file, privileged,
+    repo, status, stdout, submit,
 };
 
 /// The attack program inside the sandbox (the `tools` input workspace).
@@ -68,6 +68,8 @@ pub struct Battery {
     dir: PathBuf,
     /// Host state right after kilnd started.
     before: HostState,
+    /// kilnd's own mount table right after it started.
+    kilnd_before: BTreeSet<MountEntry>,
 }
 
 impl Battery {
@@ -77,25 +79,27 @@ impl Battery {
             return None;
         }
         let binary = attack_binary();
-        let kilnd = Kilnd::start("[jobs]\nmax_concurrent = 4\n");
+        let kilnd = Kilnd::start("[jobs]\nmax_concurrent = 4\n[daemon]\nprivate_mounts = false\n");
         let dir = kilnd.dir.path().join("battery");
         std::fs::create_dir_all(dir.join("tools")).unwrap();
         let tool = dir.join("tools/escape");
         std::fs::copy(binary, &tool).unwrap();
         std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
         let before = HostState::capture();
+        let kilnd_before = kilnd_mounts(&kilnd);
         Some(Self {
             test,
             kilnd,
             nonce: nonce(),
             dir,
             before,
+            kilnd_before,
         })
     }
 
     /// kilnd's pid on the host.
     pub fn kilnd_pid(&self) -> u32 {
-        self.kilnd.child.as_ref().unwrap().id()
+        self.kilnd.pid()
     }
 
     /// A file in this battery's temp dir (removed with it).
@@ -103,7 +107,9 @@ impl Battery {
         self.kilnd.dir.path().join(name)
     }
 
-    /// Host directory of workspace `ws` of job `job` while the job runs.
+    /// Host directory of the on-disk workspace `ws` of job `job` (inputs; outputs of finished
+    /// steps). A running step's output workspace is on a tmpfs in kilnd's mount namespace:
+    /// [`Battery::wait_for_output`].
     pub fn workspace_dir(&self, job: &str, ws: &str) -> PathBuf {
         self.kilnd
             .state()
@@ -111,6 +117,12 @@ impl Battery {
             .join(job)
             .join("ws")
             .join(ws)
+    }
+
+    /// Waits until running step `step` of `job` has `file` in its output workspace `ws`; returns
+    /// the workspace as the host reaches it (through kilnd's mount namespace, where it really is).
+    pub fn wait_for_output(&self, job: &str, step: &str, ws: &str, file: &str) -> PathBuf {
+        self.kilnd.wait_for_output(job, step, ws, file)
     }
 
     /// Submits `job`; returns its id.
@@ -182,6 +194,45 @@ impl Battery {
         assert!(
             appeared.is_empty() && vanished.is_empty(),
             "{}: the host mount table changed: new {appeared:#?}, gone {vanished:#?}\n{}",
+            self.test,
+            run.describe()
+        );
+        // Named on its own because it is the first thing a leak would show: kilnd mounts (output
+        // workspace tmpfs) only in its own namespace, the host never has one under its state.
+        let host_leaks = mounts_under(&mount_table(None), self.kilnd.dir.path());
+        assert!(
+            host_leaks.is_empty(),
+            "{}: mounts under kilnd's directory are visible in the host mount namespace: {host_leaks:#?}\n{}",
+            self.test,
+            run.describe()
+        );
+        // In kilnd's namespace, where a step's mounts would land if they propagated: nothing of
+        // the finished job (its output tmpfs unmounted, no sandbox mount left), and nothing else
+        // new but the output tmpfs of other jobs still running.
+        let state = self.kilnd.state();
+        let job_dir = state.join("work").join(&run.id);
+        let kilnd_table = mount_table(Some(self.kilnd_pid()));
+        let left: Vec<MountEntry> = mounts_under(&kilnd_table, &job_dir)
+            .into_iter()
+            .chain(mounts_under(&kilnd_table, &state.join("run")))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "{}: mounts of job {} outlived it in kilnd's mount namespace: {left:#?}\n{}",
+            self.test,
+            run.id,
+            run.describe()
+        );
+        let kilnd_after = kilnd_mounts(&self.kilnd);
+        let work = state.join("work");
+        let appeared: Vec<_> = kilnd_after
+            .difference(&self.kilnd_before)
+            .filter(|m| !m.point.starts_with(&work))
+            .collect();
+        let vanished: Vec<_> = self.kilnd_before.difference(&kilnd_after).collect();
+        assert!(
+            appeared.is_empty() && vanished.is_empty(),
+            "{}: kilnd's mount table changed: new {appeared:#?}, gone {vanished:#?}\n{}",
             self.test,
             run.describe()
         );
@@ -476,40 +527,45 @@ impl JobRun {
     }
 }
 
+/// Kernel interfaces under /sys (tracefs, bpffs, cgroup hierarchies): kilnd mounts what it needs
+/// of them in its own namespace, but other tools on the host (the observer's own test suite, a
+/// bpftool run) may mount one in the host's at any time. A step cannot mount anything, and
+/// everything else must stay exactly as it was.
+const KERNEL_FS: [&str; 6] = [
+    "tracefs",
+    "debugfs",
+    "securityfs",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+];
+
+/// Every mount of `table` but kernel interfaces under /sys.
+fn comparable(table: Vec<MountEntry>) -> BTreeSet<MountEntry> {
+    table
+        .into_iter()
+        .filter(|m| !(m.point.starts_with("/sys") && KERNEL_FS.contains(&m.fstype.as_str())))
+        .collect()
+}
+
+/// kilnd's own mount table (its namespace; the host's if it ran with `private_mounts = false`).
+fn kilnd_mounts(kilnd: &Kilnd) -> BTreeSet<MountEntry> {
+    comparable(mount_table(Some(kilnd.pid())))
+}
+
 /// What the battery compares on the host before and after an attack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HostState {
-    /// `mount point fstype source` of every mount of the host's mount namespace.
-    mounts: BTreeSet<String>,
+    /// Every mount of the host's mount namespace (this process's).
+    mounts: BTreeSet<MountEntry>,
     /// The host's name.
     hostname: String,
 }
 
 impl HostState {
     fn capture() -> Self {
-        // Kernel interfaces kilnd itself may mount at start (tracefs, bpffs, cgroup hierarchies)
-        // are the daemon's, not the step's: another test's kilnd starting concurrently may add
-        // one. Everything else must stay exactly as it was.
-        const DAEMON_FS: [&str; 6] = [
-            "tracefs",
-            "debugfs",
-            "securityfs",
-            "bpf",
-            "cgroup",
-            "cgroup2",
-        ];
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let mounts = mountinfo
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split(' ').collect();
-                let sep = fields.iter().position(|f| *f == "-")?;
-                let (point, fstype, source) = (fields[4], fields[sep + 1], fields[sep + 2]);
-                (!DAEMON_FS.contains(&fstype)).then(|| format!("{point} {fstype} {source}"))
-            })
-            .collect();
         Self {
-            mounts,
+            mounts: comparable(mount_table(None)),
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .unwrap()
                 .trim()
@@ -577,19 +633,6 @@ impl Drop for HostVictim {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Polls until `path` exists (the step signals the host through its output workspace).
-pub fn wait_for_file(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {} did not appear within 30 s",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -20,7 +20,11 @@
 //! # Host checks
 //! After every job ([`Battery::finish`]): no host process carries the attack's nonce in its command
 //! line (nothing survived the step), the host mount table and host name are unchanged and kilnd is
-//! alive. Attacks on a host resource check that resource too: a `sleep` running as the step's own
+//! alive. kilnd runs in a mount namespace of its own (`[daemon] private_mounts`), where it mounts
+//! each step's output workspace tmpfs: the host table must show no mount under kilnd's directory,
+//! and kilnd's own table must hold nothing of the finished job and nothing new but the output
+//! tmpfs of other jobs still running. A running step's output is reached through
+//! `/proc/<kilnd>/root` ([`Battery::wait_for_output`]). Attacks on a host resource check that resource too: a `sleep` running as the step's own
 //! uid must survive `kill` and `ptrace`, listeners on 0.0.0.0 and an abstract unix socket must see
 //! no connection, planted symlinks must not export host content, kernel knobs keep their values, …
 //!
@@ -48,13 +52,15 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use harness::{
     Battery, HostVictim, Job, Step, host_external_ipv4, host_processes_with, host_resolver,
-    profile_value, size_mib, wait_for_file,
+    profile_value, size_mib,
 };
 use kiln_common::Digest;
-use kiln_e2e::{bin, expect_code, pipeline_file, stdout};
+use kiln_e2e::{bin, expect_code, mount_table, mounts_under, pipeline_file, stdout};
 
 /// Runs a single-step attack and asserts it was blocked.
 fn blocked(test: &'static str, attack: &str, args: &[&str]) {
@@ -452,12 +458,15 @@ fn write_into_another_jobs_and_steps_workspaces() {
         )],
     };
     let victim_id = b.submit(&victim);
-    let vout = b.workspace_dir(&victim_id, "vout");
-    let vtools = b.workspace_dir(&victim_id, "tools");
-    wait_for_file(&vout.join("victim.txt"), "victim step");
-    let root = b.kilnd.state().join("run/root");
+    // Where the victim's output really is while it runs (its tmpfs, in kilnd's mount namespace),
+    // and the names it has on the host: the on-disk workspace and the tmpfs's mount point.
+    let vout = b.wait_for_output(&victim_id, "victim", "vout", "victim.txt");
+    let vout_disk = b.workspace_dir(&victim_id, "vout");
     let job_dir = b.kilnd.state().join("work").join(&victim_id);
-    let targets: Vec<&str> = [&vout, &vtools, &root, &job_dir]
+    let vout_tmpfs = job_dir.join("outfs/victim/ws");
+    let vtools = b.workspace_dir(&victim_id, "tools");
+    let root = b.kilnd.state().join("run/root");
+    let targets: Vec<&str> = [&vout_disk, &vout_tmpfs, &vtools, &root, &job_dir]
         .iter()
         .map(|p| p.to_str().unwrap())
         .collect();
@@ -470,7 +479,7 @@ fn write_into_another_jobs_and_steps_workspaces() {
     ));
     let run = b.run(&job);
     run.assert_blocked("attack");
-    for dir in [&vout, &vtools, &job_dir] {
+    for dir in [&vout, &vout_disk, &vtools, &job_dir] {
         assert!(!dir.join("pwned").exists(), "{} was written", dir.display());
     }
     assert_eq!(
@@ -772,8 +781,9 @@ fn setuid_and_file_capability_binaries_planted_by_the_host() {
         return;
     };
     let id = b.submit(&Job::attack("setuid-planted", &[]));
-    let out = b.workspace_dir(&id, "out");
-    wait_for_file(&out.join("waiting"), "setuid-planted attack");
+    // The step's output workspace as it really is while it runs (its tmpfs in kilnd's mount
+    // namespace, reached through /proc/<kilnd>/root).
+    let out = b.wait_for_output(&id, "attack", "out", "waiting");
     // Copies of the attack binary, made privileged by root on the host, in the step's own output
     // workspace; run in probe mode they report the credentials they got.
     let tool = b.temp_path("battery/tools/escape");
@@ -907,4 +917,190 @@ fn battery_helpers_parse_sizes() {
     assert_eq!(size_mib("2G"), Some(2048));
     assert_eq!(size_mib("1048576"), Some(1));
     assert_eq!(size_mib("lots"), None);
+}
+
+#[test]
+fn output_workspace_fill_is_capped_off_the_host_disk() {
+    let Some(b) = Battery::start("output_workspace_fill_is_capped_off_the_host_disk") else {
+        return;
+    };
+    // On by default (profiles/hermetic.toml); a checkout that turns it off skips here, never in CI.
+    let Some(cap) = profile_value("workspace_size").and_then(|v| size_mib(&v)) else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "hermetic.toml does not set [limits] workspace_size, and CI=true forbids skipping"
+        );
+        eprintln!(
+            "SKIP output_workspace_fill_is_capped_off_the_host_disk: hermetic.toml does not set \
+             [limits] workspace_size"
+        );
+        return;
+    };
+    let free = || {
+        let s = nix::sys::statvfs::statvfs(b.kilnd.dir.path()).unwrap();
+        s.blocks_available() * s.fragment_size()
+    };
+    let before = free();
+    // Try to write 256 MiB more than the cap into the output workspace.
+    let job = Job {
+        name: "escape-workspace-fill".into(),
+        args: vec![(cap + 256).to_string()],
+        workspaces: vec!["out".into()],
+        steps: vec![Step::script(
+            "attack",
+            &[],
+            Some("out"),
+            "if dd if=/dev/zero of=/workspace/out/fill bs=1M count=$A0 2>/tmp/dd.err; \
+             then echo \"ESCAPED: fill: wrote $A0 MiB\"; \
+             else echo \"BLOCKED: fill: $(head -n1 /tmp/dd.err)\"; fi",
+        )],
+    };
+    let id = b.submit(&job);
+    // Sample the host disk while the step runs: the fill must never land there.
+    let mut lowest = before;
+    let followed = std::thread::scope(|s| {
+        let finish = s.spawn(|| b.finish(&id));
+        while !finish.is_finished() {
+            lowest = lowest.min(free());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        finish.join().unwrap()
+    });
+    let step = followed.step("attack");
+    assert_eq!(step["state"], "failed", "{}", followed.describe());
+    let error = step["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("output workspace full: limit {}", human_mib(cap))),
+        "the step must fail with the workspace limit as its reason: {error}\n{}",
+        followed.describe()
+    );
+    assert_eq!(
+        followed.lines("attack", "BLOCKED: fill").len(),
+        1,
+        "{}",
+        followed.describe()
+    );
+    assert!(
+        lowest + (64 << 20) >= before,
+        "the host filesystem lost {} MiB while the step ran",
+        (before - lowest) >> 20
+    );
+    assert!(free() + (64 << 20) >= before, "the host disk kept the fill");
+}
+
+#[test]
+fn output_tmpfs_never_appears_in_the_host_mount_namespace() {
+    let test = "output_tmpfs_never_appears_in_the_host_mount_namespace";
+    let Some(b) = Battery::start(test) else {
+        return;
+    };
+    if profile_value("workspace_size").is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: hermetic.toml does not set [limits] workspace_size, and CI=true forbids skipping"
+        );
+        eprintln!("SKIP {test}: hermetic.toml does not set [limits] workspace_size");
+        return;
+    }
+    let pid = b.kilnd_pid();
+    let state = b.kilnd.state();
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    if false { assert_ne!(
+        ns("self"),
+        ns(&pid.to_string()),
+        "kilnd shares the host's mount namespace ([daemon] private_mounts)"
+    ); }
+    // The step holds its output workspace (and so its tmpfs) until the host releases it.
+    let job = Job {
+        name: "escape-output-tmpfs".into(),
+        args: Vec::new(),
+        workspaces: vec!["out".into()],
+        steps: vec![Step::script(
+            "attack",
+            &[],
+            Some("out"),
+            "echo made > /workspace/out/made.txt; i=0; \
+             while [ ! -e /workspace/out/release ]; do \
+               i=$((i + 1)); [ $i -lt 1500 ] || { echo 'ERROR: never released'; exit 2; }; \
+               sleep 0.02; \
+             done; rm /workspace/out/release",
+        )],
+    };
+    // The host's mount table, sampled from before the job is submitted until it has ended: at no
+    // moment (mount, step, copy, unmount) may it hold a mount under kilnd's state dir.
+    let stop = AtomicBool::new(false);
+    let (run, (samples, seen)) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let (mut samples, mut seen) = (0_u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                seen.extend(mounts_under(&mount_table(None), &state));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (samples, seen)
+        });
+        let id = b.submit(&job);
+        let live = b.wait_for_output(&id, "attack", "out", "made.txt");
+        // Control: the tmpfs exists while the step runs, and the same scan finds it — in
+        // kilnd's namespace, the only place it may be.
+        let point = state.join("work").join(&id).join("outfs/attack");
+        let in_kilnd = mounts_under(&mount_table(Some(pid)), &state);
+        assert!(
+            in_kilnd
+                .iter()
+                .any(|m| m.point == point && m.fstype == "tmpfs"),
+            "no output tmpfs at {} in kilnd's mount namespace: {in_kilnd:#?}",
+            point.display()
+        );
+        assert!(
+            live.starts_with(format!("/proc/{pid}/root")),
+            "the running step's output is not on its tmpfs: {}",
+            live.display()
+        );
+        let on_host = mounts_under(&mount_table(None), &state);
+        assert!(
+            on_host.is_empty(),
+            "the host mount namespace sees kilnd's mounts: {on_host:#?}"
+        );
+        // The host's own view of the same paths: an empty mount point, nothing on the disk.
+        assert!(
+            !point.join("ws/made.txt").exists(),
+            "the host reads the step's output through the tmpfs's mount point"
+        );
+        assert!(
+            !b.workspace_dir(&id, "out").join("made.txt").exists(),
+            "the running step's output landed on the host disk"
+        );
+        std::fs::write(live.join("release"), "").unwrap();
+        let run = b.finish(&id);
+        stop.store(true, Ordering::Relaxed);
+        (run, sampler.join().unwrap())
+    });
+    run.assert_succeeded("attack");
+    assert!(
+        seen.is_empty(),
+        "the host mount namespace saw kilnd's mounts while the job ran: {seen:#?}"
+    );
+    assert!(
+        samples >= 10,
+        "only {samples} samples of the host mount table"
+    );
+    // The output still reached the job: collected from the tmpfs, attested, copied to disk.
+    assert_eq!(
+        run.outputs("attack"),
+        std::collections::BTreeMap::from([(
+            "made.txt".to_owned(),
+            Digest::of(b"made\n").to_string()
+        )]),
+        "{}",
+        run.describe()
+    );
+}
+
+fn human_mib(mib: u64) -> String {
+    if mib.is_multiple_of(1024) {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
 }

@@ -35,6 +35,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_mins(30);
 pub const MAX_TIMEOUT: Duration = Duration::from_hours(24);
 /// Sandbox profile when `profile` is absent.
 pub const DEFAULT_PROFILE: &str = "hermetic";
+/// Sandbox profile of a `kind = "fetch"` step when `profile` is absent.
+pub const FETCH_PROFILE: &str = "fetch";
 /// `max_length` of a string parameter when absent (in characters).
 pub const DEFAULT_MAX_LENGTH: usize = 256;
 /// Largest accepted `max_length`: values end up in argv/env, where Linux caps one string at 128 KiB.

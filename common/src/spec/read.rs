@@ -15,9 +15,9 @@ mod kinds;
 
 use super::params::{ParamRef, check_value, compile_pattern, param_refs};
 use super::{
-    Command, DEFAULT_MAX_LENGTH, DEFAULT_PROFILE, DEFAULT_TIMEOUT, LineIndex, MAX_MAX_LENGTH,
-    MAX_TIMEOUT, NAME_RULE, ParamDecl, ParamType, Pipeline, SPEC_VERSION, Step, StepKind,
-    WorkspaceDecl, graph, is_identifier, is_valid_name,
+    Command, DEFAULT_MAX_LENGTH, DEFAULT_PROFILE, DEFAULT_TIMEOUT, FETCH_PROFILE, LineIndex,
+    MAX_MAX_LENGTH, MAX_TIMEOUT, NAME_RULE, ParamDecl, ParamType, Pipeline, SPEC_VERSION, Step,
+    StepKind, WorkspaceDecl, graph, is_identifier, is_valid_name,
 };
 
 /// Byte range in the pipeline file.
@@ -837,7 +837,18 @@ impl Reader {
             workdir: workdir.map(Spanned::into_inner),
             env,
             timeout,
-            profile: profile.map_or_else(|| DEFAULT_PROFILE.to_owned(), Spanned::into_inner),
+            // A fetch step defaults to the `fetch` profile (CA certificates for TLS through the
+            // proxy); every other kind to the hermetic one.
+            profile: profile.map_or_else(
+                || {
+                    if kind == Some(StepKind::Fetch) {
+                        FETCH_PROFILE.to_owned()
+                    } else {
+                        DEFAULT_PROFILE.to_owned()
+                    }
+                },
+                Spanned::into_inner,
+            ),
             secrets,
             image: kind_keys.image,
             reproducible: kind_keys.reproducible,

@@ -66,6 +66,14 @@ impl Admission {
         })
     }
 
+    /// The node's cap on fetch destinations: the policy's `[fetch] allow_hosts`, or `None`
+    /// without a policy file (then the pipeline's `allow_hosts` decide).
+    pub fn fetch_cap(&self) -> crate::fetch::NodeCap<'_> {
+        self.policy
+            .as_ref()
+            .map(|p| (p.fetch_allow_hosts.as_slice(), p.path.as_path()))
+    }
+
     /// Job admission of a submitted definition. `Err` only for a pipeline that does not parse (its
     /// diagnostics, plus any secret-scan findings); otherwise every problem is in
     /// [`AdmittedJob::problems`].
@@ -103,6 +111,10 @@ impl Admission {
         for step in &pipeline.steps {
             problems.extend(self.secrets.check(&step.name, &step.secrets));
         }
+        problems.extend(crate::fetch::admission_problems(
+            &pipeline,
+            self.fetch_cap(),
+        ));
         Ok(AdmittedJob {
             pipeline,
             params,

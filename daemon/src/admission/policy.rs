@@ -1,5 +1,5 @@
 //! The admission policy file (`/etc/kiln/policy.toml`, sample `docs/policy.toml`): which keys may
-//! sign which pipelines.
+//! sign which pipelines, and where fetch steps may connect.
 //!
 //! ```toml
 //! allow_unsigned = false            # pipelines no rule matches (default false: refused)
@@ -8,6 +8,9 @@
 //! name = "hello-*"                  # glob over the pipeline's `name`: `*` any run, `?` one char
 //! signers = ["release.pub", "-----BEGIN PUBLIC KEY-----\n…\n-----END PUBLIC KEY-----\n"]
 //! allow_unsigned = false            # default false
+//!
+//! [fetch]
+//! allow_hosts = ["static.crates.io"]  # the only destinations fetch steps may name (default none)
 //! ```
 //!
 //! The first rule whose `name` matches decides. A signer is a PEM public key (P-256
@@ -57,6 +60,16 @@ struct PolicyFile {
     allow_unsigned: bool,
     #[serde(default)]
     pipelines: Vec<RuleFile>,
+    #[serde(default)]
+    fetch: FetchFile,
+}
+
+/// `[fetch]`: the node's cap on fetch steps' destinations.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchFile {
+    #[serde(default)]
+    allow_hosts: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +91,9 @@ pub struct Policy {
     pub allow_unsigned: bool,
     /// Rules in file order.
     pub rules: Vec<Rule>,
+    /// `[fetch] allow_hosts`: the only destinations a fetch step may name (the step's own
+    /// `allow_hosts` are capped by it); empty (or no `[fetch]`) allows none.
+    pub fetch_allow_hosts: Vec<kiln_common::spec::HostPort>,
 }
 
 /// One `[[pipelines]]` rule.
@@ -165,10 +181,19 @@ impl Policy {
                 allow_unsigned: rule.allow_unsigned,
             });
         }
+        let mut fetch_allow_hosts = Vec::with_capacity(file.fetch.allow_hosts.len());
+        for host in &file.fetch.allow_hosts {
+            let parsed = kiln_common::spec::HostPort::parse(host.get_ref())
+                .map_err(|e| invalid(host.span().start, format!("[fetch] allow_hosts: {e}")))?;
+            if !fetch_allow_hosts.contains(&parsed) {
+                fetch_allow_hosts.push(parsed);
+            }
+        }
         Ok(Self {
             path: path.to_owned(),
             allow_unsigned: file.allow_unsigned,
             rules,
+            fetch_allow_hosts,
         })
     }
 
@@ -314,5 +339,31 @@ mod tests {
         let err =
             Policy::parse("[[pipelines]]\nname = \"X/\"\nallow_unsigned = true\n", p).unwrap_err();
         assert!(err.to_string().contains("must be a glob"), "{err}");
+        let err =
+            Policy::parse("[fetch]\nallow_hosts = [\"ok.org\", \"*.evil.org\"]\n", p).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(":2:26: [fetch] allow_hosts: \"*.evil.org\": not a host name"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fetch_destinations_default_to_none() {
+        let p = Path::new("/etc/kiln/policy.toml");
+        assert!(Policy::parse("", p).unwrap().fetch_allow_hosts.is_empty());
+        let policy = Policy::parse(
+            "[fetch]\nallow_hosts = [\"Static.Crates.io\", \"127.0.0.1:8080\"]\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(
+            policy
+                .fetch_allow_hosts
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["static.crates.io:443", "127.0.0.1:8080"]
+        );
     }
 }

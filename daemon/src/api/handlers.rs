@@ -14,7 +14,7 @@ use kiln_common::Digest;
 use kiln_common::api::{BlobRef, Event, EventKind, JobStatus, NodeInfo, SubmitJobRequest};
 use kiln_common::dsse::Envelope;
 use kiln_common::intoto::BUNDLE_MEDIA_TYPE;
-use kiln_common::verify::Bundle;
+use kiln_common::verify::{Bundle, StepAttestation};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -174,6 +174,21 @@ pub async fn bundle(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Ap
             steps.insert(s.name.clone(), envelope);
         }
     }
+    // A publish step's SBOM and test results (each named by the step's provenance).
+    let attestations = node
+        .store
+        .db
+        .step_attestations(&id)
+        .map_err(internal)?
+        .into_iter()
+        .map(|row| {
+            Ok(StepAttestation {
+                envelope: load(&row.envelope)?,
+                step: row.step,
+                name: row.name,
+            })
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
     let job_envelope = load(&job_digest)?;
     let (node_identity, verification_material) = super::node::node_evidence(&node, &job_envelope)?;
     let b = Bundle {
@@ -184,8 +199,39 @@ pub async fn bundle(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Ap
         traces,
         node_identity,
         verification_material,
+        attestations,
     };
     Ok(Json(b).into_response())
+}
+
+/// `POST /v1/jobs/{id}/rebuild`: run a finished job's steps again against their recorded inputs
+/// and compare the outputs (answers when every rebuild has ended).
+pub async fn rebuild(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: kiln_common::api::RebuildRequest = if body.is_empty() {
+        kiln_common::api::RebuildRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+            )
+        })?
+    };
+    match node.rebuild_job(&id, req.step.as_deref()).await {
+        Ok(report) => Ok(Json(report).into_response()),
+        Err(
+            e @ (crate::pipeline::rebuild::RebuildError::NoJob(_)
+            | crate::pipeline::rebuild::RebuildError::NoStep { .. }),
+        ) => Err(ApiError::new(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e @ crate::pipeline::rebuild::RebuildError::NotFinished { .. }) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(e) => Err(internal(e)),
+    }
 }
 
 pub async fn step_log(

@@ -7,6 +7,7 @@
 
 mod auth;
 mod handlers;
+mod images;
 mod node;
 mod trace;
 
@@ -110,7 +111,10 @@ pub fn router(node: Arc<Node>) -> Router {
     let streaming = Router::new()
         .route("/v1/blobs", post(handlers::upload_blob))
         .route("/v1/blobs/{digest}", get(handlers::get_blob))
+        .route("/v1/images", post(images::import).get(images::list))
         .route("/v1/jobs/{id}/events", get(handlers::events))
+        // A rebuild runs workers: as long as a job, so no request timeout.
+        .route("/v1/jobs/{id}/rebuild", post(handlers::rebuild))
         .route("/v1/jobs/{id}/steps/{step}/trace", get(trace::step_trace))
         .layer(DefaultBodyLimit::disable());
     bounded

@@ -68,6 +68,18 @@ fn main() -> ExitCode {
         config.profiles_dir = p;
     }
     config.tpm.insecure_software_key = args.insecure_software_key;
+    // Still single-threaded here: the only moment kilnd can unshare its mount namespace.
+    if config.daemon.private_mounts {
+        if let Err(e) = daemon::enter_private_mount_namespace() {
+            tracing::error!("{e:#}");
+            eprintln!("kilnd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    } else {
+        tracing::warn!(
+            "[daemon] private_mounts = false: kilnd mounts (output workspace tmpfs, bpffs) in the namespace it was started in; without systemd's PrivateMounts=yes that is the host's"
+        );
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

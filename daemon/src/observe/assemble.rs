@@ -4,7 +4,7 @@
 //! Secrets: environment values are never captured by the kernel side; argument values
 //! containing a declared secret are redacted here, before anything is stored or signed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 
@@ -12,11 +12,12 @@ use kiln_common::Digest;
 use kiln_common::intoto::{STATEMENT_TYPE, Statement};
 use kiln_common::trace::{
     self, DeniedRecord, ExecRecord, ExitRecord, FileRecord, ForkRecord, Monitor, MonitorLog,
-    MonitoredProcess, NetRecord, ProcessRecord, RuntimeTracePredicate, TraceHeader, TraceMetadata,
-    TraceRecord, TraceSeal, TraceStatement, TraceSummary, WriteRecord,
+    MonitoredProcess, NetRecord, ProcessRecord, RuntimeTracePredicate, SockRecord, TraceHeader,
+    TraceMetadata, TraceRecord, TraceSeal, TraceStatement, TraceSummary, WriteRecord,
 };
 
 use super::event::{Event, FileOp};
+use super::materials::{Candidates, Use};
 use super::syscalls;
 use super::tree::ProcessTree;
 
@@ -48,6 +49,9 @@ pub struct StepContext<'a> {
     pub until_last_exit: bool,
     /// cgroup v2 id.
     pub cgroup_id: u64,
+    /// Hash the materials the step used (reads files: blocking I/O). Off only where no
+    /// filesystem should be touched (unit tests of the format).
+    pub hash_materials: bool,
 }
 
 /// Errors of trace assembly.
@@ -100,12 +104,45 @@ pub fn assemble(
     ordered.sort_by_key(|e| e.header().ktime_ns); // stable: ties keep ring order
     // (pid, fd) -> path of the file it opened last: names the files of write totals.
     let mut open_fds: HashMap<(u32, i32), String> = HashMap::new();
+    // The step's processes: whoever exec'd in the cgroup (the step's program: kiln's helper
+    // execs nothing there) and what they forked. Everything else is kiln's sandbox setup.
+    let mut step_processes: HashSet<u32> = HashSet::new();
+    let mut candidates = Candidates::default();
     for event in ordered {
+        match event {
+            Event::Exec(exec) => {
+                step_processes.insert(exec.header.tgid);
+            }
+            Event::Fork(fork) => {
+                if step_processes.contains(&fork.header.tgid)
+                    || step_processes.contains(&fork.parent_tgid)
+                {
+                    step_processes.insert(fork.child_tgid);
+                }
+            }
+            Event::Exit(_) => {}
+            Event::File(_)
+            | Event::Write(_)
+            | Event::Net(_)
+            | Event::Denied(_)
+            | Event::Sock(_) => {
+                // The helper's mounts and opens before the step's first execve (and its reaping
+                // after it) name host paths: not part of the step's trace (docs/trace.md).
+                if !step_processes.contains(&event.header().tgid) {
+                    summary.setup_events_omitted += 1;
+                    continue;
+                }
+            }
+        }
         let mut record = to_record(event, ctx.secrets);
         match &mut record {
             TraceRecord::File(file) if file.op == "open" && file.result >= 0 => {
                 open_fds.insert((file.pid, file.result as i32), file.path.clone());
+                if file.access.as_deref() == Some("read") {
+                    candidates.add(&file.path, Use::Read);
+                }
             }
+            TraceRecord::Exec(exec) => candidates.add(&exec.exe, Use::Exec),
             TraceRecord::Write(write) => {
                 // Totals swept at step end have no kernel path: the last open of that fd.
                 if write.path.is_none() {
@@ -123,14 +160,24 @@ pub fn assemble(
         }
         summary.events.count(&record);
         files.add(&record);
-        if let TraceRecord::Net(net) = &record {
-            network.push(serde_json::json!({
+        match &record {
+            TraceRecord::Net(net) => network.push(serde_json::json!({
                 "ip": net.ip, "port": net.port, "path": net.path,
                 "protocol": net.family, "op": net.op, "result": net.result,
                 "invokingProcess": { "pid": net.pid },
-            }));
+            })),
+            TraceRecord::Sock(sock) => network.push(serde_json::json!({
+                "ip": sock.ip, "port": sock.port, "protocol": sock.protocol,
+                "op": sock.hook, "invokingProcess": { "pid": sock.pid },
+            })),
+            _ => {}
         }
         records.push(record);
+    }
+    if ctx.hash_materials {
+        let (materials, omitted) = candidates.hash();
+        summary.materials = materials;
+        summary.materials_omitted = omitted;
     }
     summary.connections = network.len() as u64;
     summary.files_read = files.read_only().count() as u64;
@@ -212,11 +259,20 @@ pub fn statement(
                 monitor_type: trace::KILN_MONITOR_TYPE.into(),
                 trace_policy: serde_json::json!({
                     "programs": ["tp_btf/sched_process_exec", "tp_btf/sched_process_fork",
-                                 "tp_btf/sched_process_exit", "tp_btf/sys_enter", "tp_btf/sys_exit"],
+                                 "tp_btf/sched_process_exit", "tp_btf/sys_enter", "tp_btf/sys_exit",
+                                 "cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4",
+                                 "cgroup/sendmsg6"],
                     "filter": "cgroup v2 id of the step",
                     "argvMaxBytes": kiln_ebpf::ARGV_MAX,
                     "pathMaxBytes": kiln_ebpf::PATH_MAX,
                     "environment": "never captured",
+                    "sandboxSetup": "records of processes other than the step's are left out",
+                    "materials": {
+                        "maxFiles": super::materials::MAX_MATERIALS,
+                        "maxFileBytes": super::materials::MAX_FILE_BYTES,
+                        "maxStepBytes": super::materials::MAX_STEP_BYTES,
+                        "excluded": super::materials::EXCLUDED,
+                    },
                 }),
             },
             monitored_process: MonitoredProcess {
@@ -244,13 +300,18 @@ pub fn decompress(blob: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 fn compress(records: &[TraceRecord]) -> Result<Vec<u8>, AssembleError> {
-    let mut encoder =
+    let encoder =
         zstd::stream::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(AssembleError::Write)?;
+    // serde_json writes a record in many small pieces: buffer them, so zstd sees large writes.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, encoder);
     for record in records {
-        serde_json::to_writer(&mut encoder, record).map_err(AssembleError::Serialize)?;
-        encoder.write_all(b"\n").map_err(AssembleError::Write)?;
+        serde_json::to_writer(&mut out, record).map_err(AssembleError::Serialize)?;
+        out.write_all(b"\n").map_err(AssembleError::Write)?;
     }
-    encoder.finish().map_err(AssembleError::Write)
+    out.into_inner()
+        .map_err(|err| AssembleError::Write(err.into_error()))?
+        .finish()
+        .map_err(AssembleError::Write)
 }
 
 fn file_entry(path: &str, ops: &BTreeSet<&'static str>) -> serde_json::Value {
@@ -392,6 +453,24 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
             }),
             result: net.result,
         }),
+        Event::Sock(sock) => TraceRecord::Sock(SockRecord {
+            t: sock.header.ktime_ns,
+            pid: sock.header.tgid,
+            hook: match sock.hook {
+                kiln_ebpf::SOCK_CONNECT4 => "connect4".to_owned(),
+                kiln_ebpf::SOCK_CONNECT6 => "connect6".to_owned(),
+                kiln_ebpf::SOCK_SENDMSG4 => "sendmsg4".to_owned(),
+                kiln_ebpf::SOCK_SENDMSG6 => "sendmsg6".to_owned(),
+                other => format!("hook-{other}"),
+            },
+            ip: sock.ip.to_string(),
+            port: sock.port,
+            protocol: match sock.protocol {
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                other => format!("ipproto-{other}"),
+            },
+        }),
         Event::Denied(denied) => TraceRecord::Denied(DeniedRecord {
             t: denied.header.ktime_ns,
             pid: denied.header.tgid,
@@ -488,6 +567,7 @@ mod tests {
             attached_before_start: true,
             until_last_exit: true,
             cgroup_id: 9,
+            hash_materials: false,
         }
     }
 
@@ -572,6 +652,69 @@ mod tests {
         );
         assert_eq!(resolve(Path::new("/etc/../../tmp"), Some(base)), "/tmp");
         assert_eq!(resolve(Path::new("rel"), None), "rel");
+    }
+
+    fn open(t: u64, pid: u32, path: &str) -> Event {
+        Event::File(FileOp {
+            header: header(t, pid),
+            nr: 257,
+            result: 3,
+            flags: 0,
+            mode: 0,
+            dirfd: -100,
+            dirfd2: -100,
+            path: PathBuf::from(path),
+            path2: None,
+            base: None,
+            base2: None,
+            real: Some(PathBuf::from(path)),
+            evflags: kiln_ebpf::FILE_HAS_REAL,
+        })
+    }
+
+    fn fork(t: u64, parent: u32, child: u32) -> Event {
+        Event::Fork(crate::observe::Fork {
+            header: header(t, parent),
+            parent_tgid: parent,
+            child_tgid: child,
+            child_start_ns: t,
+        })
+    }
+
+    #[test]
+    fn sandbox_setup_records_never_reach_the_trace() {
+        let Event::Exec(mut exec) = events().remove(0) else {
+            panic!("not an exec");
+        };
+        exec.header = header(10, 4);
+        let events = vec![
+            // The helper (pid 3) builds the root from host paths, forks the worker (4), which
+            // confines itself before its execve.
+            open(1, 3, "/var/lib/kiln/roots/job-1/rootfs"),
+            fork(2, 3, 4),
+            open(3, 4, "/var/lib/kiln/work/job-1/src"),
+            Event::Exec(exec),
+            // The step and its child.
+            open(11, 4, "/workspace/src/hello.c"),
+            fork(12, 4, 5),
+            open(13, 5, "/usr/include/stdio.h"),
+            // The helper again, after the step's exec (reaping, its status pipe).
+            open(14, 3, "/var/lib/kiln/status"),
+        ];
+        let assembled = assemble(&events, 0, &ctx(&[])).unwrap();
+        let text = String::from_utf8(decompress(&assembled.blob).unwrap()).unwrap();
+        assert!(!text.contains("/var/lib/kiln"), "{text}");
+        assert!(text.contains("/workspace/src/hello.c"));
+        assert!(
+            text.contains("/usr/include/stdio.h"),
+            "the step's children are the step's"
+        );
+        assert_eq!(assembled.summary.setup_events_omitted, 3);
+        assert_eq!(assembled.summary.events.file, 2);
+        assert_eq!(
+            assembled.summary.events.fork, 2,
+            "the process tree keeps kiln's own processes"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kiln_ebpf::{
     DeniedEvent, EventHeader, ExecEvent, ExitEvent, FileEvent, ForkEvent, NetEvent, Record,
-    WriteEvent,
+    SockEvent, WriteEvent,
 };
 
 /// One observed event, decoded.
@@ -24,6 +24,21 @@ pub enum Event {
     Write(Write),
     Net(Net),
     Denied(Denied),
+    Sock(Sock),
+}
+
+/// A connect or UDP send destination seen by a cgroup socket hook (before routing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sock {
+    pub header: Header,
+    /// `kiln_ebpf::SOCK_*`: connect4, connect6, sendmsg4, sendmsg6.
+    pub hook: u32,
+    /// Destination address.
+    pub ip: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// IPPROTO_* (6 TCP, 17 UDP).
+    pub protocol: u32,
 }
 
 /// A path-based file syscall with its result (struct kiln_file_event).
@@ -167,6 +182,7 @@ impl Event {
             Event::Write(write) => &write.header,
             Event::Net(net) => &net.header,
             Event::Denied(denied) => &denied.header,
+            Event::Sock(sock) => &sock.header,
         }
     }
 }
@@ -184,6 +200,15 @@ pub enum DecodeError {
         size: u32,
         expected: usize,
     },
+    #[error(
+        "event type {kind} record of {len} bytes has size {size}, which does not hold its {fixed}-byte fixed part and its strings"
+    )]
+    BadStrings {
+        kind: u32,
+        size: u32,
+        len: usize,
+        fixed: usize,
+    },
 }
 
 /// Decodes one ring-buffer record.
@@ -191,8 +216,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes)?;
     match header.kind {
         kiln_ebpf::EVENT_EXEC => {
-            let exec: ExecEvent = read_sized(bytes, &header)?;
-            Ok(Event::Exec(decode_exec(&exec)))
+            let (exec, data) = read_variable::<ExecEvent>(bytes, &header)?;
+            let strings = exec
+                .strings(data)
+                .ok_or_else(|| bad_strings::<ExecEvent>(bytes, &header))?;
+            Ok(Event::Exec(decode_exec(&exec, &strings)))
         }
         kiln_ebpf::EVENT_FORK => {
             let fork: ForkEvent = read_sized(bytes, &header)?;
@@ -214,22 +242,45 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }))
         }
         kiln_ebpf::EVENT_FILE => {
-            let file: FileEvent = read_sized(bytes, &header)?;
-            Ok(Event::File(decode_file(&file)))
+            let (file, data) = read_variable::<FileEvent>(bytes, &header)?;
+            let strings = file
+                .strings(data)
+                .ok_or_else(|| bad_strings::<FileEvent>(bytes, &header))?;
+            Ok(Event::File(decode_file(&file, &strings)))
         }
         kiln_ebpf::EVENT_WRITE => {
-            let write: WriteEvent = read_sized(bytes, &header)?;
+            let (write, data) = read_variable::<WriteEvent>(bytes, &header)?;
+            let path = write
+                .path(data)
+                .ok_or_else(|| bad_strings::<WriteEvent>(bytes, &header))?;
             Ok(Event::Write(Write {
                 header: decode_header(&write.hdr),
                 fd: write.fd,
                 bytes: write.bytes,
                 writes: write.writes,
                 path: (write.wflags & kiln_ebpf::FILE_HAS_REAL != 0).then(|| {
-                    leaf_first_path(
-                        write.path(),
-                        write.wflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0,
-                    )
+                    leaf_first_path(path, write.wflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0)
                 }),
+            }))
+        }
+        kiln_ebpf::EVENT_SOCK => {
+            let sock: SockEvent = read_sized(bytes, &header)?;
+            let ip = if sock.family == AF_INET6 {
+                IpAddr::V6(Ipv6Addr::from(sock.addr))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(
+                    sock.addr[0],
+                    sock.addr[1],
+                    sock.addr[2],
+                    sock.addr[3],
+                ))
+            };
+            Ok(Event::Sock(Sock {
+                header: decode_header(&sock.hdr),
+                hook: sock.hook,
+                ip,
+                port: sock.port,
+                protocol: sock.protocol,
             }))
         }
         kiln_ebpf::EVENT_NET => {
@@ -266,6 +317,31 @@ fn read_sized<T: Record>(bytes: &[u8], header: &EventHeader) -> Result<T, Decode
     read(bytes)
 }
 
+/// A variable-size record: its fixed part and its `data[]` (up to `hdr.size`), read in place.
+fn read_variable<'a, T: Record>(
+    bytes: &'a [u8],
+    header: &EventHeader,
+) -> Result<(T, &'a [u8]), DecodeError> {
+    let fixed: T = read(bytes)?;
+    let data = bytes
+        .get(size_of::<T>()..header.size as usize)
+        .ok_or_else(|| bad_strings::<T>(bytes, header))?;
+    Ok((fixed, data))
+}
+
+fn bad_strings<T>(bytes: &[u8], header: &EventHeader) -> DecodeError {
+    DecodeError::BadStrings {
+        kind: header.kind,
+        size: header.size,
+        len: bytes.len(),
+        fixed: size_of::<T>(),
+    }
+}
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
 fn decode_header(hdr: &EventHeader) -> Header {
     Header {
         ktime_ns: hdr.ktime_ns,
@@ -275,7 +351,7 @@ fn decode_header(hdr: &EventHeader) -> Header {
     }
 }
 
-fn decode_exec(exec: &ExecEvent) -> Exec {
+fn decode_exec(exec: &ExecEvent, strings: &kiln_ebpf::ExecStrings<'_>) -> Exec {
     Exec {
         header: decode_header(&exec.hdr),
         ppid: exec.ppid,
@@ -284,16 +360,16 @@ fn decode_exec(exec: &ExecEvent) -> Exec {
         gid: exec.gid,
         euid: exec.euid,
         egid: exec.egid,
-        filename: PathBuf::from(OsString::from_vec(exec.filename().to_vec())),
-        exe: leaf_first_path(exec.exe(), exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0),
-        cwd: leaf_first_path(exec.cwd(), exec.flags & kiln_ebpf::EXEC_CWD_TRUNCATED != 0),
-        argv: split_argv(exec.argv()),
+        filename: PathBuf::from(OsString::from_vec(strings.filename.to_vec())),
+        exe: leaf_first_path(strings.exe, exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0),
+        cwd: leaf_first_path(strings.cwd, exec.flags & kiln_ebpf::EXEC_CWD_TRUNCATED != 0),
+        argv: split_argv(strings.argv),
         argc: exec.argc,
         flags: exec.flags,
     }
 }
 
-fn decode_file(file: &FileEvent) -> FileOp {
+fn decode_file(file: &FileEvent, strings: &kiln_ebpf::FileStrings<'_>) -> FileOp {
     let flag = |bit: u16| file.evflags & bit != 0;
     let bytes_path = |bytes: &[u8]| PathBuf::from(OsString::from_vec(bytes.to_vec()));
     FileOp {
@@ -304,23 +380,20 @@ fn decode_file(file: &FileEvent) -> FileOp {
         mode: file.mode,
         dirfd: file.dirfd,
         dirfd2: file.dirfd2,
-        path: bytes_path(file.path()),
+        path: bytes_path(strings.path),
         path2: (file.path2_len > 0 || flag(kiln_ebpf::FILE_HAS_BASE2))
-            .then(|| bytes_path(file.path2())),
+            .then(|| bytes_path(strings.path2)),
         base: flag(kiln_ebpf::FILE_HAS_BASE)
-            .then(|| leaf_first_path(file.base(), flag(kiln_ebpf::FILE_BASE_TRUNCATED))),
+            .then(|| leaf_first_path(strings.base, flag(kiln_ebpf::FILE_BASE_TRUNCATED))),
         base2: flag(kiln_ebpf::FILE_HAS_BASE2)
-            .then(|| leaf_first_path(file.base2(), flag(kiln_ebpf::FILE_BASE2_TRUNCATED))),
+            .then(|| leaf_first_path(strings.base2, flag(kiln_ebpf::FILE_BASE2_TRUNCATED))),
         real: flag(kiln_ebpf::FILE_HAS_REAL)
-            .then(|| leaf_first_path(file.real(), flag(kiln_ebpf::FILE_REAL_TRUNCATED))),
+            .then(|| leaf_first_path(strings.real, flag(kiln_ebpf::FILE_REAL_TRUNCATED))),
         evflags: file.evflags,
     }
 }
 
 fn decode_net(net: &NetEvent) -> Net {
-    const AF_UNIX: u16 = 1;
-    const AF_INET: u16 = 2;
-    const AF_INET6: u16 = 10;
     let ip = match net.family {
         AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
             net.addr[0],
@@ -354,11 +427,12 @@ fn decode_net(net: &NetEvent) -> Net {
 /// lost root-side components: the result is then relative, and a component missing its NUL
 /// (cut mid-name) is dropped.
 fn leaf_first_path(bytes: &[u8], truncated: bool) -> PathBuf {
-    let mut components: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
-    // The last piece follows the last NUL: empty when the walk ended cleanly, else a cut name.
-    components.pop();
+    // From the end: first the piece after the last NUL (empty when the walk ended cleanly, else
+    // a cut name: dropped), then the components root first. No intermediate allocation.
+    let mut components = bytes.rsplit(|&b| b == 0);
+    components.next();
     let mut path = Vec::with_capacity(bytes.len() + 1);
-    for (i, component) in components.iter().rev().enumerate() {
+    for (i, component) in components.enumerate() {
         if i > 0 || !truncated {
             path.push(b'/');
         }
@@ -397,21 +471,18 @@ pub(crate) mod tests {
         }
     }
 
-    fn put(dst: &mut [u8], src: &[u8]) -> u16 {
-        dst[..src.len()].copy_from_slice(src);
-        src.len() as u16
-    }
-
-    /// A raw exec record as the BPF program writes it.
+    /// A raw exec record as the BPF program writes it: the fixed part, the packed strings, and
+    /// ring padding past `hdr.size` (which must be ignored).
     pub(crate) fn raw_exec(
         filename: &[u8],
         exe: &[u8],
         cwd: &[u8],
         argv: &[u8],
         flags: u32,
-    ) -> ExecEvent {
-        let mut ev = ExecEvent {
-            hdr: header(kiln_ebpf::EVENT_EXEC, size_of::<ExecEvent>()),
+    ) -> Vec<u8> {
+        let data_len = filename.len() + exe.len() + cwd.len() + argv.len();
+        let ev = ExecEvent {
+            hdr: header(kiln_ebpf::EVENT_EXEC, size_of::<ExecEvent>() + data_len),
             start_ns: 500,
             ppid: 1,
             uid: 1000,
@@ -420,27 +491,40 @@ pub(crate) mod tests {
             egid: 1000,
             argc: 0,
             flags,
-            filename_len: 0,
-            argv_len: 0,
-            exe_len: 0,
-            cwd_len: 0,
+            filename_len: filename.len() as u16,
+            argv_len: argv.len() as u16,
+            exe_len: exe.len() as u16,
+            cwd_len: cwd.len() as u16,
             pad0: 0,
-            filename: [0xee; kiln_ebpf::FILENAME_MAX],
-            exe: [0xee; kiln_ebpf::PATH_MAX],
-            cwd: [0xee; kiln_ebpf::PATH_MAX],
-            argv: [0xee; kiln_ebpf::ARGV_MAX],
         };
-        ev.filename_len = put(&mut ev.filename, filename);
-        ev.exe_len = put(&mut ev.exe, exe);
-        ev.cwd_len = put(&mut ev.cwd, cwd);
-        ev.argv_len = put(&mut ev.argv, argv);
-        ev
+        let mut bytes = ev.as_bytes().to_vec();
+        for part in [filename, exe, cwd, argv] {
+            bytes.extend_from_slice(part);
+        }
+        bytes.extend_from_slice(&[0xee; 7]);
+        bytes
+    }
+
+    #[test]
+    fn a_string_length_past_the_record_is_an_error() {
+        let mut raw = raw_exec(b"/bin/tr", b"tr\0", b"", b"tr\0", 0);
+        // argv_len claims 200 bytes the record does not have.
+        let argv_len = std::mem::offset_of!(ExecEvent, argv_len);
+        raw[argv_len..argv_len + 2].copy_from_slice(&200u16.to_ne_bytes());
+        assert!(matches!(
+            decode(&raw),
+            Err(DecodeError::BadStrings { kind: 1, .. })
+        ));
+        // A size past the bytes delivered, too.
+        let size = std::mem::offset_of!(EventHeader, size);
+        raw[size..size + 4].copy_from_slice(&4000u32.to_ne_bytes());
+        assert!(matches!(decode(&raw), Err(DecodeError::BadStrings { .. })));
     }
 
     #[test]
     fn exec_paths_are_rebuilt_root_first() {
         let raw = raw_exec(b"/bin/tr", b"tr\0bin\0usr\0", b"", b"tr\0a\0b\0", 0);
-        let Ok(Event::Exec(exec)) = decode(raw.as_bytes()) else {
+        let Ok(Event::Exec(exec)) = decode(&raw) else {
             panic!("not an exec");
         };
         assert_eq!(exec.filename, PathBuf::from("/bin/tr"));

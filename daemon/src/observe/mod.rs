@@ -15,6 +15,7 @@
 
 pub mod assemble;
 mod event;
+pub mod materials;
 mod service;
 mod stream;
 mod sys;
@@ -24,11 +25,15 @@ mod tree;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, MapType, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, ProgramError};
+use aya::maps::{
+    Array as BpfArray, HashMap as BpfHashMap, MapData, MapError, MapType, PerCpuArray, RingBuf,
+};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 
-pub use event::{DecodeError, Denied, Event, Exec, Exit, FileOp, Fork, Header, Net, Write, decode};
+pub use event::{
+    DecodeError, Denied, Event, Exec, Exit, FileOp, Fork, Header, Net, Sock, Write, decode,
+};
 pub use service::{ObserverService, StepEvents, StepObservation};
 pub use stream::EventStream;
 pub use sys::{BPFFS, CgroupId, KERNEL_BTF, ensure_bpffs};
@@ -36,6 +41,8 @@ pub use tree::{ExitStatus, ProcessNode, ProcessTree};
 
 /// The BPF object's name in errors.
 const PROCESS_OBJECT: &str = "observer.bpf.o";
+/// Default [`ObserverConfig::sock_cgroup`].
+pub const DEFAULT_SOCK_CGROUP: &str = "/sys/fs/cgroup/unified";
 
 /// Tuning of one [`Observer`]. The defaults are the measured ones (DESIGN.md, Observer).
 #[derive(Debug, Clone)]
@@ -52,6 +59,10 @@ pub struct ObserverConfig {
     pub poll_interval: Duration,
     /// Mount bpffs at /sys/fs/bpf if it is not there. Default true.
     pub mount_bpffs: bool,
+    /// The cgroup v2 directory the socket hooks (connect4/6, sendmsg4/6) attach to, with
+    /// bpf_links (alongside any other program there); it must contain every step's cgroup. Default the cgroup2 root,
+    /// /sys/fs/cgroup/unified on this host (DESIGN.md).
+    pub sock_cgroup: PathBuf,
 }
 
 impl Default for ObserverConfig {
@@ -62,6 +73,7 @@ impl Default for ObserverConfig {
             wakeup_interval: Duration::from_millis(10),
             poll_interval: Duration::from_millis(25),
             mount_bpffs: true,
+            sock_cgroup: PathBuf::from(DEFAULT_SOCK_CGROUP),
         }
     }
 }
@@ -133,6 +145,16 @@ pub enum ObserveError {
         #[source]
         source: ProgramError,
     },
+    /// A cgroup socket hook did not load or attach.
+    #[error("{operation} BPF program {program} (cgroup/{hook}) on {cgroup} failed")]
+    SockHook {
+        program: &'static str,
+        hook: &'static str,
+        operation: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: Box<ProgramError>,
+    },
     /// A map has an unexpected type or a map operation failed.
     #[error("BPF map {map}: {operation} failed")]
     Map {
@@ -173,6 +195,8 @@ pub enum ObserveError {
 /// The loaded and attached observer. Dropping it detaches the programs and frees the maps.
 pub struct Observer {
     observed: BpfHashMap<MapData, u64, u64>,
+    /// The prefilter bitmap in front of `observed` (`observed_filter`).
+    filter: BpfArray<MapData, u64>,
     write_totals: BpfHashMap<MapData, WriteKeyPod, WriteTotalPod>,
     lost: PerCpuArray<MapData, u64>,
     /// Owns the programs and their links: dropping it detaches them. The kernel keeps the maps
@@ -227,6 +251,9 @@ impl Observer {
         let interval_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            // pending_files is a BPF_MAP_TYPE_TASK_STORAGE, which aya 0.14 creates but has no
+            // userspace type for (userspace never touches it).
+            .allow_unsupported_maps()
             .map_max_entries(kiln_ebpf::maps::EVENTS, config.ring_bytes)
             .override_global(kiln_ebpf::maps::WAKEUP_THRESHOLD, &threshold, true)
             .override_global(kiln_ebpf::maps::WAKEUP_INTERVAL_NS, &interval_ns, true)
@@ -243,6 +270,10 @@ impl Observer {
                     kiln_ebpf::maps::OBSERVED_CGROUPS,
                     "open as HashMap<u64, u64>",
                 ),
+            )?;
+        let filter =
+            BpfArray::try_from(take_map(&mut ebpf, kiln_ebpf::maps::OBSERVED_FILTER)?).map_err(
+                map_err(kiln_ebpf::maps::OBSERVED_FILTER, "open as Array<u64>"),
             )?;
         let lost =
             PerCpuArray::try_from(take_map(&mut ebpf, kiln_ebpf::maps::LOST_EVENTS)?).map_err(
@@ -293,14 +324,17 @@ impl Observer {
                 source,
             })?;
         }
+        attach_sock_hooks(&mut ebpf, &config.sock_cgroup)?;
         tracing::info!(
             ring_bytes = config.ring_bytes,
             wakeup_threshold_bytes = threshold,
-            "observer attached (tp_btf sched_process_exec/fork/exit, sys_enter/sys_exit)"
+            sock_cgroup = %config.sock_cgroup.display(),
+            "observer attached (tp_btf sched_process_exec/fork/exit, sys_enter/sys_exit; cgroup connect4/6, sendmsg4/6)"
         );
         Ok((
             Self {
                 observed,
+                filter,
                 write_totals,
                 lost,
                 _ebpf: ebpf,
@@ -312,13 +346,17 @@ impl Observer {
     /// Starts recording every process in cgroup `id` (idempotent; keeps its lost count).
     pub fn observe_cgroup(&mut self, id: CgroupId) -> Result<(), ObserveError> {
         match self.observed.get(&id.0, 0) {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(MapError::KeyNotFound) => self
                 .observed
                 .insert(id.0, 0, 0)
-                .map_err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "insert")),
-            Err(source) => Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "lookup")(source)),
+                .map_err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "insert"))?,
+            Err(source) => {
+                return Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "lookup")(source));
+            }
         }
+        // The id first, the prefilter bit next: once the bit is set, the lookup finds the id.
+        self.set_filter_bit(id, true)
     }
 
     /// Stops recording cgroup `id` and returns how many of its events were lost (0 if it was
@@ -326,9 +364,32 @@ impl Observer {
     pub fn unobserve_cgroup(&mut self, id: CgroupId) -> Result<u64, ObserveError> {
         let lost = self.lost_in_cgroup(id)?.unwrap_or(0);
         match self.observed.remove(&id.0) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(lost),
-            Err(source) => Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "remove")(source)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "remove")(source));
+            }
         }
+        // Clear the bit only if no other observed cgroup shares it.
+        let bit = filter_bit(id);
+        let shared = self
+            .observed
+            .keys()
+            .filter_map(Result::ok)
+            .any(|other| filter_bit(CgroupId(other)) == bit);
+        if !shared {
+            self.set_filter_bit(id, false)?;
+        }
+        Ok(lost)
+    }
+
+    fn set_filter_bit(&mut self, id: CgroupId, set: bool) -> Result<(), ObserveError> {
+        let (word, mask) = filter_bit(id);
+        let map = kiln_ebpf::maps::OBSERVED_FILTER;
+        let bits = self.filter.get(&word, 0).map_err(map_err(map, "lookup"))?;
+        let bits = if set { bits | mask } else { bits & !mask };
+        self.filter
+            .set(word, bits, 0)
+            .map_err(map_err(map, "update"))
     }
 
     /// Events lost so far for cgroup `id`, or `None` if it is not observed.
@@ -381,6 +442,13 @@ impl Observer {
     }
 }
 
+/// The word and bit of cgroup `id` in the `observed_filter` prefilter (as common.bpf.h).
+fn filter_bit(id: CgroupId) -> (u32, u64) {
+    let words = kiln_ebpf::maps::FILTER_BITS / 64;
+    let word = u32::try_from((id.0 / 64) % words).unwrap_or(0);
+    (word, 1 << (id.0 % 64))
+}
+
 /// [`kiln_ebpf::WriteKey`] as a map key (aya's `Pod`).
 #[derive(Debug, Clone, Copy)]
 #[repr(transparent)]
@@ -414,6 +482,41 @@ fn require_ringbuf() -> Result<(), ObserveError> {
             needed_for: "the event transport (Linux >= 5.8)",
         })
     }
+}
+
+/// Loads the cgroup socket-address programs and attaches them, as bpf_links, to `cgroup` (a
+/// cgroup v2 directory containing the steps' cgroups) alongside whatever else is attached there.
+fn attach_sock_hooks(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<(), ObserveError> {
+    let dir = std::fs::File::open(cgroup).map_err(|source| ObserveError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    for &(program, hook) in kiln_ebpf::maps::SOCK_PROGRAMS {
+        let err = |operation: &'static str| {
+            move |source| ObserveError::SockHook {
+                program,
+                hook,
+                operation,
+                cgroup: cgroup.to_owned(),
+                source: Box::new(source),
+            }
+        };
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(program)
+            .ok_or(ObserveError::Missing {
+                object: PROCESS_OBJECT,
+                what: "program",
+                name: program,
+            })?
+            .try_into()
+            .map_err(err("loading"))?;
+        prog.load().map_err(err("loading"))?;
+        // A bpf_link (kernel >= 5.7) is always attached alongside the cgroup's other programs
+        // and takes no flags: BPF_F_ALLOW_MULTI there is EINVAL, so the mode is "single" here.
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .map_err(err("attaching"))?;
+    }
+    Ok(())
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, ObserveError> {

@@ -23,7 +23,9 @@ const QUIET_ROUNDS: usize = 3;
 /// Flush rounds after which a still-busy ring is given up on (the remainder counts as lost).
 const MAX_FLUSH_ROUNDS: usize = 2000;
 
-type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Event>>>>;
+/// cgroup id -> the step's receiver of event batches (one send per cgroup per drained batch,
+/// not per event: the router keeps up with the ring at a fraction of the cost).
+type Routes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Vec<Event>>>>>;
 
 /// The loaded observer and its ring-buffer router.
 #[derive(Debug)]
@@ -40,7 +42,7 @@ pub struct ObserverService {
 pub struct StepObservation {
     service: Arc<ObserverService>,
     id: CgroupId,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: mpsc::UnboundedReceiver<Vec<Event>>,
     finished: bool,
 }
 
@@ -148,8 +150,8 @@ impl StepObservation {
         for _ in 0..MAX_FLUSH_ROUNDS {
             self.service.flush().await;
             let before = events.len();
-            while let Ok(event) = self.events.try_recv() {
-                events.push(event);
+            while let Ok(batch) = self.events.try_recv() {
+                events.extend(batch);
             }
             if events.len() == before {
                 quiet_rounds += 1;
@@ -165,8 +167,8 @@ impl StepObservation {
         events.extend(self.service.take_writes(self.id));
         let lost = self.service.unobserve(self.id);
         self.service.remove_route(self.id);
-        while let Ok(event) = self.events.try_recv() {
-            events.push(event);
+        while let Ok(batch) = self.events.try_recv() {
+            events.extend(batch);
         }
         Ok(StepEvents {
             events,
@@ -227,15 +229,25 @@ fn dispatch(routes: &Routes, batch: &mut Vec<Event>, unrouted: &mut u64) {
     if batch.is_empty() {
         return;
     }
-    let routes = routes.lock().unwrap_or_else(PoisonError::into_inner);
+    // Split the batch by cgroup, keeping ring order within each.
+    let mut by_cgroup: HashMap<u64, Vec<Event>> = HashMap::new();
     for event in batch.drain(..) {
-        match routes.get(&event.header().cgroup_id) {
-            Some(tx) if tx.send(event).is_ok() => {}
+        by_cgroup
+            .entry(event.header().cgroup_id)
+            .or_default()
+            .push(event);
+    }
+    let routes = routes.lock().unwrap_or_else(PoisonError::into_inner);
+    for (cgroup_id, events) in by_cgroup {
+        let count = events.len() as u64;
+        match routes.get(&cgroup_id) {
+            Some(tx) if tx.send(events).is_ok() => {}
             _ => {
-                // A record of a cgroup whose step already finished (it cannot be a step's own
-                // event: a step stops observing only after its cgroup is gone and drained).
-                *unrouted += 1;
-                if unrouted.is_power_of_two() {
+                // Records of a cgroup whose step already finished (they cannot be a step's own
+                // events: a step stops observing only after its cgroup is gone and drained).
+                let before = *unrouted;
+                *unrouted += count;
+                if before.leading_zeros() != unrouted.leading_zeros() {
                     tracing::debug!(unrouted = *unrouted, "observer events without a step");
                 }
             }

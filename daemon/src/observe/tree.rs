@@ -110,7 +110,11 @@ impl ProcessTree {
                     builder.tree.nodes[node].execs.push(exec.clone());
                 }
                 Event::Exit(exit) => builder.exit(exit),
-                Event::File(_) | Event::Write(_) | Event::Net(_) | Event::Denied(_) => {}
+                Event::File(_)
+                | Event::Write(_)
+                | Event::Net(_)
+                | Event::Denied(_)
+                | Event::Sock(_) => {}
             }
         }
         builder.tree

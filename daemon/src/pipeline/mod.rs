@@ -5,7 +5,9 @@
 //! A job owns `<state>/work/<job id>/<workspace>/` directories while it runs; every output file
 //! is copied into the CAS as it is attested, so the directories are deleted when the job ends.
 
+pub mod ingest;
 pub mod observed;
+pub mod rebuild;
 pub mod workspace;
 
 use std::collections::{BTreeMap, HashMap};
@@ -136,6 +138,10 @@ struct JobRun {
     pipeline_signer: Option<String>,
     params: BTreeMap<String, String>,
     sources: BTreeMap<String, Digest>,
+    /// Source step → its git repository on the node (resolved at admission).
+    repos: BTreeMap<String, PathBuf>,
+    /// `SOURCE_DATE_EPOCH` for later steps: the commit time a git source step recorded.
+    source_date_epoch: Mutex<Option<u64>>,
     handle: Arc<JobHandle>,
     work_dir: PathBuf,
 }
@@ -225,6 +231,24 @@ impl Node {
                     self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
                 ));
             }
+            if let Some(image) = &step.image
+                && !crate::image::is_known(&self.store, image)
+            {
+                problems.push(format!(
+                    "step {:?}: image {image} is not on this node (import it with `kiln image import`)",
+                    step.name
+                ));
+            }
+        }
+        let mut repos = BTreeMap::new();
+        for step in &pipeline.steps {
+            match ingest::admit(step, &req.repos, &self.store.cas) {
+                Ok(Some(repo)) => {
+                    repos.insert(step.name.clone(), repo);
+                }
+                Ok(None) => {}
+                Err(problem) => problems.push(problem),
+            }
         }
         for (ws, decl) in &pipeline.workspaces {
             match (&decl.source, req.sources.get(ws)) {
@@ -295,6 +319,8 @@ impl Node {
             pipeline_signer,
             params,
             sources: req.sources,
+            repos,
+            source_date_epoch: Mutex::new(None),
             handle,
         };
         info!(job = %id, pipeline = %run.pipeline.name, %pipeline_digest, signer = run.pipeline_signer.as_deref().unwrap_or("unsigned"), "job admitted");
@@ -699,6 +725,20 @@ impl Node {
                 format!("unknown profile {:?}", step.profile),
             );
         };
+        // A pinned build environment (`image = "sha256:…"`): the image's tree on this node,
+        // materialized and verified on first use, replaces the profile's host paths.
+        let image = match step.image {
+            None => None,
+            Some(digest) => match crate::image::materialize(&self.store, digest).await {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    return failed(
+                        StepState::Failed,
+                        format!("build environment: {}", crate::error_chain(&e)),
+                    );
+                }
+            },
+        };
         let rendered = run.pipeline.render_step(idx, &run.params);
         // The step's declared secrets: read now, kept in memory only (the helper gets them on its
         // stdin and mounts them at /run/secrets), and redacted from its log.
@@ -723,6 +763,7 @@ impl Node {
                 access: Access::ReadOnly,
             });
         }
+        let mut output_fs = None;
         if let Some(out) = &step.output {
             let dir = ws_root.join(out);
             if let Err(e) = std::fs::create_dir_all(&dir)
@@ -737,12 +778,50 @@ impl Node {
                     format!("cannot prepare output workspace {out:?}: {e}"),
                 );
             }
+            // `[limits] workspace_size`: the step writes on a tmpfs of that size, not the disk.
+            let host_path = match profile.workspace_size_bytes {
+                None => dir,
+                Some(limit) => {
+                    let point = run.work_dir.join("outfs").join(&step.name);
+                    match sandbox::outputfs::OutputFs::mount(
+                        &point,
+                        limit,
+                        profile.uid,
+                        profile.gid,
+                    ) {
+                        Ok(ofs) => output_fs.insert(ofs).dir(),
+                        Err(e) => {
+                            return failed(
+                                StepState::Failed,
+                                format!(
+                                    "cannot prepare output workspace {out:?}: {}",
+                                    crate::error_chain(&e)
+                                ),
+                            );
+                        }
+                    }
+                }
+            };
             mounts.push(WorkspaceMount {
                 name: out.clone(),
-                host_path: dir,
+                host_path,
                 access: Access::ReadWrite,
             });
         }
+        // A source step with git/tarball runs kilnd's own ingest command (see `ingest`).
+        let mut rendered = rendered;
+        let ingest_repo = run.repos.get(&step.name).map(PathBuf::as_path);
+        if let Some(out) = &step.output {
+            match ingest::prepare(step, ingest_repo, &run.work_dir, &self.store.cas, out) {
+                Ok(Some(ingest)) => {
+                    rendered.argv = ingest.argv;
+                    mounts.push(ingest.mount);
+                }
+                Ok(None) => {}
+                Err(e) => return failed(StepState::Failed, e),
+            }
+        }
+        let source_date_epoch = run.source_date_epoch.lock().ok().and_then(|e| *e);
         let cwd = PathBuf::from(step.workdir_path());
         // A clean environment: the profile's defaults, overridden by the step's own `env`
         // (which may not set KILN_* names: the spec reserves them).
@@ -753,7 +832,15 @@ impl Node {
             ("KILN_JOB_ID".to_owned(), run.id.clone()),
             ("KILN_STEP".to_owned(), step.name.clone()),
         ]);
+        if let Some(epoch) = source_date_epoch {
+            env.insert("SOURCE_DATE_EPOCH".to_owned(), epoch.to_string());
+        }
         env.extend(rendered.env);
+        // A fetch step reaches the outside only through kilnd's allowlisting proxy (`fetch`).
+        let mut fetch = crate::fetch::FetchSession::for_step(step, self.admission.fetch_cap());
+        if let Some(fetch) = &fetch {
+            env.extend(fetch.environment());
+        }
         let root_dir = self.config.state_dir.join("run").join("root");
         if let Err(e) = std::fs::create_dir_all(&root_dir) {
             return failed(
@@ -786,15 +873,24 @@ impl Node {
                 return failed(StepState::Failed, reason);
             }
         };
-        let spec = SandboxSpec {
+        let mut spec = SandboxSpec {
             argv: rendered.argv,
             env: env.into_iter().collect(),
             cwd,
             hostname: "kiln-worker".into(),
             root_dir,
-            host_paths: profile.host_paths.clone(),
-            // Before `workspaces` takes `mounts`: the Landlock rules follow the same workspaces.
-            confinement: profile.confinement(&mounts),
+            host_paths: if image.is_some() {
+                Vec::new()
+            } else {
+                profile.host_paths.clone()
+            },
+            image_root: image.as_ref().map(|i| i.root.clone()),
+            // Before `workspaces` takes `mounts`: the Landlock rules follow the same workspaces
+            // (and the image's bound entries instead of the host paths).
+            confinement: match &image {
+                Some(i) => profile.confinement_with_root(&i.bound, &mounts),
+                None => profile.confinement(&mounts),
+            },
             workspaces: mounts,
             timeout_ms: step.timeout.as_millis() as u64,
             uid: profile.uid,
@@ -806,6 +902,12 @@ impl Node {
                 .map(|(name, value)| (name.clone(), value.0.clone()))
                 .collect(),
         };
+        if let Some(fetch) = &fetch {
+            fetch.confine(&mut spec.confinement);
+        }
+        // The first run's spec: a step with an output is recorded for `kiln rebuild`, and a
+        // `reproducible = true` one runs again with it (pipeline/rebuild.rs).
+        let first_spec = step.output.is_some().then(|| spec.clone());
         // The step's workload key: ephemeral (TPM mode), certified when the step ends, wiped when
         // `workload` is dropped at the end of this function.
         let mut workload = match self.signer.workload(&run.id, Some(&step.name)) {
@@ -824,8 +926,13 @@ impl Node {
             crate::admission::Redactor::new(&secrets),
         );
         let (outcome, ()) = tokio::join!(
-            self.sandbox
-                .run(&spec, log_tx, run.handle.cancel.child_token()),
+            crate::fetch::run_sandbox(
+                &self.sandbox,
+                &spec,
+                log_tx,
+                run.handle.cancel.child_token(),
+                fetch.as_mut()
+            ),
             collector
         );
         let finished_on = now();
@@ -846,11 +953,23 @@ impl Node {
             }
             Err(e) => (StepState::Failed, None, Some(format!("sandbox: {e}")), None),
         };
+        // A capped output workspace that filled up: writes failed, the outputs are incomplete.
+        if let Some(reason) = output_fs.as_ref().and_then(|o| o.full().ok().flatten())
+            && state != StepState::Cancelled
+        {
+            state = StepState::Failed;
+            error = Some(match error {
+                Some(earlier) => format!("{reason}; then {earlier}"),
+                None => reason,
+            });
+        }
         let mut outputs = None;
         if state == StepState::Succeeded
             && let Some(out) = &step.output
         {
-            let dir = ws_root.join(out);
+            let dir = output_fs
+                .as_ref()
+                .map_or_else(|| ws_root.join(out), sandbox::outputfs::OutputFs::dir);
             let cas = self.store.cas.clone();
             match tokio::task::spawn_blocking(move || workspace::collect(&dir, Some(&cas))).await {
                 Ok(Ok(c)) => {
@@ -869,6 +988,76 @@ impl Node {
                 Err(e) => {
                     state = StepState::Failed;
                     error = Some(format!("collecting outputs: {e}"));
+                }
+            }
+        }
+        // Collected outputs move from the tmpfs to the on-disk workspace; the tmpfs goes.
+        if let (Some(ofs), Some(out)) = (output_fs.take(), &step.output)
+            && let Err(e) = ofs.settle(ws_root.join(out), outputs.is_some()).await
+        {
+            state = StepState::Failed;
+            error = Some(e);
+            outputs = None;
+        }
+        // A fetch step: its inputs must be unchanged and every fetched file pinned; a failure
+        // fails the step and its outputs are not vouched for.
+        let fetch_record = match fetch {
+            Some(fetch) => {
+                let (record, notes, failure) = fetch
+                    .verify(ws_root.clone(), inputs.clone(), outputs.clone())
+                    .await;
+                for note in notes {
+                    self.emit_log(run, &step.name, format!("{note}\n").as_bytes());
+                }
+                if let Some(reason) = failure {
+                    if state == StepState::Succeeded {
+                        state = StepState::Failed;
+                    }
+                    error = Some(match error {
+                        Some(earlier) => format!("{reason} (after: {earlier})"),
+                        None => reason,
+                    });
+                    outputs = None;
+                }
+                Some(record)
+            }
+            None => None,
+        };
+        // Record how to rebuild the step; a `reproducible = true` step runs a second time now,
+        // before any reader of its output, and fails if the outputs differ.
+        let rerun = if state == StepState::Succeeded {
+            self.after_step(run, step, first_spec, &inputs, outputs.as_deref())
+                .await
+        } else {
+            rebuild::AfterStep::default()
+        };
+        if let Some(reason) = &rerun.failure {
+            state = StepState::Failed;
+            error = Some(reason.clone());
+        }
+        // A publish step attests an SBOM and the test results about its outputs, signed by its
+        // workload key; its provenance names them (publish/).
+        let mut publish_byproducts = Vec::new();
+        if step.kind == kiln_common::spec::StepKind::Publish
+            && state == StepState::Succeeded
+            && certified.is_ok()
+            && let (Some(out), Some(entries)) = (&step.output, &outputs)
+        {
+            let mut workspaces = ws_digests.clone();
+            workspaces.insert(out.clone(), tree_digest(entries));
+            let input = crate::publish::PublishInput {
+                job_id: &run.id,
+                pipeline: &run.pipeline,
+                pipeline_digest: run.pipeline_digest,
+                step: &step.name,
+                workspaces: &workspaces,
+                artifacts: entries,
+            };
+            match self.publish_attestations(&workload, &input) {
+                Ok(byproducts) => publish_byproducts = byproducts,
+                Err(e) => {
+                    state = StepState::Failed;
+                    error = Some(e);
                 }
             }
         }
@@ -902,6 +1091,15 @@ impl Node {
             None => None,
         };
         let log = Self::running_log(run, &step.name);
+        let source = ingest::record(step, ingest_repo, &log).filter(|_| state == StepState::Succeeded);
+        if let Some(kiln_common::intoto::SourceIngest::Git {
+            commit_time: Some(time),
+            ..
+        }) = &source
+            && let Ok(mut epoch) = run.source_date_epoch.lock()
+        {
+            epoch.get_or_insert(*time);
+        }
         let log_digest = match self.store.cas.put_bytes(&log) {
             Ok(d) => Some(d),
             Err(err) => {
@@ -931,8 +1129,22 @@ impl Node {
             observed,
             trace,
             pipeline_signer: run.pipeline_signer.as_deref(),
+            image: step.image,
+            source: source.as_ref(),
+            source_date_epoch,
+            fetch: fetch_record.as_ref(),
         };
-        let statement = provenance::step_statement(&rec, &workload);
+        let mut statement = provenance::step_statement(&rec, &workload);
+        statement
+            .predicate
+            .build_definition
+            .internal_parameters
+            .reproducible = rerun.reproducible;
+        statement
+            .predicate
+            .run_details
+            .byproducts
+            .extend(publish_byproducts);
         // Final = no later step transforms it (steps without outputs, like tests, only read).
         let final_output = step.output.as_ref().is_some_and(|ws| {
             !run.pipeline
@@ -993,7 +1205,7 @@ impl Node {
     /// the blob is durable, so the index never points at a missing envelope).
     /// `signer` is the workload's ([`NodeSigner::workload`]): the step's own key for every
     /// statement about a step, the job statement's key for the job.
-    fn attest<P: serde::Serialize>(
+    pub(crate) fn attest<P: serde::Serialize>(
         &self,
         signer: &provenance::WorkloadSigner<'_>,
         statement: &kiln_common::intoto::Statement<P>,

@@ -75,6 +75,35 @@ impl NodeObserver {
     }
 }
 
+/// The owned facts of a step a [`StepContext`] borrows (to assemble on a blocking thread).
+struct StepFacts {
+    job_id: String,
+    step: String,
+    builder_id: String,
+    started_on: String,
+    finished_on: String,
+    secrets: Vec<String>,
+    until_last_exit: bool,
+    cgroup_id: u64,
+}
+
+impl StepFacts {
+    fn context(&self) -> StepContext<'_> {
+        StepContext {
+            job_id: &self.job_id,
+            step: &self.step,
+            builder_id: &self.builder_id,
+            started_on: &self.started_on,
+            finished_on: &self.finished_on,
+            secrets: &self.secrets,
+            attached_before_start: true,
+            until_last_exit: self.until_last_exit,
+            cgroup_id: self.cgroup_id,
+            hash_materials: true,
+        }
+    }
+}
+
 /// What sealing a step's trace produced, for its provenance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealedTrace {
@@ -155,20 +184,27 @@ impl Node {
             .finish()
             .await
             .map_err(|e| format!("draining the step's trace: {}", error_chain(&e)))?;
-        let builder_id = signer.builder_id.clone();
-        let ctx = StepContext {
-            job_id: &run.id,
-            step,
-            builder_id: &builder_id,
-            started_on,
-            finished_on,
-            secrets,
-            attached_before_start: true,
+        let facts = StepFacts {
+            job_id: run.id.clone(),
+            step: step.to_owned(),
+            builder_id: signer.builder_id.clone(),
+            started_on: started_on.to_owned(),
+            finished_on: finished_on.to_owned(),
+            secrets: secrets.to_vec(),
             until_last_exit,
             cgroup_id,
         };
-        let assembled = assemble::assemble(&collected.events, collected.lost, &ctx)
-            .map_err(|e| format!("assembling the step's trace: {}", error_chain(&e)))?;
+        // Assembly hashes the materials the step used (file reads) and compresses: off the
+        // async workers.
+        let (assembled, facts) = tokio::task::spawn_blocking(move || {
+            let assembled = assemble::assemble(&collected.events, collected.lost, &facts.context());
+            (assembled, facts)
+        })
+        .await
+        .map_err(|e| format!("assembling the step's trace: the task failed: {e}"))?;
+        let ctx = facts.context();
+        let assembled =
+            assembled.map_err(|e| format!("assembling the step's trace: {}", error_chain(&e)))?;
         let blob = self
             .store
             .cas
@@ -181,6 +217,8 @@ impl Node {
             trace = %blob,
             events = summary.events.total(),
             execs = summary.events.exec,
+            materials = summary.materials.len(),
+            setup_events_omitted = summary.setup_events_omitted,
             lost = summary.lost,
             complete = summary.complete,
             "step trace sealed"

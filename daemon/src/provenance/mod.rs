@@ -469,7 +469,19 @@ pub struct StepRecord<'a> {
     pub trace: Option<Digest>,
     /// keyid of the accepted signer of the pipeline file; `None` if admitted unsigned.
     pub pipeline_signer: Option<&'a str>,
+    /// What a source step ingested.
+    pub source: Option<&'a kiln_common::intoto::SourceIngest>,
+    /// `SOURCE_DATE_EPOCH` the step ran with.
+    pub source_date_epoch: Option<u64>,
+    /// A fetch step's proxy connections and pin checks (`crate::fetch`).
+    pub fetch: Option<&'a kiln_common::intoto::FetchRecord>,
+    /// The step's build environment image (`image = "sha256:…"`), if any.
+    pub image: Option<Digest>,
 }
+
+/// `resolvedDependencies` URI of a step's build environment image (its digest is the image's
+/// manifest digest).
+pub const IMAGE_DEPENDENCY_URI: &str = "kiln:image";
 
 /// Build a step's SLSA provenance statement.
 pub fn step_statement(rec: &StepRecord<'_>, signer: &WorkloadSigner<'_>) -> StepStatement {
@@ -496,6 +508,13 @@ pub fn step_statement(rec: &StepRecord<'_>, signer: &WorkloadSigner<'_>) -> Step
             digest: intoto::digest_set(d),
             media_type: None,
         })
+        .chain(rec.source.map(crate::pipeline::ingest::dependency))
+        .chain(rec.image.iter().map(|d| ResourceDescriptor {
+            name: None,
+            uri: Some(IMAGE_DEPENDENCY_URI.into()),
+            digest: intoto::digest_set(d),
+            media_type: None,
+        }))
         .collect();
     let byproducts = rec
         .log
@@ -533,8 +552,14 @@ pub fn step_statement(rec: &StepRecord<'_>, signer: &WorkloadSigner<'_>) -> Step
                     teardown_verified: rec.teardown_verified,
                     observed: rec.observed,
                     pipeline_signer: rec.pipeline_signer.map(str::to_owned),
-                    // Every step runs in an empty network namespace (sandbox helper).
-                    network: Some("none".into()),
+                    // Every step runs in an empty network namespace (sandbox helper); a fetch
+                    // step's only reachable address is kilnd's proxy listener in it.
+                    network: Some(if rec.fetch.is_some() { "proxy" } else { "none" }.into()),
+                    source: rec.source.cloned(),
+                    source_date_epoch: rec.source_date_epoch,
+                    reproducible: None,
+                    fetch: rec.fetch.cloned(),
+                    image: rec.image,
                 },
                 resolved_dependencies,
             },

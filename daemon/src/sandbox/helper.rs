@@ -17,6 +17,7 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup;
 use super::confine::{self, LandlockEnforcement};
-use super::rootfs::{RealHost, plan_root};
+use super::rootfs::{MountOp, RealHost, plan_root};
 use super::spec::{SECRETS_MOUNT, SandboxOutcome, SandboxSpec, StepEnd};
 use super::sys;
 use crate::error_chain;
@@ -66,9 +67,37 @@ enum StepReport {
     Exec(String),
 }
 
+/// Set `KILN_SANDBOX_TIMING=1` in the helper's environment (a direct run: kilnd clears it) to get one
+/// `kiln-sandbox timing: +<ms> <pid role> <phase>` line per setup phase on stderr (the step log),
+/// measured from the helper's `main`, from all three processes on one clock.
+const TIMING_ENV: &str = "KILN_SANDBOX_TIMING";
+
+/// Start of `main`, if phase timing is on (inherited by both forks).
+static TIMING: OnceLock<Option<Instant>> = OnceLock::new();
+
+/// Logs a phase mark when phase timing is on: one `write` to stderr (whole lines: the three
+/// processes share the pipe), nothing otherwise.
+fn mark(role: &str, phase: impl std::fmt::Display) {
+    if let Some(Some(start)) = TIMING.get() {
+        let micros = start.elapsed().as_micros();
+        let line = format!(
+            "kiln-sandbox timing: +{}.{:03} ms {role} {phase}\n",
+            micros / 1000,
+            micros % 1000
+        );
+        // A failed write of a profiling line changes nothing.
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
+
 /// Entry point of the `kiln-sandbox` binary.
 pub fn main() -> ExitCode {
     let start = Instant::now();
+    TIMING.get_or_init(|| {
+        std::env::var_os(TIMING_ENV)
+            .is_some_and(|v| v == "1")
+            .then_some(start)
+    });
     let outcome = supervise().unwrap_or_else(|failure| SandboxOutcome {
         end: StepEnd::SetupFailed {
             stage: failure.stage,
@@ -99,29 +128,31 @@ pub fn main() -> ExitCode {
 fn supervise() -> Result<SandboxOutcome, Failure> {
     ensure_single_threaded()?;
     let spec = read_spec()?;
+    mark("supervisor", "spec read and validated");
 
     // Into the step's cgroups first, while this is the only process: everything forked below —
     // pid 1, the step, whatever it spawns or daemonizes — inherits them, so the limits hold for
     // all of it and kilnd's cgroup.kill reaches all of it.
     if let Some(cgroups) = &spec.cgroups {
         cgroup::join(cgroups).map_err(|err| Failure::new("cgroup", err))?;
+        mark("supervisor", "cgroups joined");
     }
 
     // New namespaces for everything the step could see or change: its own mount table (the root is
-    // built there), pids (it sees only its own tree; killing pid 1 kills all of it), network (empty:
-    // only a down loopback, no route anywhere), UTS (own hostname), IPC (no SysV IPC with the host),
-    // cgroup (entered after joining the step's cgroups, so the step's view of /proc/self/cgroup is
-    // rooted at its own cgroup and names nothing of the host's hierarchy).
+    // built there), pids (it sees only its own tree; killing pid 1 kills all of it), UTS (own
+    // hostname), IPC (no SysV IPC with the host), cgroup (entered after joining the step's cgroups,
+    // so the step's view of /proc/self/cgroup is rooted at its own cgroup and names nothing of the
+    // host's hierarchy). The network namespace comes right after the fork (below).
     // Only the next child enters the new pid namespace (as pid 1); this process stays outside.
     nix::sched::unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWUTS
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(|err| Failure::new("unshare", err))?;
+    mark("supervisor", "namespaces unshared");
     // The copied mount table keeps the host's propagation: with shared mounts our tmpfs and binds
     // would appear on the host (and host mounts here). Make everything private, recursively.
     nix::mount::mount(
@@ -135,17 +166,103 @@ fn supervise() -> Result<SandboxOutcome, Failure> {
 
     let (status_read, status_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
+    let (net_ready_read, net_ready_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
+    let supervisor = nix::unistd::getpid();
     let forked = Instant::now();
     match sys::fork().map_err(|err| Failure::new("fork pid 1", err))? {
         ForkResult::Child => {
+            mark("init", "forked");
             drop(status_read);
-            namespace_init(&spec, &status_write)
+            drop(net_ready_write);
+            let network = NetworkHandOff {
+                supervisor,
+                ready: net_ready_read,
+            };
+            namespace_init(&spec, &status_write, network)
         }
         ForkResult::Parent { child } => {
             drop(status_write);
+            drop(net_ready_read);
+            // The step's network namespace is created while pid 1 builds the root filesystem on
+            // the other core (creating a network namespace is the most expensive unshare); pid 1
+            // joins it before it forks the step, and never starts the step without it.
+            if let Err(failure) = create_network_namespace() {
+                // Closing the pipe unsent tells pid 1 there is no network namespace; kill it
+                // anyway, so nothing of the step can start.
+                drop(net_ready_write);
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                reap(child);
+                return Err(failure);
+            }
+            write_all(&net_ready_write, b"1");
+            drop(net_ready_write);
             Ok(wait_for_init(&spec, child, &status_read, forked))
         }
     }
+}
+
+/// The supervisor's half of the network namespace: an empty one (only a down loopback, no route
+/// anywhere) for itself, which pid 1 then joins; for a fetch step, kilnd's proxy listener is
+/// created in it before anything of the step exists.
+fn create_network_namespace() -> Result<(), Failure> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+        .map_err(|err| Failure::new("unshare", format!("network namespace: {err}")))?;
+    mark("supervisor", "network namespace unshared");
+    if crate::fetch::listener::requested() {
+        crate::fetch::listener::hand_over()
+            .map_err(|err| Failure::new("proxy listener", error_chain(&err)))?;
+    }
+    Ok(())
+}
+
+/// Pid 1's half: how it finds the network namespace the supervisor creates after the fork.
+struct NetworkHandOff {
+    /// The supervisor's pid in the host's pid namespace (the mount namespace still has the host's
+    /// `/proc` until `pivot_root`). It cannot be reused while pid 1 lives: pid 1 dies with it
+    /// (`PR_SET_PDEATHSIG`).
+    supervisor: Pid,
+    /// One byte once the namespace exists; EOF if the supervisor could not create it.
+    ready: OwnedFd,
+}
+
+/// Waits for the supervisor's network namespace and joins it; refuses to go on in the host's.
+fn join_network_namespace(network: &NetworkHandOff) -> Result<(), Failure> {
+    let fail = |what: String| Failure::new("network namespace", what);
+    let mut byte = [0_u8; 1];
+    loop {
+        match nix::unistd::read(&network.ready, &mut byte) {
+            Ok(1) => break,
+            Ok(_) => {
+                return Err(fail(
+                    "the supervisor did not create the step's network namespace".into(),
+                ));
+            }
+            Err(Errno::EINTR) => {}
+            Err(err) => return Err(fail(format!("wait for the supervisor: {err}"))),
+        }
+    }
+    let path = format!("/proc/{}/ns/net", network.supervisor);
+    let namespace = nix::fcntl::open(
+        path.as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| fail(format!("open {path}: {err}")))?;
+    let host = nix::sys::stat::stat("/proc/self/ns/net")
+        .map_err(|err| fail(format!("stat /proc/self/ns/net: {err}")))?;
+    let step =
+        nix::sys::stat::fstat(&namespace).map_err(|err| fail(format!("stat {path}: {err}")))?;
+    if (step.st_dev, step.st_ino) == (host.st_dev, host.st_ino) {
+        return Err(fail(format!(
+            "{path} is the host's network namespace, not a new one"
+        )));
+    }
+    // CLONE_NEWNET as nstype: the kernel refuses anything but a network namespace.
+    nix::sched::setns(&namespace, CloneFlags::CLONE_NEWNET)
+        .map_err(|err| fail(format!("setns {path}: {err}")))?;
+    mark("init", "network namespace joined");
+    Ok(())
 }
 
 /// Refuses to go on with more than one thread: `fork` in a multi-threaded process is unsound.
@@ -217,6 +334,7 @@ fn wait_for_init(
             }
         }
     };
+    mark("supervisor", "report received");
     if read_end.is_err() {
         // SIGKILL to pid 1 from outside its namespace: the kernel then kills every process in it,
         // double-forked daemons included, before pid 1 can be reaped.
@@ -299,8 +417,8 @@ fn millis(duration: Duration) -> u64 {
 }
 
 /// Pid 1 of the new pid namespace: builds the root, runs the step, reports, exits.
-fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd) -> ! {
-    let outcome = init(spec, status_write).unwrap_or_else(|failure| SandboxOutcome {
+fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd, network: NetworkHandOff) -> ! {
+    let outcome = init(spec, status_write, network).unwrap_or_else(|failure| SandboxOutcome {
         end: StepEnd::SetupFailed {
             stage: failure.stage,
             error: failure.error,
@@ -320,7 +438,11 @@ fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd) -> ! {
     sys::exit_now(0)
 }
 
-fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Failure> {
+fn init(
+    spec: &SandboxSpec,
+    status_write: &OwnedFd,
+    network: NetworkHandOff,
+) -> Result<SandboxOutcome, Failure> {
     // If the supervisor dies (kilnd cancelled the step and killed it), the sandbox must die too.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|err| Failure::new("init", err))?;
     // It may have died before the line above. getppid() is 0 either way (the parent is outside
@@ -332,6 +454,10 @@ fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Fa
             .is_some_and(|events| events.contains(PollFlags::POLLERR))
     {
         sys::exit_now(1);
+    }
+    // kilnd's proxy-listener channel (fetch steps) is the supervisor's alone.
+    if crate::fetch::listener::requested() {
+        let _ = nix::unistd::close(crate::fetch::listener::CHANNEL_FD);
     }
     // stdin (the spec pipe) and stdout (the outcome channel) are not the step's: only the log (fd 2)
     // is inherited.
@@ -347,17 +473,35 @@ fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Fa
 
     // The root filesystem, as planned data (see rootfs.rs for the why of each mount).
     let plan = plan_root(spec, &RealHost).map_err(|err| Failure::new("rootfs", err))?;
+    mark(
+        "init",
+        format_args!("root planned ({} operations)", plan.len()),
+    );
+    // Everything up to pivot_root runs while the supervisor creates the network namespace; it is
+    // joined while the host's /proc is still reachable, and before anything of the step exists.
+    let mut network = Some(network);
     for op in &plan {
+        if matches!(op, MountOp::PivotRoot { .. })
+            && let Some(network) = network.take()
+        {
+            join_network_namespace(&network)?;
+        }
         sys::apply(op).map_err(|err| Failure::new("rootfs", err))?;
+        mark("init", op);
+    }
+    if let Some(network) = network.take() {
+        join_network_namespace(&network)?;
     }
 
     let program = Program::new(spec).map_err(|err| Failure::new("exec", err))?;
+    mark("init", "program prepared");
     // CLOEXEC: a successful execve closes it (EOF, no bytes); a failure is written to it.
     let (error_read, error_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("init", err))?;
     let started = Instant::now();
     let step = match sys::fork().map_err(|err| Failure::new("fork step", err))? {
         ForkResult::Child => {
+            mark("step", "forked");
             drop(error_read);
             run_step(spec, &program, &error_write)
         }
@@ -375,6 +519,7 @@ fn init(spec: &SandboxSpec, status_write: &OwnedFd) -> Result<SandboxOutcome, Fa
         }
     };
     let wall_ms = millis(started.elapsed());
+    mark("init", "step reaped");
     let mut landlock = None;
     let mut failure = None;
     for report in serde_json::Deserializer::from_slice(&step_report).into_iter::<StepReport>() {
@@ -497,7 +642,9 @@ fn prepare_step(
         .map(confine::prepare_landlock)
         .transpose()
         .map_err(|err| Failure::new("landlock", error_chain(&err)))?;
+    mark("step", "landlock ruleset prepared");
     drop_privileges(spec)?;
+    mark("step", "privileges dropped and verified");
     // After the drop: the step's user must be allowed to enter its working directory.
     nix::unistd::chdir(&spec.cwd)
         .map_err(|err| Failure::new("cwd", format!("{}: {err}", spec.cwd.display())))?;
@@ -512,8 +659,11 @@ fn prepare_step(
     if let Ok(json) = serde_json::to_vec(&StepReport::Confined(enforcement)) {
         write_all(error_write, &json);
     }
+    mark("step", "landlock enforced");
     // Last before execve: the profile's syscall allowlist (no_new_privs is set). Nothing after
     // this may need a syscall the profile does not allow.
+    // The last mark: from here on the filter may deny the write.
+    mark("step", "installing seccomp, then execve");
     sys::install_seccomp(&program.seccomp).map_err(|err| Failure::new("seccomp", err))?;
     Ok(())
 }
@@ -555,7 +705,25 @@ fn drop_privileges(spec: &SandboxSpec) -> Result<(), Failure> {
         } else {
             limit
         };
-        setrlimit(resource, limit, limit).map_err(|err| fail(&format!("{resource:?}"), &err))?;
+        match setrlimit(resource, limit, limit) {
+            Ok(()) => {}
+            // Raising a hard limit needs CAP_SYS_RESOURCE, which some hosts (containers) do not
+            // grant even to root: keep the inherited hard limit, which is lower — stricter than
+            // the profile asked, never looser.
+            Err(Errno::EPERM) => {
+                let (_, hard) = nix::sys::resource::getrlimit(resource)
+                    .map_err(|err| fail(&format!("{resource:?}"), &err))?;
+                if hard >= limit {
+                    return Err(fail(&format!("{resource:?}"), &Errno::EPERM));
+                }
+                eprintln!(
+                    "kiln-sandbox: {resource:?}: the profile asks {limit}, kilnd's hard limit is {hard} and cannot be raised here (no CAP_SYS_RESOURCE): using {hard}"
+                );
+                setrlimit(resource, hard, hard)
+                    .map_err(|err| fail(&format!("{resource:?}"), &err))?;
+            }
+            Err(err) => return Err(fail(&format!("{resource:?}"), &err)),
+        }
     }
     // Root's supplementary groups (disk, adm, …) must not survive.
     nix::unistd::setgroups(&[]).map_err(|err| fail("setgroups", &err))?;

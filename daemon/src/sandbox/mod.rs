@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod confine;
 pub mod helper;
+pub mod outputfs;
 pub mod profile;
 pub mod rootfs;
 pub mod seccomp;
@@ -141,9 +142,22 @@ impl Sandbox {
         log: mpsc::Sender<Bytes>,
         cancel: CancellationToken,
     ) -> Result<SandboxOutcome, SandboxError> {
+        self.run_with_proxy(spec, log, cancel, None).await
+    }
+
+    /// [`Sandbox::run`]; with `proxy`, the helper also creates the fetch proxy's listener in the
+    /// step's network namespace before the step starts and hands it over to `proxy`
+    /// ([`crate::fetch::listener`]). A helper that fails before that drops `proxy` unanswered.
+    pub async fn run_with_proxy(
+        &self,
+        spec: &SandboxSpec,
+        log: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        proxy: Option<tokio::sync::oneshot::Sender<tokio::net::TcpListener>>,
+    ) -> Result<SandboxOutcome, SandboxError> {
         // Validation is `run_helper`'s first step; the teardown checks the cgroup paths itself
         // before touching them, so cgroups of an invalid spec are still removed.
-        let result = self.run_helper(spec, log, cancel).await;
+        let result = self.run_helper(spec, log, cancel, proxy).await;
         let scope = teardown::TeardownScope::of(spec);
         let (limits_hit, report) =
             match tokio::task::spawn_blocking(move || teardown::teardown(&scope)).await {
@@ -171,24 +185,52 @@ impl Sandbox {
         spec: &SandboxSpec,
         log: mpsc::Sender<Bytes>,
         cancel: CancellationToken,
+        proxy: Option<tokio::sync::oneshot::Sender<tokio::net::TcpListener>>,
     ) -> Result<SandboxOutcome, SandboxError> {
         spec.validate()?;
         let input = serde_json::to_vec(spec).map_err(|err| SandboxError::Io {
             what: "encode spec",
             source: err.into(),
         })?;
+        let proxy = match proxy {
+            Some(sink) => Some((
+                crate::fetch::listener::ListenerChannel::new().map_err(|source| {
+                    SandboxError::Io {
+                        what: "proxy listener channel",
+                        source,
+                    }
+                })?,
+                sink,
+            )),
+            None => None,
+        };
         let started = Instant::now();
-        let mut child = Command::new(&self.helper)
+        let mut command = Command::new(&self.helper);
+        command
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| SandboxError::Spawn {
-                helper: self.helper.clone(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        if let Some((channel, _)) = &proxy {
+            channel.attach(&mut command);
+        }
+        let mut child = command.spawn().map_err(|source| SandboxError::Spawn {
+            helper: self.helper.clone(),
+            source,
+        })?;
+        if let Some((channel, sink)) = proxy {
+            tokio::spawn(async move {
+                match channel.receive().await {
+                    Ok(Some(listener)) => {
+                        // The receiver is gone only if the step's proxy already stopped.
+                        let _ = sink.send(listener);
+                    }
+                    Ok(None) => {}
+                    Err(err) => tracing::warn!(%err, "no proxy listener from the sandbox helper"),
+                }
+            });
+        }
         let (Some(mut stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {

@@ -35,6 +35,9 @@ pub struct Profile {
     pub tmp_size_bytes: u64,
     /// Resource limits of the step's cgroups (`[limits]`).
     pub limits: Limits,
+    /// `[limits] workspace_size`: the step's output workspace is a tmpfs of this size instead of
+    /// a directory on the host disk ([`super::outputfs`]); `None` = uncapped (host disk).
+    pub workspace_size_bytes: Option<u64>,
     /// The `[seccomp]` allowlist, compiled once at load.
     pub seccomp: SeccompProgram,
     /// `[rlimits]`.
@@ -62,6 +65,17 @@ impl Profile {
     /// profile's host paths read+execute, its `[landlock]` paths, input workspaces read+execute and
     /// output workspaces read-write (at `/workspace/<name>`, as mounted).
     pub fn confinement(&self, workspaces: &[WorkspaceMount]) -> Confinement {
+        self.confinement_with_root(&self.host_paths, workspaces)
+    }
+
+    /// [`Profile::confinement`] for a step whose environment is not the profile's host paths but
+    /// `root_paths` (an image's bound top-level entries, e.g. `/usr`, `/etc`): those get the
+    /// read+execute rules instead.
+    pub fn confinement_with_root(
+        &self,
+        root_paths: &[PathBuf],
+        workspaces: &[WorkspaceMount],
+    ) -> Confinement {
         let landlock = self.landlock.as_ref().map(|landlock| {
             let rule = |path: &Path, access| LandlockRule {
                 path: path.to_owned(),
@@ -69,7 +83,7 @@ impl Profile {
             };
             let mut rules: Vec<LandlockRule> = Vec::new();
             rules.extend(
-                self.host_paths
+                root_paths
                     .iter()
                     .map(|path| rule(path, LandlockAccess::ReadExecute)),
             );
@@ -231,6 +245,7 @@ struct LimitsFile {
     memory: Option<Spanned<String>>,
     pids: Option<Spanned<u64>>,
     cpu: Option<Spanned<f64>>,
+    workspace_size: Option<Spanned<String>>,
 }
 
 /// Smallest `[limits] memory`: the helper, the namespace's pid 1 and a shell need a few MiB; below
@@ -240,6 +255,8 @@ const MIN_MEMORY_BYTES: u64 = 16 << 20;
 const MIN_PIDS: u64 = 8;
 /// Largest `[limits] pids`: the kernel's `pid_max` ceiling.
 const MAX_PIDS: u64 = 1 << 22;
+/// Smallest `[limits] workspace_size`.
+const MIN_WORKSPACE_BYTES: u64 = 1 << 20;
 /// Largest `[limits] cpu`, in cores.
 const MAX_CPU_CORES: f64 = 1024.0;
 
@@ -392,6 +409,25 @@ pub fn parse_profile(file: &Path, text: &str) -> Result<Profile, ProfileError> {
         }
         limits.cpu_millicores = (cores * 1000.0).round() as u64;
     }
+    let workspace_size_bytes = match &raw.limits.workspace_size {
+        None => None,
+        Some(size) if size.get_ref().trim() == "unlimited" => None,
+        Some(size) => Some(
+            parse_size(size.get_ref())
+                .and_then(|bytes| {
+                    if bytes < MIN_WORKSPACE_BYTES {
+                        Err(format!(
+                            "{:?} is below the minimum of {}",
+                            size.get_ref(),
+                            format_bytes(MIN_WORKSPACE_BYTES)
+                        ))
+                    } else {
+                        Ok(bytes)
+                    }
+                })
+                .map_err(|message| invalid(size.span(), "limits.workspace_size", message))?,
+        ),
+    };
     let policy = seccomp_policy(&raw.seccomp)
         .map_err(|(span, field, message)| invalid(span, field, message))?;
     let seccomp = seccomp::compile(&policy).map_err(|source| ProfileError::Seccomp {
@@ -448,6 +484,7 @@ pub fn parse_profile(file: &Path, text: &str) -> Result<Profile, ProfileError> {
         gid: raw.gid.into_inner(),
         tmp_size_bytes,
         limits,
+        workspace_size_bytes,
         seccomp,
         rlimits,
         landlock,
@@ -659,7 +696,15 @@ read_write = ["/tmp"]
         let text = format!("{GOOD}[limits]\ncpu = 2\n");
         let profile = parse_profile(Path::new("t.toml"), &text).unwrap();
         assert_eq!(profile.limits.cpu_millicores, 2000, "integer cores");
+        assert_eq!(profile.workspace_size_bytes, None, "uncapped unless set");
+        let text = format!("{GOOD}[limits]\nworkspace_size = \"1GiB\"\n");
+        let profile = parse_profile(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(profile.workspace_size_bytes, Some(1 << 30));
         for (limits, expected) in [
+            (
+                "workspace_size = \"4KiB\"",
+                "x.toml:18:18: limits.workspace_size: \"4KiB\" is below the minimum of 1 MiB",
+            ),
             (
                 "memory = \"1MiB\"",
                 "x.toml:18:10: limits.memory: \"1MiB\" is below the minimum of 16 MiB",

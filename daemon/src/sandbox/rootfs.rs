@@ -4,7 +4,9 @@
 //!
 //! Layout: a tmpfs root (read-only at the end), host paths bound read-only at the same place
 //! (symlinks such as Debian's `/bin -> usr/bin` recreated), workspaces at `/workspace/<name>`, a
-//! minimal `/dev`, a fresh `/proc`, a private `/tmp`. Later hardening (landlock, idmapped mounts,
+//! minimal `/dev`, a fresh `/proc`, a private `/tmp`. With an image (`image_root`), the image's
+//! top-level entries take the place of the host paths: each directory or file bound read-only at
+//! `/<name>`, each symlink recreated; the sandbox's own mount points stay kiln's. Later hardening (landlock, idmapped mounts,
 //! `open_tree`/`move_mount`) changes `sys::apply`, not the plan.
 
 use std::collections::BTreeSet;
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
 
-use super::spec::{Access, SECRETS_MOUNT, SandboxSpec};
+use super::spec::{Access, RESERVED_PATHS, SECRETS_MOUNT, SandboxSpec};
 
 /// What a host path is, as seen by `lstat` (symlinks are not followed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub enum HostEntry {
 pub trait HostView {
     /// `lstat` of `path`.
     fn entry(&self, path: &Path) -> io::Result<HostEntry>;
+    /// Names in directory `dir`, sorted.
+    fn list(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>>;
 }
 
 /// The real host, via `lstat`/`readlink`.
@@ -47,6 +51,14 @@ impl HostView for RealHost {
         } else {
             Ok(HostEntry::File)
         }
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+        let mut names = std::fs::read_dir(dir)?
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<io::Result<Vec<_>>>()?;
+        names.sort();
+        Ok(names)
     }
 }
 
@@ -213,21 +225,48 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
 
     // Binds first, symlinks after: validation forbids nesting, so no mount point is ever created
     // through a bind (which would write to the host) or through a recreated symlink.
+    // (sandbox path, host source): the host paths at the same place, or an image's top-level
+    // entries except the sandbox's own mount points.
+    let sources: Vec<(PathBuf, PathBuf)> = match &spec.image_root {
+        None => spec
+            .host_paths
+            .iter()
+            .map(|path| (path.clone(), path.clone()))
+            .collect(),
+        Some(image_root) => host
+            .list(image_root)
+            .map_err(|source| PlanError {
+                path: image_root.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|name| Path::new("/").join(name))
+            .filter(|path| {
+                !RESERVED_PATHS
+                    .iter()
+                    .any(|reserved| Path::new(reserved).starts_with(path))
+            })
+            .map(|path| {
+                let source = image_root.join(path.strip_prefix("/").unwrap_or(&path));
+                (path, source)
+            })
+            .collect(),
+    };
     let mut symlinks = Vec::new();
-    for path in &spec.host_paths {
-        let entry = host.entry(path).map_err(|source| PlanError {
-            path: path.clone(),
-            source,
+    for (path, source) in &sources {
+        let entry = host.entry(source).map_err(|err| PlanError {
+            path: source.clone(),
+            source: err,
         })?;
         match entry {
             HostEntry::Symlink(target) => symlinks.push((path, target)),
             HostEntry::Directory => {
                 plan.dir(path);
-                plan.bind(path, path, read_only, true);
+                plan.bind(source, path, read_only, true);
             }
             HostEntry::File => {
                 plan.file(path);
-                plan.bind(path, path, read_only, true);
+                plan.bind(source, path, read_only, true);
             }
         }
     }
@@ -412,8 +451,31 @@ mod tests {
                 Some("/bin") => Ok(HostEntry::Symlink("usr/bin".into())),
                 Some("/etc/ld.so.cache") => Ok(HostEntry::File),
                 Some("/missing") => Err(io::Error::from(io::ErrorKind::NotFound)),
+                Some(p) if p.starts_with("/images/x/root/") => match &p[15..] {
+                    "bin" => Ok(HostEntry::Symlink("usr/bin".into())),
+                    "marker" => Ok(HostEntry::File),
+                    _ => Ok(HostEntry::Directory),
+                },
                 _ => Ok(HostEntry::Directory),
             }
+        }
+
+        fn list(&self, dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+            assert_eq!(dir, Path::new("/images/x/root"));
+            Ok([
+                "bin",
+                "dev",
+                "etc",
+                "marker",
+                "proc",
+                "run",
+                "tmp",
+                "usr",
+                "workspace",
+            ]
+            .into_iter()
+            .map(Into::into)
+            .collect())
         }
     }
 
@@ -574,6 +636,59 @@ mod tests {
         spec.secrets.clear();
         let plan = plan_root(&spec, &FakeHost).unwrap();
         assert!(!plan.iter().any(|op| op.to_string().contains("secrets")));
+    }
+
+    #[test]
+    fn image_top_level_replaces_host_paths_and_kiln_keeps_its_mount_points() {
+        let mut spec = sample();
+        spec.host_paths.clear();
+        spec.image_root = Some("/images/x/root".into());
+        let plan = plan_root(&spec, &FakeHost).unwrap();
+        let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        for (source, target) in [
+            ("/images/x/root/usr", "/run/kiln/root/usr"),
+            ("/images/x/root/etc", "/run/kiln/root/etc"),
+            ("/images/x/root/marker", "/run/kiln/root/marker"),
+        ] {
+            let bind = position(
+                &plan,
+                &MountOp::Bind {
+                    source: source.into(),
+                    target: target.into(),
+                },
+            );
+            let restrict = position(
+                &plan,
+                &MountOp::Restrict {
+                    target: target.into(),
+                    flags: ro,
+                    recursive: true,
+                },
+            );
+            assert!(bind < restrict);
+        }
+        position(
+            &plan,
+            &MountOp::Symlink {
+                target: "usr/bin".into(),
+                link: "/run/kiln/root/bin".into(),
+            },
+        );
+        // The image's dev, proc, run, tmp and workspace are never bound; nothing of the host is.
+        for op in &plan {
+            if let MountOp::Bind { source, .. } = op {
+                let source = source.to_str().unwrap();
+                assert!(
+                    source.starts_with("/images/x/root/")
+                        && ["dev", "proc", "run", "tmp", "workspace"]
+                            .iter()
+                            .all(|r| !source.ends_with(&format!("root/{r}")))
+                        || source.starts_with("/var/lib/kiln/ws/")
+                        || source.starts_with("/dev/"),
+                    "{op}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -212,6 +212,14 @@ pub fn compile(policy: &SeccompPolicy) -> Result<SeccompProgram, SeccompError> {
     filter
         .set_ctl_nnp(false)
         .map_err(libseccomp("clear nnp control".into()))?;
+    // A binary tree sorted by syscall number instead of libseccomp's default linear chain: every
+    // syscall of the step is decided in ~log2(allowlist) comparisons instead of up to one per
+    // allowed syscall, and the kernel's per-syscall action cache (computed by emulating the
+    // filter once per syscall number at install) is built faster. Same rules, same verdicts;
+    // measured in scripts/bench/sandbox (docs/operations.md).
+    filter
+        .set_ctl_optimize(2)
+        .map_err(libseccomp("set binary-tree optimization".into()))?;
     if !filter
         .is_arch_present(ScmpArch::native())
         .map_err(libseccomp("check native arch".into()))?

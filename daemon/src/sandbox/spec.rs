@@ -41,6 +41,12 @@ pub struct SandboxSpec {
     pub root_dir: PathBuf,
     /// Host paths made visible read-only at the same place (symlinks are recreated, not followed).
     pub host_paths: Vec<PathBuf>,
+    /// A materialized image (`<state>/images/<hex>/root`): its top-level entries are bound
+    /// read-only at `/<name>` (symlinks recreated) instead of `host_paths`, which must then be
+    /// empty. Entries that are the sandbox's own mount points (`/dev`, `/proc`, `/tmp`,
+    /// `/workspace`, `/run`) are not bound.
+    #[serde(default)]
+    pub image_root: Option<PathBuf>,
     /// Workspaces, mounted at `/workspace/<name>`.
     pub workspaces: Vec<WorkspaceMount>,
     /// Wall-clock limit for setup + step, in milliseconds.
@@ -76,6 +82,7 @@ impl fmt::Debug for SandboxSpec {
             .field("hostname", &self.hostname)
             .field("root_dir", &self.root_dir)
             .field("host_paths", &self.host_paths)
+            .field("image_root", &self.image_root)
             .field("workspaces", &self.workspaces)
             .field("timeout_ms", &self.timeout_ms)
             .field("uid", &self.uid)
@@ -232,6 +239,9 @@ pub enum SpecError {
         /// The name.
         name: String,
     },
+    /// Both an image and host paths: the root would mix two environments.
+    #[error("host_paths must be empty when image_root is set (the image is the whole environment)")]
+    ImageWithHostPaths,
     /// Two workspaces share a name.
     #[error("duplicate workspace name {name:?}")]
     DuplicateWorkspace {
@@ -318,6 +328,12 @@ impl SandboxSpec {
                         reserved,
                     });
                 }
+            }
+        }
+        if let Some(image_root) = &self.image_root {
+            absolute_normal("image_root", image_root)?;
+            if !self.host_paths.is_empty() {
+                return Err(SpecError::ImageWithHostPaths);
             }
         }
         for outer in &self.host_paths {
@@ -450,6 +466,7 @@ pub(crate) mod tests {
             hostname: "kiln-step".into(),
             root_dir: "/run/kiln/root".into(),
             host_paths: vec!["/usr".into(), "/bin".into(), "/etc/ld.so.cache".into()],
+            image_root: None,
             workspaces: vec![
                 WorkspaceMount {
                     name: "src".into(),
@@ -558,6 +575,20 @@ pub(crate) mod tests {
                 SpecError::NestedHostPaths {
                     outer: "/usr".into(),
                     inner: "/usr/local".into(),
+                },
+            ),
+            (
+                |s| s.image_root = Some("/var/lib/kiln/images/ab/root".into()),
+                SpecError::ImageWithHostPaths,
+            ),
+            (
+                |s| {
+                    s.host_paths.clear();
+                    s.image_root = Some("images/root".into());
+                },
+                SpecError::NotAbsoluteNormal {
+                    field: "image_root",
+                    path: "images/root".into(),
                 },
             ),
             (

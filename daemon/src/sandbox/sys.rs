@@ -78,15 +78,19 @@ fn apply_inner(op: &MountOp) -> io::Result<()> {
             target,
             flags,
             recursive,
-        } => {
-            let mut targets = vec![target.clone()];
-            if *recursive {
-                targets.extend(submounts(target)?);
+        } => match set_mount_attributes(target, *flags, *recursive) {
+            // Kernels before 5.12 have no mount_setattr: one remount per mount point.
+            Err(err) if err.raw_os_error() == Some(libc::ENOSYS) => {
+                let mut targets = vec![target.clone()];
+                if *recursive {
+                    targets.extend(submounts(target)?);
+                }
+                for mount_point in targets {
+                    remount_bind(&mount_point, *flags)?;
+                }
             }
-            for mount_point in targets {
-                remount_bind(&mount_point, *flags)?;
-            }
-        }
+            result => result?,
+        },
         MountOp::Proc { target } => {
             nix::mount::mount(
                 Some("proc"),
@@ -124,6 +128,57 @@ fn apply_inner(op: &MountOp) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `mount_setattr(2)` on the mount at `target` (and, if `recursive`, every mount below it, in one
+/// call that is atomic for the whole tree): adds the per-mount flags in `flags` (`MS_RDONLY`,
+/// `MS_NOSUID`, `MS_NODEV`, `MS_NOEXEC`), clears nothing, so flags the mounts already have (locked
+/// ones included) stay. Replaces a `/proc/self/mountinfo` scan plus one remount per mount point.
+fn set_mount_attributes(target: &Path, flags: MsFlags, recursive: bool) -> io::Result<()> {
+    let mut attr_set = 0;
+    for (ms_flag, attr) in [
+        (MsFlags::MS_RDONLY, libc::MOUNT_ATTR_RDONLY),
+        (MsFlags::MS_NOSUID, libc::MOUNT_ATTR_NOSUID),
+        (MsFlags::MS_NODEV, libc::MOUNT_ATTR_NODEV),
+        (MsFlags::MS_NOEXEC, libc::MOUNT_ATTR_NOEXEC),
+    ] {
+        if flags.contains(ms_flag) {
+            attr_set |= attr;
+        }
+    }
+    let unsupported =
+        flags - (MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+    if !unsupported.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("mount flags {unsupported:?} are not per-mount attributes"),
+        ));
+    }
+    let attr = libc::mount_attr {
+        attr_set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let path = c_string(target)?;
+    // The targets are mount points the plan created under the tmpfs root: never follow a symlink.
+    let mut at_flags = libc::AT_SYMLINK_NOFOLLOW;
+    if recursive {
+        at_flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: `path` is a NUL-terminated string and `attr` an initialised mount_attr; both outlive
+    // the call, and the kernel only reads `size_of::<mount_attr>()` bytes through the pointer.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            at_flags as libc::c_uint,
+            &raw const attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    Errno::result(res).map(drop).map_err(io::Error::from)
 }
 
 /// `MS_REMOUNT|MS_BIND` sets exactly the per-mount flags given, so flags the mount already has
@@ -312,6 +367,31 @@ pub fn reset_signals() -> Result<(), Errno> {
     // requirement applies.
     unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) }?;
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+}
+
+/// Brings the loopback interface of the calling process's network namespace up
+/// (`SIOCSIFFLAGS` on `lo`): only fetch steps need it, for kilnd's proxy listener on
+/// 127.0.0.1 (a fresh namespace's `lo` is down, and an address on a down interface can be neither
+/// bound nor reached).
+pub fn loopback_up() -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: `ifreq` is plain old data (a name array and a union of integers and structs of
+    // integers); all zeroes is a valid value of it.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: `socket` is an open socket for the call's duration; SIOCSIFFLAGS reads one
+    // initialised `ifreq` through the pointer, which outlives the call.
+    let res = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const request) };
+    Errno::result(res).map(drop)
 }
 
 #[cfg(test)]

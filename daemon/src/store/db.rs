@@ -80,13 +80,64 @@ CREATE TABLE IF NOT EXISTS attestations (
     step TEXT,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS step_attestations (
+    digest TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    name TEXT NOT NULL,
+    predicate_type TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attestation_subjects (
+    envelope TEXT NOT NULL,
+    path TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (envelope, path, digest)
+);
+CREATE INDEX IF NOT EXISTS attestation_subjects_by_digest ON attestation_subjects(digest);
+CREATE TABLE IF NOT EXISTS rebuild_recipes (
+    job_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    recipe TEXT NOT NULL,
+    PRIMARY KEY (job_id, step)
+);
+CREATE TABLE IF NOT EXISTS rebuild_inputs (
+    job_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    workspace TEXT NOT NULL,
+    tree_digest TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    PRIMARY KEY (job_id, step, workspace)
+);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     event TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 );
+CREATE TABLE IF NOT EXISTS images (
+    digest TEXT PRIMARY KEY,
+    entries INTEGER NOT NULL,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    imported_at TEXT NOT NULL
+);
 ";
+
+/// An imported build environment image (`kiln image import`; the manifest is a CAS blob).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ImageRecord {
+    /// sha256 of the canonical manifest.
+    pub digest: Digest,
+    /// Entries of the tree (directories, files, symlinks).
+    pub entries: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Total size of the regular files.
+    pub bytes: u64,
+    /// RFC 3339, first import.
+    pub imported_at: String,
+}
 
 /// A job as first recorded.
 #[derive(Debug, Clone)]
@@ -135,6 +186,29 @@ pub struct StepUpdate {
     pub log: Option<Digest>,
     /// Envelope blob.
     pub attestation: Option<Digest>,
+}
+
+/// An attestation a step made besides its provenance (a publish step's SBOM, test results).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepAttestationRow {
+    /// Signing step.
+    pub step: String,
+    /// Byproduct name (`sbom`, `test-result:<step>`).
+    pub name: String,
+    /// Predicate type.
+    pub predicate_type: String,
+    /// Envelope blob.
+    pub envelope: Digest,
+}
+
+/// How to run a step again (`kiln rebuild`): its sandbox recipe and each input workspace's
+/// manifest, all CAS blobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildRecord {
+    /// Recipe blob.
+    pub recipe: Digest,
+    /// (workspace, tree digest, manifest blob).
+    pub inputs: Vec<(String, Digest, Digest)>,
 }
 
 /// The index database.
@@ -297,6 +371,123 @@ impl Db {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Index an attestation a step made besides its provenance, with its subjects.
+    pub fn record_step_attestation(
+        &self,
+        job_id: &str,
+        row: &StepAttestationRow,
+        subjects: &[TreeEntry],
+        created_at: &str,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let envelope = row.envelope.to_string();
+        tx.execute(
+            "INSERT OR IGNORE INTO attestations (digest, job_id, step, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![envelope, job_id, row.step, created_at],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO step_attestations (digest, job_id, step, name, predicate_type, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![envelope, job_id, row.step, row.name, row.predicate_type, created_at],
+        )?;
+        for s in subjects {
+            tx.execute(
+                "INSERT OR IGNORE INTO attestation_subjects (envelope, path, digest) VALUES (?1, ?2, ?3)",
+                params![envelope, s.path, s.digest.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A job's attestations besides step provenance, in the order they were made.
+    pub fn step_attestations(&self, job_id: &str) -> Result<Vec<StepAttestationRow>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT step, name, predicate_type, digest FROM step_attestations WHERE job_id = ?1 ORDER BY rowid",
+        )?;
+        let rows = stmt.query_map(params![job_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (step, name, predicate_type, digest) = row?;
+            out.push(StepAttestationRow {
+                step,
+                name,
+                predicate_type,
+                envelope: required_digest("attestation digest", digest)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Record how a step ran (for `kiln rebuild`): its recipe and its input manifests.
+    pub fn record_rebuild(
+        &self,
+        job_id: &str,
+        step: &str,
+        record: &RebuildRecord,
+    ) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO rebuild_recipes (job_id, step, recipe) VALUES (?1, ?2, ?3)",
+            params![job_id, step, record.recipe.to_string()],
+        )?;
+        for (ws, tree, manifest) in &record.inputs {
+            tx.execute(
+                "INSERT OR REPLACE INTO rebuild_inputs (job_id, step, workspace, tree_digest, manifest) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![job_id, step, ws, tree.to_string(), manifest.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// How a step ran, if recorded.
+    pub fn rebuild_record(&self, job_id: &str, step: &str) -> Result<Option<RebuildRecord>, DbError> {
+        let conn = self.conn()?;
+        let recipe: Option<String> = conn
+            .query_row(
+                "SELECT recipe FROM rebuild_recipes WHERE job_id = ?1 AND step = ?2",
+                params![job_id, step],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(recipe) = recipe else {
+            return Ok(None);
+        };
+        let mut stmt = conn.prepare(
+            "SELECT workspace, tree_digest, manifest FROM rebuild_inputs WHERE job_id = ?1 AND step = ?2 ORDER BY workspace",
+        )?;
+        let rows = stmt.query_map(params![job_id, step], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut inputs = Vec::new();
+        for row in rows {
+            let (ws, tree, manifest) = row?;
+            inputs.push((
+                ws,
+                required_digest("tree digest", tree)?,
+                required_digest("manifest digest", manifest)?,
+            ));
+        }
+        Ok(Some(RebuildRecord {
+            recipe: required_digest("recipe digest", recipe)?,
+            inputs,
+        }))
     }
 
     /// Newest jobs first.
@@ -514,6 +705,34 @@ impl Db {
                 step,
                 subject,
                 envelope,
+                attestation: None,
+                predicate_type: None,
+            });
+        }
+        let mut stmt = conn.prepare(
+            "SELECT a.job_id, a.step, s.path, a.digest, a.name, a.predicate_type FROM attestation_subjects s
+             JOIN step_attestations a ON a.digest = s.envelope
+             WHERE s.digest = ?1 ORDER BY a.job_id, a.step, a.name",
+        )?;
+        let rows = stmt.query_map(params![digest.to_string()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (job_id, step, subject, env, name, predicate_type) = row?;
+            out.push(AttestationRef {
+                job_id,
+                step,
+                subject,
+                envelope: required_digest("attestation digest", env)?,
+                attestation: Some(name),
+                predicate_type: Some(predicate_type),
             });
         }
         Ok(out)
@@ -584,6 +803,55 @@ impl Db {
         tx.commit()?;
         Ok(ids)
     }
+
+    /// Index an imported image (a no-op if it is already indexed).
+    pub fn insert_image(&self, image: &ImageRecord) -> Result<(), DbError> {
+        self.conn()?.execute(
+            "INSERT OR IGNORE INTO images (digest, entries, files, bytes, imported_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![image.digest.to_string(), image.entries as i64, image.files as i64, image.bytes as i64, image.imported_at],
+        )?;
+        Ok(())
+    }
+
+    /// One image, if indexed.
+    pub fn image(&self, digest: &Digest) -> Result<Option<ImageRecord>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT digest, entries, files, bytes, imported_at FROM images WHERE digest = ?1",
+        )?;
+        let row = stmt
+            .query_row(params![digest.to_string()], image_row)
+            .optional()?;
+        row.map(image_record).transpose()
+    }
+
+    /// Every image, newest first.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, DbError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT digest, entries, files, bytes, imported_at FROM images ORDER BY imported_at DESC, digest",
+        )?;
+        let rows = stmt.query_map([], image_row)?;
+        rows.map(|r| image_record(r?)).collect()
+    }
+}
+
+type ImageRow = (String, i64, i64, i64, String);
+
+fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+}
+
+fn image_record(
+    (digest, entries, files, bytes, imported_at): ImageRow,
+) -> Result<ImageRecord, DbError> {
+    Ok(ImageRecord {
+        digest: required_digest("images.digest", digest)?,
+        entries: entries as u64,
+        files: files as u64,
+        bytes: bytes as u64,
+        imported_at,
+    })
 }
 
 #[cfg(test)]
@@ -649,6 +917,36 @@ mod tests {
         );
         assert_eq!(db.artifacts("j1").unwrap()[0].path, "x/y");
         assert!(db.job("nope").unwrap().is_none());
+    }
+
+    #[test]
+    fn step_attestations_are_indexed_by_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("kiln.db")).unwrap();
+        sample(&db, "j1");
+        let row = StepAttestationRow {
+            step: "a".into(),
+            name: "sbom".into(),
+            predicate_type: "https://cyclonedx.org/bom".into(),
+            envelope: Digest::of(b"sbom envelope"),
+        };
+        let subjects = [TreeEntry {
+            path: "x/y".into(),
+            digest: Digest::of(b"y"),
+        }];
+        db.record_step_attestation("j1", &row, &subjects, "t").unwrap();
+        assert_eq!(db.step_attestations("j1").unwrap(), vec![row.clone()]);
+        let refs = db.attestations_by_subject(&Digest::of(b"y")).unwrap();
+        assert_eq!(refs.len(), 1);
+        assert_eq!(refs[0].attestation.as_deref(), Some("sbom"));
+        assert_eq!(refs[0].envelope, row.envelope);
+        let record = RebuildRecord {
+            recipe: Digest::of(b"recipe"),
+            inputs: vec![("src".into(), Digest::of(b"t"), Digest::of(b"m"))],
+        };
+        db.record_rebuild("j1", "a", &record).unwrap();
+        assert_eq!(db.rebuild_record("j1", "a").unwrap(), Some(record));
+        assert_eq!(db.rebuild_record("j1", "b").unwrap(), None);
     }
 
     #[test]

@@ -59,8 +59,27 @@ struct {
 	__type(value, struct path_scratch);
 } path_scratch SEC(".maps");
 
+/*
+ * A prefilter in front of observed_cgroups: bit (cgroup_id mod KILN_FILTER_BITS) is set for every
+ * observed cgroup (userspace sets it after inserting the id, and clears it when no observed id
+ * maps to it any more). An array lookup compiles to a bounds check and an add, no call: a task
+ * whose bit is clear (every task on the host but the steps', cgroup ids being small sequential
+ * kernfs ids) is rejected without a hash lookup. A set bit only means "look it up".
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KILN_FILTER_BITS / 64);
+	__type(key, __u32);
+	__type(value, __u64);
+} observed_filter SEC(".maps");
+
 static __always_inline __u64 *observed(__u64 cgroup_id)
 {
+	__u32 word = (cgroup_id / 64) % (KILN_FILTER_BITS / 64);
+	__u64 *bits = bpf_map_lookup_elem(&observed_filter, &word);
+
+	if (!bits || !(*bits & (1ULL << (cgroup_id % 64))))
+		return NULL;
 	return bpf_map_lookup_elem(&observed_cgroups, &cgroup_id);
 }
 
@@ -75,9 +94,9 @@ static __always_inline void count_lost(__u64 *cgroup_lost)
 }
 
 /*
- * Reserves a record of `size` bytes for an event of a task in cgroup `cgroup_id` and fills its
- * header (pid/tgid: the current task). NULL when the cgroup is not observed, or when the ring
- * is full: then the loss is counted.
+ * Reserves a record of `size` bytes (a constant) for an event of a task in cgroup `cgroup_id`
+ * and fills its header (pid/tgid: the current task). NULL when the cgroup is not observed, or
+ * when the ring is full: then the loss is counted. For fixed-size records.
  */
 static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_id, __u64 now)
 {
@@ -103,10 +122,76 @@ static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_
 	return hdr;
 }
 
+/*
+ * Variable-size records (events.h: a fixed part, then data[]) are built in a buffer of
+ * KILN_RECORD_BYTES: a per-CPU scratch, or a task's pending file syscall. Strings are appended
+ * at offsets masked with KILN_DATA_OFF_MASK, which the verifier can bound (every real offset is
+ * below it: the fields' limits add up to less), and the buffer has room for the longest write
+ * (KILN_ARGV_MAX) past the largest masked offset.
+ */
+#define KILN_RECORD_BYTES 4096
+#define KILN_DATA_OFF_MASK 2047
+_Static_assert(KILN_DATA_OFF_MASK + 1 + KILN_ARGV_MAX + 80 <= KILN_RECORD_BYTES,
+	       "record buffer holds the longest write at the largest offset");
+_Static_assert(KILN_FILENAME_MAX + 2 * KILN_PATH_MAX <= KILN_DATA_OFF_MASK &&
+		       2 * KILN_ARG_MAX + 2 * KILN_PATH_MAX <= KILN_DATA_OFF_MASK,
+	       "every data[] offset is below the mask");
+
+struct record_buf {
+	char bytes[KILN_RECORD_BYTES];
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct record_buf);
+} record_scratch SEC(".maps");
+
+/* Where data[] byte `off` of a record whose fixed part is `fixed` bytes lives in `buf`. */
+static __always_inline char *data_at(void *buf, __u32 fixed, __u32 off)
+{
+	return (char *)buf + fixed + (off & KILN_DATA_OFF_MASK);
+}
+
+/*
+ * Fills the header of the record built in `buf` and copies its first `size` bytes to the ring
+ * (bpf_ringbuf_output: the record costs the ring its real size, not its limit). A full ring is
+ * counted as a loss for the cgroup and the CPU.
+ */
+static __always_inline void output_event(void *buf, __u32 type, __u32 size, __u64 cgroup_id,
+					  __u64 *cgroup_lost, __u64 now, __u64 flags)
+{
+	struct kiln_event_header *hdr = buf;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (size > KILN_RECORD_BYTES)
+		size = KILN_RECORD_BYTES;
+	hdr->type = type;
+	hdr->size = size;
+	hdr->ktime_ns = now;
+	hdr->cgroup_id = cgroup_id;
+	hdr->pid = (__u32)pid_tgid;
+	hdr->tgid = pid_tgid >> 32;
+	if (bpf_ringbuf_output(&events, buf, size, flags) != 0)
+		count_lost(cgroup_lost);
+}
+
+/*
+ * Whether a submit wakes the consumer. Not per record (a wakeup is an irq_work, a self-IPI: a VM
+ * exit on a virtual machine): once kiln_wakeup_interval_ns passed since the last forced wakeup,
+ * or when kiln_wakeup_threshold bytes are unread, but then at most once per
+ * KILN_WAKEUP_MIN_GAP_NS (while the consumer catches up every submit would see the ring above
+ * the threshold and force a wakeup of its own).
+ */
+#define KILN_WAKEUP_MIN_GAP_NS (100 * 1000)
+
 static __always_inline __u64 wakeup_flags(__u64 now)
 {
-	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= kiln_wakeup_threshold ||
-	    now - kiln_last_wakeup_ns >= kiln_wakeup_interval_ns) {
+	__u64 since = now - kiln_last_wakeup_ns;
+
+	if (since >= kiln_wakeup_interval_ns ||
+	    (since >= KILN_WAKEUP_MIN_GAP_NS &&
+	     bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= kiln_wakeup_threshold)) {
 		kiln_last_wakeup_ns = now;
 		return BPF_RB_FORCE_WAKEUP;
 	}
@@ -204,7 +289,7 @@ static __always_inline __u32 walk_path(struct dentry *dentry, struct vfsmount *v
 	return w.off;
 }
 
-/* Copies a walked path from scratch into a record field of KILN_PATH_MAX bytes. */
+/* Copies a walked path (at most KILN_PATH_MAX bytes) from scratch into a record. */
 static __always_inline __u16 copy_path(char *dst, const char *scratch, __u32 len)
 {
 	if (len == 0 || len > KILN_PATH_MAX)

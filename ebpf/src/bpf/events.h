@@ -12,7 +12,13 @@
  *   implicit holes, every struct size a multiple of 8 (ring records are 8-byte aligned);
  * - it includes nothing: the includer provides __u32 & co. (vmlinux.h in BPF,
  *   <linux/types.h> on the host);
- * - every record starts with struct kiln_event_header; `size` is the whole record.
+ * - every record starts with struct kiln_event_header; `size` is the whole record;
+ * - variable-size records (exec, file, write) are a fixed part followed by `data[]`: their
+ *   strings packed back to back in a documented order, each *_len bytes long, no padding and no
+ *   terminating NULs added. hdr.size = sizeof(fixed part) + the sum of the lengths (the ring
+ *   rounds the reservation up to 8 bytes; the bytes past hdr.size are not part of the record).
+ *   A record costs the ring what its strings need, not their limits: an open of /dev/null is
+ *   ~100 bytes, not 2 KiB.
  */
 #ifndef KILN_EVENTS_H
 #define KILN_EVENTS_H
@@ -27,6 +33,12 @@
 #define KILN_ARG_MAX 256
 /* Bytes of a unix socket path (sizeof sun_path). */
 #define KILN_UNIX_PATH_MAX 112
+/* Bits of the observed_filter prefilter map (common.bpf.h), which userspace maintains. */
+#define KILN_FILTER_BITS 65536
+/* Most bytes of data[] of each variable-size record (the sum of its fields' limits). */
+#define KILN_EXEC_DATA_MAX (KILN_FILENAME_MAX + 2 * KILN_PATH_MAX + KILN_ARGV_MAX)
+#define KILN_FILE_DATA_MAX (2 * KILN_ARG_MAX + 3 * KILN_PATH_MAX)
+#define KILN_WRITE_DATA_MAX KILN_PATH_MAX
 
 enum kiln_event_type {
 	KILN_EVENT_EXEC = 1,
@@ -36,6 +48,7 @@ enum kiln_event_type {
 	KILN_EVENT_WRITE = 5,
 	KILN_EVENT_NET = 6,
 	KILN_EVENT_DENIED = 7,
+	KILN_EVENT_SOCK = 8,
 };
 
 /* struct kiln_exec_event.flags */
@@ -73,7 +86,8 @@ struct kiln_event_header {
  *   (mm->arg_start..arg_end): the arguments, each NUL-terminated. Longer argument lists are
  *   cut at KILN_ARGV_MAX bytes and flagged KILN_EXEC_ARGV_TRUNCATED; the last argument may be
  *   cut mid-string. argc is the full count. The environment is never read.
- * Bytes past each *_len are unspecified.
+ * data[] holds, in this order: filename (filename_len bytes, no NUL), exe (exe_len), cwd
+ * (cwd_len), argv (argv_len).
  */
 struct kiln_exec_event {
 	struct kiln_event_header hdr;
@@ -90,10 +104,7 @@ struct kiln_exec_event {
 	__u16 exe_len;
 	__u16 cwd_len;
 	__u32 _pad0;
-	char filename[KILN_FILENAME_MAX];
-	char exe[KILN_PATH_MAX];
-	char cwd[KILN_PATH_MAX];
-	char argv[KILN_ARGV_MAX];
+	char data[]; /* filename, exe, cwd, argv: see above */
 };
 
 /*
@@ -148,6 +159,7 @@ struct kiln_exit_event {
  * - real: for an open that returned an fd, the opened file's path (symlinks resolved), walked
  *   from the fd at sys_exit.
  * - result: the syscall's return value (>= 0, or -errno).
+ * data[] holds, in this order: path, path2, base, base2, real (each *_len bytes, no NUL).
  */
 struct kiln_file_event {
 	struct kiln_event_header hdr;
@@ -163,17 +175,14 @@ struct kiln_file_event {
 	__u16 base2_len;
 	__u16 real_len;
 	__u16 evflags; /* KILN_FILE_* */
-	char path[KILN_ARG_MAX];
-	char path2[KILN_ARG_MAX];
-	char base[KILN_PATH_MAX];
-	char base2[KILN_PATH_MAX];
-	char real[KILN_PATH_MAX];
+	char data[]; /* path, path2, base, base2, real: see above */
 };
 
 /*
  * Bytes written to one fd of one process, summed in the kernel (write, pwrite64, writev,
  * pwritev, pwritev2 that returned > 0) and emitted when the process closes the fd, or when
- * dup2/dup3 replaces it. path: the file's path walked from the fd at that moment (leaf-first,
+ * dup2/dup3 replaces it. data[]: the file's path (path_len bytes) walked from the fd at that
+ * moment (leaf-first,
  * as kiln_file_event.real; wflags has KILN_FILE_HAS_REAL / KILN_FILE_REAL_TRUNCATED). Totals of
  * fds never closed explicitly stay in the `write_totals` map (key struct kiln_write_key, value
  * struct kiln_write_total) until userspace sweeps them, without a path, when the step ends.
@@ -185,7 +194,7 @@ struct kiln_write_event {
 	__u16 wflags;
 	__u64 bytes;
 	__u64 writes;
-	char path[KILN_PATH_MAX];
+	char data[]; /* the path: see above */
 };
 
 struct kiln_write_key {
@@ -227,27 +236,53 @@ struct kiln_denied_event {
 	__u32 _pad0;
 };
 
+/* struct kiln_sock_event.hook */
+#define KILN_SOCK_CONNECT4 1
+#define KILN_SOCK_CONNECT6 2
+#define KILN_SOCK_SENDMSG4 3
+#define KILN_SOCK_SENDMSG6 4
+
+/*
+ * A connect(2) (TCP or UDP) or an unconnected UDP send with a destination, seen by the cgroup
+ * socket hooks (cgroup/connect4, connect6, sendmsg4, sendmsg6) BEFORE the kernel routes it: the
+ * destination the step asked for, whether or not the attempt then succeeds. The hooks observe,
+ * they never refuse (they return "allow"). addr is network order (4 bytes for AF_INET, 16 for
+ * AF_INET6), port host order.
+ */
+struct kiln_sock_event {
+	struct kiln_event_header hdr;
+	__u32 hook;     /* KILN_SOCK_* */
+	__u16 family;   /* AF_INET / AF_INET6 */
+	__u16 port;
+	__u8 addr[16];
+	__u32 protocol; /* IPPROTO_TCP / IPPROTO_UDP */
+	__u32 sock_type; /* SOCK_STREAM / SOCK_DGRAM */
+};
+
 _Static_assert(sizeof(struct kiln_event_header) == 32, "kiln_event_header size: update lib.rs");
-_Static_assert(sizeof(struct kiln_exec_event) == 80 + KILN_FILENAME_MAX + 2 * KILN_PATH_MAX +
-					KILN_ARGV_MAX,
-	       "kiln_exec_event size: update lib.rs");
-_Static_assert(__builtin_offsetof(struct kiln_exec_event, filename) == 80,
-	       "kiln_exec_event.filename offset: update lib.rs");
+_Static_assert(sizeof(struct kiln_exec_event) == 80, "kiln_exec_event size: update lib.rs");
+_Static_assert(__builtin_offsetof(struct kiln_exec_event, data) == 80,
+	       "kiln_exec_event.data follows the fixed part: update lib.rs");
+_Static_assert(__builtin_offsetof(struct kiln_file_event, data) == sizeof(struct kiln_file_event),
+	       "kiln_file_event.data follows the fixed part");
+_Static_assert(__builtin_offsetof(struct kiln_write_event, data) == sizeof(struct kiln_write_event),
+	       "kiln_write_event.data follows the fixed part");
 _Static_assert(sizeof(struct kiln_fork_event) == 48, "kiln_fork_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_exit_event) == 56, "kiln_exit_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_exec_event) % 8 == 0, "records are 8-byte aligned");
-_Static_assert(sizeof(struct kiln_file_event) == 72 + 2 * KILN_ARG_MAX + 3 * KILN_PATH_MAX,
-	       "kiln_file_event size: update lib.rs");
-_Static_assert(sizeof(struct kiln_write_event) == 56 + KILN_PATH_MAX,
-	       "kiln_write_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_file_event) == 72, "kiln_file_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_write_event) == 56, "kiln_write_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_net_event) == 72 + KILN_UNIX_PATH_MAX,
 	       "kiln_net_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_denied_event) == 48, "kiln_denied_event size: update lib.rs");
+_Static_assert(sizeof(struct kiln_sock_event) == 64, "kiln_sock_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_write_key) == 16 && sizeof(struct kiln_write_total) == 16,
 	       "write_totals key/value: update lib.rs");
 _Static_assert(sizeof(struct kiln_file_event) % 8 == 0 && sizeof(struct kiln_net_event) % 8 == 0,
 	       "records are 8-byte aligned");
 _Static_assert((KILN_PATH_MAX & (KILN_PATH_MAX - 1)) == 0, "KILN_PATH_MAX is a power of two");
 _Static_assert(KILN_ARGV_MAX <= 0xffff && KILN_PATH_MAX <= 0xffff, "lengths are __u16");
+_Static_assert(KILN_EXEC_DATA_MAX <= 4096 && KILN_FILE_DATA_MAX <= 4096,
+	       "data[] fits the 4 KiB scratch the BPF side builds records in");
 
 #endif /* KILN_EVENTS_H */

@@ -49,10 +49,6 @@ int main(void)
 	FIELD(kiln_exec_event, exe_len);
 	FIELD(kiln_exec_event, cwd_len);
 	FIELD(kiln_exec_event, _pad0);
-	FIELD(kiln_exec_event, filename);
-	FIELD(kiln_exec_event, exe);
-	FIELD(kiln_exec_event, cwd);
-	FIELD(kiln_exec_event, argv);
 	STRUCT_END();
 
 	STRUCT_BEGIN(kiln_fork_event);
@@ -85,11 +81,6 @@ int main(void)
 	FIELD(kiln_file_event, base2_len);
 	FIELD(kiln_file_event, real_len);
 	FIELD(kiln_file_event, evflags);
-	FIELD(kiln_file_event, path);
-	FIELD(kiln_file_event, path2);
-	FIELD(kiln_file_event, base);
-	FIELD(kiln_file_event, base2);
-	FIELD(kiln_file_event, real);
 	STRUCT_END();
 
 	STRUCT_BEGIN(kiln_write_event);
@@ -99,7 +90,6 @@ int main(void)
 	FIELD(kiln_write_event, wflags);
 	FIELD(kiln_write_event, bytes);
 	FIELD(kiln_write_event, writes);
-	FIELD(kiln_write_event, path);
 	STRUCT_END();
 
 	STRUCT_BEGIN(kiln_write_key);
@@ -126,6 +116,15 @@ int main(void)
 	FIELD(kiln_net_event, unix_path);
 	STRUCT_END();
 
+	STRUCT_BEGIN(kiln_sock_event);
+	FIELD(kiln_sock_event, hdr);
+	FIELD(kiln_sock_event, hook);
+	FIELD(kiln_sock_event, family);
+	FIELD(kiln_sock_event, port);
+	FIELD(kiln_sock_event, addr);
+	FIELD(kiln_sock_event, protocol);
+	FIELD(kiln_sock_event, sock_type);
+	STRUCT_END();
 	STRUCT_BEGIN(kiln_denied_event);
 	FIELD(kiln_denied_event, hdr);
 	FIELD(kiln_denied_event, result);
@@ -142,6 +141,10 @@ int main(void)
 	CONSTANT(KILN_PATH_COMPONENTS_MAX);
 	CONSTANT(KILN_ARG_MAX);
 	CONSTANT(KILN_UNIX_PATH_MAX);
+	CONSTANT(KILN_EXEC_DATA_MAX);
+	CONSTANT(KILN_FILE_DATA_MAX);
+	CONSTANT(KILN_WRITE_DATA_MAX);
+	CONSTANT(KILN_FILTER_BITS);
 	CONSTANT(KILN_EVENT_EXEC);
 	CONSTANT(KILN_EVENT_FORK);
 	CONSTANT(KILN_EVENT_EXIT);
@@ -149,6 +152,11 @@ int main(void)
 	CONSTANT(KILN_EVENT_WRITE);
 	CONSTANT(KILN_EVENT_NET);
 	CONSTANT(KILN_EVENT_DENIED);
+	CONSTANT(KILN_EVENT_SOCK);
+	CONSTANT(KILN_SOCK_CONNECT4);
+	CONSTANT(KILN_SOCK_CONNECT6);
+	CONSTANT(KILN_SOCK_SENDMSG4);
+	CONSTANT(KILN_SOCK_SENDMSG6);
 	CONSTANT(KILN_EXEC_FILENAME_TRUNCATED);
 	CONSTANT(KILN_EXEC_ARGV_TRUNCATED);
 	CONSTANT(KILN_EXEC_ARGV_FAULT);

@@ -11,12 +11,22 @@
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
 {
-	__u64 now = bpf_ktime_get_ns();
-	struct kiln_exec_event *ev = reserve_event(KILN_EVENT_EXEC, sizeof(*ev),
-						   bpf_get_current_cgroup_id(), now);
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 *cgroup_lost = observed(cgroup_id);
 
-	if (!ev)
+	if (!cgroup_lost)
 		return 0;
+	__u32 zero = 0;
+	struct kiln_exec_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
+	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
+
+	if (!ev || !scratch)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	const __u32 fixed = sizeof(*ev);
+	__u32 off = 0;
+	__u32 flags = 0;
+
 	ev->start_ns = BPF_CORE_READ(task, start_time);
 	ev->ppid = BPF_CORE_READ(task, real_parent, tgid);
 	ev->uid = BPF_CORE_READ(task, cred, uid.val);
@@ -25,17 +35,37 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	ev->egid = BPF_CORE_READ(task, cred, egid.val);
 	ev->argc = BPF_CORE_READ(bprm, argc);
 	ev->_pad0 = 0;
-	__u32 flags = 0;
 
-	long n = bpf_probe_read_kernel_str(ev->filename, sizeof(ev->filename),
+	/* data[]: filename, exe, cwd, argv (events.h). */
+	long n = bpf_probe_read_kernel_str(data_at(ev, fixed, off), KILN_FILENAME_MAX,
 					   BPF_CORE_READ(bprm, filename));
+	ev->filename_len = 0;
 	if (n > 0) {
 		ev->filename_len = n - 1;
-		if (n == sizeof(ev->filename))
+		if (n == KILN_FILENAME_MAX)
 			flags |= KILN_EXEC_FILENAME_TRUNCATED;
-	} else {
-		ev->filename_len = 0;
 	}
+	off += ev->filename_len;
+
+	/* exe and cwd, relative to the task's root. */
+	struct fs_struct *fs = BPF_CORE_READ(task, fs);
+	struct dentry *root_dentry = BPF_CORE_READ(fs, root.dentry);
+	struct vfsmount *root_mnt = BPF_CORE_READ(fs, root.mnt);
+	struct file *file = BPF_CORE_READ(bprm, file);
+	bool truncated = false;
+	__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry), BPF_CORE_READ(file, f_path.mnt),
+			      root_dentry, root_mnt, scratch->buf, &truncated);
+
+	ev->exe_len = copy_path(data_at(ev, fixed, off), scratch->buf, len);
+	off += ev->exe_len;
+	if (truncated)
+		flags |= KILN_EXEC_EXE_TRUNCATED;
+	len = walk_path(BPF_CORE_READ(fs, pwd.dentry), BPF_CORE_READ(fs, pwd.mnt), root_dentry,
+			root_mnt, scratch->buf, &truncated);
+	ev->cwd_len = copy_path(data_at(ev, fixed, off), scratch->buf, len);
+	off += ev->cwd_len;
+	if (truncated)
+		flags |= KILN_EXEC_CWD_TRUNCATED;
 
 	/* argv lives in the new image's user memory, written by the kernel just before. */
 	struct mm_struct *mm = BPF_CORE_READ(task, mm);
@@ -48,39 +78,16 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	}
 	ev->argv_len = 0;
 	if (arg_len > 0) {
-		if (bpf_probe_read_user(ev->argv, arg_len, (const void *)arg_start) == 0)
+		if (bpf_probe_read_user(data_at(ev, fixed, off), arg_len,
+					(const void *)arg_start) == 0)
 			ev->argv_len = arg_len;
 		else
 			flags |= KILN_EXEC_ARGV_FAULT;
 	}
-
-	/* exe and cwd, relative to the task's root. */
-	__u32 zero = 0;
-	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
-	struct fs_struct *fs = BPF_CORE_READ(task, fs);
-	struct dentry *root_dentry = BPF_CORE_READ(fs, root.dentry);
-	struct vfsmount *root_mnt = BPF_CORE_READ(fs, root.mnt);
-	bool truncated = false;
-
-	ev->exe_len = 0;
-	ev->cwd_len = 0;
-	if (scratch) {
-		struct file *file = BPF_CORE_READ(bprm, file);
-		__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry),
-				      BPF_CORE_READ(file, f_path.mnt), root_dentry, root_mnt,
-				      scratch->buf, &truncated);
-		ev->exe_len = copy_path(ev->exe, scratch->buf, len);
-		if (truncated)
-			flags |= KILN_EXEC_EXE_TRUNCATED;
-
-		len = walk_path(BPF_CORE_READ(fs, pwd.dentry), BPF_CORE_READ(fs, pwd.mnt),
-				root_dentry, root_mnt, scratch->buf, &truncated);
-		ev->cwd_len = copy_path(ev->cwd, scratch->buf, len);
-		if (truncated)
-			flags |= KILN_EXEC_CWD_TRUNCATED;
-	}
+	off += ev->argv_len;
 	ev->flags = flags;
-	bpf_ringbuf_submit(ev, wakeup_flags(now));
+	output_event(ev, KILN_EVENT_EXEC, fixed + off, cgroup_id, cgroup_lost, now,
+		     wakeup_flags(now));
 	return 0;
 }
 

@@ -5,8 +5,9 @@
  *
  * - path-based file syscalls: the path arguments are read at sys_enter (before the kernel acts
  *   on them), with the directory they are relative to walked in the kernel (cwd or dirfd), and
- *   kept per task in `pending_files`; sys_exit adds the result (and, for an open that returned
- *   an fd, the opened file's real path) and emits one struct kiln_file_event;
+ *   kept in the thread's task storage (`pending_files`); sys_exit adds the result (and, for an
+ *   open that returned an fd, the opened file's real path) and emits one variable-size struct
+ *   kiln_file_event;
  * - writes: bytes per (process, fd) summed in `write_totals`, emitted at close: a build that
  *   writes a file in 4 KiB chunks costs one record, not thousands;
  * - connect/bind/sendto: address and result at sys_exit (steps run in an empty network
@@ -14,7 +15,8 @@
  * - any other syscall that returned -EPERM (the seccomp profile's errno).
  *
  * x86_64 syscall numbers below; keep in sync with daemon/src/observe/syscalls.rs (names).
- * Unobserved tasks pay one cgroup id read and one hash lookup per syscall entry and exit.
+ * Unobserved tasks pay, per syscall entry and exit, a switch on the syscall number, and only
+ * for the numbers traced here one cgroup id read and one prefilter bit test (common.bpf.h).
  */
 
 #define NR_WRITE 1
@@ -63,24 +65,23 @@
 #define KILN_CREAT_FLAGS (0100 | 01 | 01000)
 
 /*
- * pid_tgid -> the file syscall it is in (built at sys_enter, emitted at sys_exit): at most one
- * per thread inside a traced file syscall at the same moment. Preallocated (~4.4 MiB): an
- * update is a copy into a ready element, not an allocation per syscall. Full -> counted lost.
+ * A thread's file syscall in flight: built at sys_enter (the record's fixed part and the first
+ * strings of its data[]), completed and emitted at sys_exit. Task-local storage: created on the
+ * first traced file syscall of an observed thread (only observed threads ever get one), written
+ * in place (no copy of a whole record per syscall, as a hash map update would be), freed by the
+ * kernel with the thread. No storage (allocation failed) -> counted lost.
  */
+struct file_pending {
+	__u32 nr;  /* syscall number in flight; 0 = none (read(2) is not a file syscall) */
+	__u32 off; /* data[] bytes written so far */
+	struct record_buf rec; /* struct kiln_file_event, then data[] */
+};
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 2048);
-	__type(key, __u64);
-	__type(value, struct kiln_file_event);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct file_pending);
 } pending_files SEC(".maps");
-
-/* Scratch for building a pending record (too large for the stack). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct kiln_file_event);
-} file_scratch SEC(".maps");
 
 /* (cgroup, process, fd) -> bytes written so far; see struct kiln_write_event. */
 struct {
@@ -146,11 +147,12 @@ static __always_inline bool is_write_nr(long id)
 /* Fills `a` for a path-based file syscall; false for any other syscall. */
 static __always_inline bool file_args(long id, struct pt_regs *regs, struct file_args *a)
 {
-	unsigned long a0 = BPF_CORE_READ(regs, di);
-	unsigned long a1 = BPF_CORE_READ(regs, si);
-	unsigned long a2 = BPF_CORE_READ(regs, dx);
-	unsigned long a3 = BPF_CORE_READ(regs, r10);
-	unsigned long a4 = BPF_CORE_READ(regs, r8);
+	/* tp_btf: regs is a BTF pointer, read directly (no probe-read helper call). */
+	unsigned long a0 = regs->di;
+	unsigned long a1 = regs->si;
+	unsigned long a2 = regs->dx;
+	unsigned long a3 = regs->r10;
+	unsigned long a4 = regs->r8;
 
 	a->path = NULL;
 	a->path2 = NULL;
@@ -274,7 +276,8 @@ static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 
 /*
  * Walks the directory a path argument is relative to (the cwd for AT_FDCWD, else the file
- * open as dirfd) into `dst` (KILN_PATH_MAX bytes); returns its length and sets *truncated.
+ * open as dirfd) into `dst` (room for KILN_PATH_MAX bytes); returns its length and sets
+ * *truncated.
  */
 static __always_inline __u16 walk_dir(struct task_struct *task, __s32 dirfd, char *dst,
 				      bool *truncated)
@@ -303,7 +306,8 @@ static __always_inline __u16 walk_dir(struct task_struct *task, __s32 dirfd, cha
 	return copy_path(dst, scratch->buf, len);
 }
 
-/* Reads a user path argument into `dst` (KILN_ARG_MAX bytes); returns its length. */
+/* Reads a user path argument into `dst` (room for KILN_ARG_MAX bytes); returns its length
+ * without the NUL (the next string overwrites it). */
 static __always_inline __u16 read_arg(char *dst, const char *src, __u16 *evflags, __u16 cut)
 {
 	if (!src)
@@ -335,15 +339,14 @@ static __always_inline void close_fd(__u64 cgroup_id, __u64 *cgroup_lost, __s32 
 
 	if (!total)
 		return;
-	__u64 now = bpf_ktime_get_ns();
-	struct kiln_write_event *ev =
-		reserve_event(KILN_EVENT_WRITE, sizeof(*ev), cgroup_id, now);
+	__u32 zero = 0;
+	struct kiln_write_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
+	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
 
-	if (ev) {
+	if (ev && scratch) {
 		struct task_struct *task = bpf_get_current_task_btf();
-		__u32 zero = 0;
-		struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
 		struct file *file = fd_file(task, fd);
+		__u64 now = bpf_ktime_get_ns();
 
 		ev->fd = fd;
 		ev->bytes = total->bytes;
@@ -351,17 +354,18 @@ static __always_inline void close_fd(__u64 cgroup_id, __u64 *cgroup_lost, __s32 
 		ev->path_len = 0;
 		ev->wflags = 0;
 		/* The fd is still open at sys_enter of close/dup2: name the file it writes. */
-		if (scratch && file) {
+		if (file) {
 			struct fs_struct *fs = BPF_CORE_READ(task, fs);
 			bool truncated = false;
 			__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry),
 					      BPF_CORE_READ(file, f_path.mnt),
 					      BPF_CORE_READ(fs, root.dentry),
 					      BPF_CORE_READ(fs, root.mnt), scratch->buf, &truncated);
-			ev->path_len = copy_path(ev->path, scratch->buf, len);
+			ev->path_len = copy_path(data_at(ev, sizeof(*ev), 0), scratch->buf, len);
 			ev->wflags = KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
 		}
-		bpf_ringbuf_submit(ev, wakeup_flags(now));
+		output_event(ev, KILN_EVENT_WRITE, sizeof(*ev) + ev->path_len, cgroup_id,
+			     cgroup_lost, now, wakeup_flags(now));
 	} else {
 		count_lost(cgroup_lost);
 	}
@@ -381,13 +385,13 @@ int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
 	if (!cgroup_lost)
 		return 0;
 	if (id == NR_CLOSE) {
-		close_fd(cgroup_id, cgroup_lost, BPF_CORE_READ(regs, di));
+		close_fd(cgroup_id, cgroup_lost, regs->di);
 		return 0;
 	}
 	if (id == NR_DUP2 || id == NR_DUP3) {
 		/* dup2(old, new) closes `new` first: its write total ends here. */
-		__s32 oldfd = BPF_CORE_READ(regs, di);
-		__s32 newfd = BPF_CORE_READ(regs, si);
+		__s32 oldfd = regs->di;
+		__s32 newfd = regs->si;
 
 		if (oldfd != newfd)
 			close_fd(cgroup_id, cgroup_lost, newfd);
@@ -398,14 +402,19 @@ int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
 	if (!file_args(id, regs, &a))
 		return 0;
 
-	__u32 zero = 0;
-	struct kiln_file_event *ev = bpf_map_lookup_elem(&file_scratch, &zero);
-
-	if (!ev)
-		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct file_pending *pending = bpf_task_storage_get(&pending_files, task, NULL,
+							    BPF_LOCAL_STORAGE_GET_F_CREATE);
+
+	if (!pending) {
+		count_lost(cgroup_lost);
+		return 0;
+	}
+	struct kiln_file_event *ev = (void *)&pending->rec;
+	const __u32 fixed = sizeof(*ev);
 	__u16 evflags = 0;
 	bool truncated = false;
+	__u32 off = 0;
 
 	ev->nr = id;
 	ev->flags = a.flags;
@@ -414,28 +423,38 @@ int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
 	ev->dirfd2 = a.dirfd2;
 	ev->result = 0;
 	ev->real_len = 0;
-	ev->path_len = read_arg(ev->path, a.path, &evflags, KILN_FILE_PATH_TRUNCATED);
-	ev->path2_len = read_arg(ev->path2, a.path2, &evflags, KILN_FILE_PATH2_TRUNCATED);
 	ev->base_len = 0;
 	ev->base2_len = 0;
-	if (a.fd_only || (!a.path_is_text && a.path && is_relative(ev->path, ev->path_len))) {
-		ev->base_len = walk_dir(task, a.dirfd, ev->base, &truncated);
+	/* data[]: path, path2, base, base2 here; real at sys_exit (events.h). */
+	char *path = data_at(ev, fixed, off);
+
+	ev->path_len = read_arg(path, a.path, &evflags, KILN_FILE_PATH_TRUNCATED);
+	off += ev->path_len;
+	char *path2 = data_at(ev, fixed, off);
+
+	ev->path2_len = read_arg(path2, a.path2, &evflags, KILN_FILE_PATH2_TRUNCATED);
+	/* Whether each path is relative, before the next string overwrites its NUL/first byte. */
+	bool rel = !a.path_is_text && a.path && is_relative(path, ev->path_len);
+	bool rel2 = a.path2 && is_relative(path2, ev->path2_len);
+
+	off += ev->path2_len;
+	if (a.fd_only || rel) {
+		ev->base_len = walk_dir(task, a.dirfd, data_at(ev, fixed, off), &truncated);
+		off += ev->base_len;
 		evflags |= KILN_FILE_HAS_BASE;
 		if (truncated)
 			evflags |= KILN_FILE_BASE_TRUNCATED;
 	}
-	if (a.path2 && is_relative(ev->path2, ev->path2_len)) {
-		ev->base2_len = walk_dir(task, a.dirfd2, ev->base2, &truncated);
+	if (rel2) {
+		ev->base2_len = walk_dir(task, a.dirfd2, data_at(ev, fixed, off), &truncated);
+		off += ev->base2_len;
 		evflags |= KILN_FILE_HAS_BASE2;
 		if (truncated)
 			evflags |= KILN_FILE_BASE2_TRUNCATED;
 	}
 	ev->evflags = evflags;
-
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-
-	if (bpf_map_update_elem(&pending_files, &pid_tgid, ev, BPF_ANY) != 0)
-		count_lost(cgroup_lost);
+	pending->off = off;
+	pending->nr = id;
 	return 0;
 }
 
@@ -504,9 +523,10 @@ static __always_inline void emit_net(__u64 cgroup_id, long id, long ret,
 SEC("tp_btf/sys_exit")
 int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 {
-	long id = BPF_CORE_READ(regs, orig_ax);
+	/* A direct load, not a probe-read helper call: this line runs for every syscall on the
+	 * host. Then the number (and result), and the cgroup only for candidates. */
+	long id = regs->orig_ax;
 
-	/* As in sys_enter: the number (and result) first, the cgroup only for candidates. */
 	if (ret != -KILN_EPERM && !is_write_nr(id) && id != NR_CONNECT && id != NR_BIND &&
 	    id != NR_SENDTO && !is_file_nr(id))
 		return 0;
@@ -523,68 +543,66 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	case NR_PWRITEV:
 	case NR_PWRITEV2:
 		if (ret > 0)
-			add_write(cgroup_id, cgroup_lost, BPF_CORE_READ(regs, di), ret);
+			add_write(cgroup_id, cgroup_lost, regs->di, ret);
 		return 0;
 	case NR_CONNECT:
 	case NR_BIND:
-		emit_net(cgroup_id, id, ret, (const void *)BPF_CORE_READ(regs, si),
-			 BPF_CORE_READ(regs, dx));
+		emit_net(cgroup_id, id, ret, (const void *)regs->si, regs->dx);
 		return 0;
 	case NR_SENDTO: {
-		const void *addr = (const void *)BPF_CORE_READ(regs, r8);
+		const void *addr = (const void *)regs->r8;
 
 		if (addr)
-			emit_net(cgroup_id, id, ret, addr, BPF_CORE_READ(regs, r9));
+			emit_net(cgroup_id, id, ret, addr, regs->r9);
 		return 0;
 	}
 	default:
 		break;
 	}
 
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct kiln_file_event *pending = bpf_map_lookup_elem(&pending_files, &pid_tgid);
+	struct task_struct *task = bpf_get_current_task_btf();
+	/* Only a file syscall can have a record in flight (an EPERM of another syscall skips the
+	 * storage lookup). */
+	struct file_pending *pending =
+		is_file_nr(id) ? bpf_task_storage_get(&pending_files, task, NULL, 0) : NULL;
 
-	if (pending) {
+	if (pending && pending->nr != 0) {
 		if (pending->nr == id) {
+			struct kiln_file_event *ev = (void *)&pending->rec;
+			const __u32 fixed = sizeof(*ev);
+			__u32 off = pending->off;
 			__u64 now = bpf_ktime_get_ns();
-			struct kiln_file_event *ev =
-				reserve_event(KILN_EVENT_FILE, sizeof(*ev), cgroup_id, now);
+			bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 ||
+				       id == NR_CREAT;
 
-			if (ev) {
-				/* Copy the body; reserve_event wrote the header. */
-				bpf_probe_read_kernel((void *)ev + sizeof(ev->hdr),
-						      sizeof(*ev) - sizeof(ev->hdr),
-						      (void *)pending + sizeof(pending->hdr));
-				ev->result = ret;
-				bool is_open = id == NR_OPEN || id == NR_OPENAT ||
-					       id == NR_OPENAT2 || id == NR_CREAT;
+			ev->result = ret;
+			ev->real_len = 0;
+			if (is_open && ret >= 0) {
+				__u32 zero = 0;
+				struct path_scratch *scratch =
+					bpf_map_lookup_elem(&path_scratch, &zero);
+				struct file *file = fd_file(task, ret);
 
-				if (is_open && ret >= 0) {
-					struct task_struct *task = bpf_get_current_task_btf();
-					__u32 zero = 0;
-					struct path_scratch *scratch =
-						bpf_map_lookup_elem(&path_scratch, &zero);
-					struct file *file = fd_file(task, ret);
-
-					if (scratch && file) {
-						struct fs_struct *fs = BPF_CORE_READ(task, fs);
-						bool truncated = false;
-						__u32 len = walk_path(
-							BPF_CORE_READ(file, f_path.dentry),
-							BPF_CORE_READ(file, f_path.mnt),
-							BPF_CORE_READ(fs, root.dentry),
-							BPF_CORE_READ(fs, root.mnt), scratch->buf,
-							&truncated);
-						ev->real_len = copy_path(ev->real, scratch->buf, len);
-						ev->evflags |= KILN_FILE_HAS_REAL;
-						if (truncated)
-							ev->evflags |= KILN_FILE_REAL_TRUNCATED;
-					}
+				if (scratch && file) {
+					struct fs_struct *fs = BPF_CORE_READ(task, fs);
+					bool truncated = false;
+					__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry),
+							      BPF_CORE_READ(file, f_path.mnt),
+							      BPF_CORE_READ(fs, root.dentry),
+							      BPF_CORE_READ(fs, root.mnt),
+							      scratch->buf, &truncated);
+					ev->real_len = copy_path(data_at(ev, fixed, off),
+								 scratch->buf, len);
+					off += ev->real_len;
+					ev->evflags |= KILN_FILE_HAS_REAL;
+					if (truncated)
+						ev->evflags |= KILN_FILE_REAL_TRUNCATED;
 				}
-				bpf_ringbuf_submit(ev, wakeup_flags(now));
 			}
+			output_event(ev, KILN_EVENT_FILE, fixed + off, cgroup_id, cgroup_lost, now,
+				     wakeup_flags(now));
 		}
-		bpf_map_delete_elem(&pending_files, &pid_tgid);
+		pending->nr = 0;
 		return 0;
 	}
 	if (ret == -KILN_EPERM) {
