@@ -243,7 +243,9 @@ pub async fn run(cmd: Command, client: &Client, json: bool) -> anyhow::Result<u8
             Ok(exit::OK)
         }
         Command::Artifacts { job, out, all } => artifacts(client, &job, &out, all, json).await,
-        Command::Export { job, dir, oci } => crate::export::export(client, &job, &dir, oci, json).await,
+        Command::Export { job, dir, oci } => {
+            crate::export::export(client, &job, &dir, oci, json).await
+        }
         Command::Rebuild { job, step } => {
             crate::export::rebuild(client, &job, step.as_deref(), json).await
         }
@@ -586,19 +588,7 @@ async fn artifacts(
             a.path.clone()
         };
         let dest = safe_join(out, &rel)?;
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let bytes = client.get_bytes(&format!("/v1/blobs/{}", a.digest)).await?;
-        let got = Digest::of(&bytes);
-        if got != a.digest {
-            bail!(
-                "downloaded {} has digest {got}, expected {}",
-                a.path,
-                a.digest
-            );
-        }
-        write_new(&dest, &bytes)?;
+        download_verified(client, &a.digest, &a.path, &dest).await?;
         if !json {
             println!("{} {}", a.digest, dest.display());
         }
@@ -618,6 +608,25 @@ async fn artifacts(
         println!("bundle {}", bundle_path.display());
     }
     Ok(exit::OK)
+}
+
+/// Downloads blob `digest` (the artifact `path` of a job) into the new file `dest`, creating its
+/// parent directories; the bytes must hash to `digest`, and `dest` must not exist.
+pub(crate) async fn download_verified(
+    client: &Client,
+    digest: &Digest,
+    path: &str,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let bytes = client.get_bytes(&format!("/v1/blobs/{digest}")).await?;
+    let got = Digest::of(&bytes);
+    if got != *digest {
+        bail!("downloaded {path} has digest {got}, expected {digest}");
+    }
+    write_new(dest, &bytes)
 }
 
 /// Create a file that must not exist yet (no data is ever overwritten).

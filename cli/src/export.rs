@@ -99,19 +99,7 @@ pub async fn export(
     let mut artifacts: Vec<(String, PathBuf, Digest)> = Vec::new();
     for a in list.iter().filter(|a| a.final_output) {
         let dest = safe_join(dir, &a.path)?;
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let bytes = client.get_bytes(&format!("/v1/blobs/{}", a.digest)).await?;
-        let got = Digest::of(&bytes);
-        if got != a.digest {
-            bail!(
-                "downloaded {} has digest {got}, expected {}",
-                a.path,
-                a.digest
-            );
-        }
-        write_new(&dest, &bytes)?;
+        crate::commands::download_verified(client, &a.digest, &a.path, &dest).await?;
         artifacts.push((a.path.clone(), dest, a.digest));
     }
     if artifacts.is_empty() {

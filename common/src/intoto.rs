@@ -277,7 +277,10 @@ pub struct FileDifference {
 
 impl Reproducibility {
     /// Compare two output trees (path → digest).
-    pub fn compare(first: &[crate::digest::TreeEntry], second: &[crate::digest::TreeEntry]) -> Self {
+    pub fn compare(
+        first: &[crate::digest::TreeEntry],
+        second: &[crate::digest::TreeEntry],
+    ) -> Self {
         let a: BTreeMap<&str, Digest> = first.iter().map(|e| (e.path.as_str(), e.digest)).collect();
         let b: BTreeMap<&str, Digest> =
             second.iter().map(|e| (e.path.as_str(), e.digest)).collect();

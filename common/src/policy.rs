@@ -242,14 +242,7 @@ impl PolicyInput {
                 step: extra.step.clone(),
                 name: extra.name.clone(),
                 predicate_type: statement.predicate_type.clone(),
-                subjects: statement
-                    .subject
-                    .iter()
-                    .map(|s| FileInput {
-                        path: s.name.clone().unwrap_or_default(),
-                        digest: sha256_of(&s.digest),
-                    })
-                    .collect(),
+                subjects: files(&statement.subject),
                 predicate: statement.predicate,
             });
         }
@@ -283,6 +276,17 @@ impl PolicyInput {
             attestations,
         })
     }
+}
+
+/// Subjects of a statement as files (name → sha256).
+fn files(subjects: &[crate::intoto::ResourceDescriptor]) -> Vec<FileInput> {
+    subjects
+        .iter()
+        .map(|s| FileInput {
+            path: s.name.clone().unwrap_or_default(),
+            digest: sha256_of(&s.digest),
+        })
+        .collect()
 }
 
 fn step_input(name: &str, outcome: &str, statement: Option<&StepStatement>) -> StepInput {
@@ -342,14 +346,7 @@ fn step_input(name: &str, outcome: &str, statement: Option<&StepStatement>) -> S
             })
             .collect(),
         output_workspace: internal.output_workspace.clone(),
-        outputs: statement
-            .subject
-            .iter()
-            .map(|s| FileInput {
-                path: s.name.clone().unwrap_or_default(),
-                digest: sha256_of(&s.digest),
-            })
-            .collect(),
+        outputs: files(&statement.subject),
         started_on: Some(run.metadata.started_on.clone()),
         finished_on: Some(run.metadata.finished_on.clone()),
         dependencies: definition.resolved_dependencies.clone(),
@@ -389,7 +386,10 @@ mod tests {
         assert_eq!(json["steps"][0]["teardownVerified"], true);
         assert_eq!(json["steps"][2]["outputs"][0]["path"], "dist/hello.tar.gz");
         assert_eq!(json["pipeline"]["signer"], serde_json::Value::Null);
-        assert_eq!(json["steps"][0]["internalParameters"]["teardownVerified"], true);
+        assert_eq!(
+            json["steps"][0]["internalParameters"]["teardownVerified"],
+            true
+        );
         assert_eq!(json["steps"][0]["internalParameters"]["kind"], "build");
         assert_eq!(
             json["steps"][1]["dependencies"][0]["uri"],

@@ -785,12 +785,9 @@ fn check_attestations(
             });
         };
         let found = envelope_digest(&att.envelope);
-        let linked = step
-            .provenance()
-            .run_details
-            .byproducts
-            .iter()
-            .any(|b| b.name.as_deref() == Some(att.name.as_str()) && sha256_of(&b.digest) == Some(found));
+        let linked = step.provenance().run_details.byproducts.iter().any(|b| {
+            b.name.as_deref() == Some(att.name.as_str()) && sha256_of(&b.digest) == Some(found)
+        });
         if !linked {
             return Err(VerifyError::AttestationNotLinked {
                 step: att.step.clone(),
@@ -1527,8 +1524,7 @@ mod tests {
     #[test]
     fn extra_attestations_are_linked_signed_and_about_job_outputs() {
         use crate::intoto::{
-            CYCLONEDX_BOM, PAYLOAD_TYPE, ResourceDescriptor, STATEMENT_TYPE, Statement,
-            digest_set,
+            CYCLONEDX_BOM, PAYLOAD_TYPE, ResourceDescriptor, STATEMENT_TYPE, Statement, digest_set,
         };
         let sign = |key: &SigningKey, name: &str, digest: Digest| {
             let statement = Statement {
@@ -1584,7 +1580,10 @@ mod tests {
         let mut swapped = bundle.clone();
         swapped.attestations[0].envelope = sign(&fx.key, "dist/SHA256SUMS", Digest::of(b"sums"));
         let err = verify_artifact(&Fixture::artifact(), &swapped, &fx.trusted()).unwrap_err();
-        assert!(matches!(err, VerifyError::AttestationNotLinked { .. }), "{err}");
+        assert!(
+            matches!(err, VerifyError::AttestationNotLinked { .. }),
+            "{err}"
+        );
 
         // Linked and signed, but about a file the job never produced.
         let mut fx = Fixture::new();

@@ -12,7 +12,8 @@
 //!    - `eperm`: setuid(0) as uid 65534 in two processes: each call one `denied` record, the
 //!      cheapest event, to measure the transport (ring + wakeups + consumer) itself;
 //! 3. the open storm outside any observed cgroup while the observer is loaded AND a step's
-//!    cgroup is observed (what every other process on the host pays), vs bare.
+//!    cgroup is observed (what every other process on the host pays), vs bare; and again once
+//!    no step has been observed for a while (the syscall programs are then detached).
 //!
 //! Rounds are interleaved (bare, observed, strace, …) and the median is reported, to damp
 //! drift. Environment: `BENCH_BUILD_FILES` (default 160), `BENCH_RUNS` (default 3),
@@ -235,6 +236,7 @@ async fn main() {
     let mut chdir_runs = StormRuns::default();
     let mut eperm_runs = StormRuns::default();
     let mut storm_on_host = Vec::new();
+    let mut storm_on_idle_node = Vec::new();
     let mut build_events = 0;
     for _ in 0..runs {
         // Nothing loaded.
@@ -267,6 +269,9 @@ async fn main() {
         let idle = service.attach(idle_step.id).unwrap();
         storm_on_host.push(run(open_storm(false)).await);
         idle.finish().await.unwrap();
+        // No step observed for a while: the syscall programs are detached.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        storm_on_idle_node.push(run(open_storm(false)).await);
         drop(service);
     }
     if build {
@@ -291,6 +296,11 @@ async fn main() {
     println!(
         "host     the open storm unobserved while the observer is loaded and a step observed: {storm_host:.2?} ({:.3}x bare; target <= 1.05)",
         ratio(storm_host, open_bare)
+    );
+    let storm_idle = median(storm_on_idle_node);
+    println!(
+        "host     the same with the observer loaded and no step observed (idle node): {storm_idle:.2?} ({:.3}x bare)",
+        ratio(storm_idle, open_bare)
     );
 }
 

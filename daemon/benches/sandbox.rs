@@ -40,6 +40,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `(first quartile, third quartile)` in ms: the spread of the samples, to judge the noise.
+fn quartiles(v: &[Duration]) -> String {
+    let mut v = v.to_vec();
+    v.sort();
+    format!("[{:.2}-{:.2}]", ms(v[v.len() / 4]), ms(v[v.len() * 3 / 4]))
+}
+
 struct Env {
     _root: tempfile::TempDir,
     input: tempfile::TempDir,
@@ -197,59 +204,63 @@ fn main() {
     let have_bwrap = Command::new("bwrap").arg("--version").output().is_ok();
 
     let e = env();
-    let bare = median(
-        (0..n)
-            .map(|_| time_cmd(&mut Command::new("/bin/true")))
-            .collect(),
-    );
-    let bw = have_bwrap.then(|| {
-        median(
-            (0..n)
-                .map(|_| time_cmd(&mut bwrap(hermetic, &e, &["/bin/true"], "/")))
-                .collect(),
-        )
-    });
     let s_plain = spec(hermetic, &e, &["/bin/true"], "/", None);
-    let kiln_plain = median(rt.block_on(async {
-        let mut v = Vec::new();
-        for _ in 0..n {
-            v.push(run_step(&sandbox, &s_plain).await);
+    // Round-robin: one sample of each variant per round, so load from other processes on a shared
+    // machine falls on all of them alike and the ratios stay meaningful. One warm-up round.
+    let (mut bare, mut bw, mut kiln_plain, mut kiln_full) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=n {
+        let bare_sample = time_cmd(&mut Command::new("/bin/true"));
+        let bw_sample = have_bwrap.then(|| time_cmd(&mut bwrap(hermetic, &e, &["/bin/true"], "/")));
+        let plain_sample = rt.block_on(run_step(&sandbox, &s_plain));
+        let s_full = spec(
+            hermetic,
+            &e,
+            &["/bin/true"],
+            "/",
+            Some(&format!("true-{i}")),
+        );
+        let full_sample = rt.block_on(run_step(&sandbox, &s_full));
+        if i == 0 {
+            continue;
         }
-        v
-    }));
-    let kiln_full = median(rt.block_on(async {
-        let mut v = Vec::new();
-        for i in 0..n {
-            let s = spec(
-                hermetic,
-                &e,
-                &["/bin/true"],
-                "/",
-                Some(&format!("true-{i}")),
-            );
-            v.push(run_step(&sandbox, &s).await);
+        bare.push(bare_sample);
+        bw.extend(bw_sample);
+        kiln_plain.push(plain_sample);
+        kiln_full.push(full_sample);
+    }
+    let spread = [&bare, &bw, &kiln_plain, &kiln_full].map(|v| {
+        if v.is_empty() {
+            String::new()
+        } else {
+            quartiles(v)
         }
-        v
-    }));
+    });
+    let (bare, kiln_plain, kiln_full) = (median(bare), median(kiln_plain), median(kiln_full));
+    let bw = have_bwrap.then(|| median(bw));
 
-    println!("start latency, /bin/true, median of {n}");
+    println!("start latency, /bin/true, median of {n} interleaved rounds [quartiles]");
     println!(
-        "  bare exec                              {:8.2} ms",
-        ms(bare)
+        "  bare exec                              {:8.2} ms {}",
+        ms(bare),
+        spread[0]
     );
     if let Some(bw) = bw {
         println!(
-            "  bwrap --unshare-all (equivalent binds)  {:8.2} ms",
-            ms(bw)
+            "  bwrap --unshare-all (equivalent binds)  {:8.2} ms {}",
+            ms(bw),
+            spread[1]
         );
         println!(
-            "  kiln-sandbox (ns+mounts+seccomp+landlock) {:6.2} ms  = {:.2}x bwrap (target <= 0.80x)",
+            "  kiln-sandbox (ns+mounts+seccomp+landlock) {:6.2} ms {}  = {:.2}x bwrap (target <= 0.80x)",
             ms(kiln_plain),
+            spread[2],
             ms(kiln_plain) / ms(bw)
         );
         println!(
-            "  + per-step cgroups, limits, teardown check {:5.2} ms  = {:.2}x bwrap",
+            "  + per-step cgroups, limits, teardown check {:5.2} ms {}  = {:.2}x bwrap",
             ms(kiln_full),
+            spread[3],
             ms(kiln_full) / ms(bw)
         );
     } else {

@@ -225,3 +225,25 @@ async fn shutdown(
     }
     info!("kilnd stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multi_threaded_process_is_refused_before_it_unshares() {
+        // A second thread for the whole call (libtest may run this on the main thread): the call
+        // must refuse with the reason instead of reaching unshare (EINVAL) or changing anything.
+        let (release, parked) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || parked.recv());
+        let before = mount_namespace_id();
+        let err = enter_private_mount_namespace().unwrap_err().to_string();
+        drop(release);
+        let _ = other.join();
+        assert!(
+            err.contains("threads") && err.contains("before the runtime starts"),
+            "{err}"
+        );
+        assert_eq!(mount_namespace_id(), before);
+    }
+}

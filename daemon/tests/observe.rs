@@ -1102,3 +1102,47 @@ async fn materials_are_the_executed_and_read_environment_files_with_their_digest
     );
     assert_eq!(summary.materials_omitted, 0, "{records:?}");
 }
+
+/// File events of `/bin/cat /etc/hostname` in `cgroup`.
+async fn hostname_opens(cgroup: &TestCgroup, stream: &mut EventStream) -> usize {
+    let child = cgroup
+        .command("/bin/cat", &["/etc/hostname"])
+        .spawn()
+        .expect("spawn cat");
+    assert!(wait(child).await.success());
+    let events = collect_until_quiet(stream).await;
+    count(
+        &events,
+        |e| matches!(e, Event::File(f) if f.path == Path::new("/etc/hostname") && f.result >= 0),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscall_programs_are_attached_only_while_a_cgroup_is_observed() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let (mut observer, mut stream, cgroup) = observe_new_cgroup(&ObserverConfig::default());
+    let other = TestCgroup::new();
+    observer
+        .observe_cgroup(other.id)
+        .expect("observe a second cgroup");
+    assert_eq!(hostname_opens(&cgroup, &mut stream).await, 1);
+    observer.unobserve_cgroup(other.id).expect("unobserve");
+    assert!(
+        !observer.detach_syscalls_if_idle(),
+        "a cgroup is still observed: the syscall programs must stay"
+    );
+    assert_eq!(
+        hostname_opens(&cgroup, &mut stream).await,
+        1,
+        "still observed after another cgroup left"
+    );
+    observer.unobserve_cgroup(cgroup.id).expect("unobserve");
+    assert!(observer.detach_syscalls_if_idle());
+    // Observing again attaches them again, before anything runs.
+    observer.observe_cgroup(cgroup.id).expect("observe again");
+    assert_eq!(hostname_opens(&cgroup, &mut stream).await, 1);
+    assert_eq!(observer.lost().expect("lost"), 0);
+}

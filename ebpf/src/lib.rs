@@ -60,6 +60,10 @@ pub mod maps {
         ("kiln_sys_enter", "sys_enter"),
         ("kiln_sys_exit", "sys_exit"),
     ];
+    /// The programs of [`PROGRAMS`] attached only while at least one cgroup is observed: the raw
+    /// syscall tracepoints put every syscall of every task on the host on the kernel's slow path
+    /// (the measured floor of their cost), so an idle node does not keep them.
+    pub const ON_DEMAND: &[&str] = &["kiln_sys_enter", "kiln_sys_exit"];
     /// cgroup socket-address programs (observe only, they always allow), attached as
     /// bpf_links to the cgroup v2 root: `(program, hook)`.
     pub const SOCK_PROGRAMS: &[(&str, &str)] = &[

@@ -69,6 +69,12 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Runs GNU tar with `args`; it must succeed.
+fn tar(args: &[&str]) {
+    let o = Command::new("tar").args(args).output().unwrap();
+    assert!(o.status.success(), "tar {args:?}: {}", stderr(&o));
+}
+
 fn pipeline(source: &str) -> String {
     format!(
         r#"version = 1
@@ -231,17 +237,13 @@ fn tarball_source_pinned_by_sha256() {
     std::fs::create_dir_all(tree.join("pkg")).unwrap();
     std::fs::write(tree.join("pkg/main.c"), "int main(void){return 0;}\n").unwrap();
     let tarball = k.dir.path().join("pkg.tar.gz");
-    let o = Command::new("tar")
-        .args([
-            "-czf",
-            tarball.to_str().unwrap(),
-            "-C",
-            tree.to_str().unwrap(),
-            "pkg",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    tar(&[
+        "-czf",
+        tarball.to_str().unwrap(),
+        "-C",
+        tree.to_str().unwrap(),
+        "pkg",
+    ]);
     let sha = kiln_common::Digest::of(&std::fs::read(&tarball).unwrap());
 
     let f = pipeline_file(
@@ -269,17 +271,13 @@ fn tarball_source_pinned_by_sha256() {
 
     // The file changed after the pipeline pinned it: the CLI refuses before uploading.
     std::fs::write(tree.join("pkg/main.c"), "int main(void){return 1;}\n").unwrap();
-    let o = Command::new("tar")
-        .args([
-            "-czf",
-            tarball.to_str().unwrap(),
-            "-C",
-            tree.to_str().unwrap(),
-            "pkg",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    tar(&[
+        "-czf",
+        tarball.to_str().unwrap(),
+        "-C",
+        tree.to_str().unwrap(),
+        "pkg",
+    ]);
     let o = k.kiln(&["submit", f.to_str().unwrap()]);
     assert_ne!(o.status.code(), Some(0));
     assert!(
@@ -291,19 +289,15 @@ fn tarball_source_pinned_by_sha256() {
     // An archive whose members climb out with `..`: nothing lands outside the output
     // workspace (GNU tar refuses such members and the sandbox has nowhere else to write).
     let evil = k.dir.path().join("evil.tar");
-    let o = Command::new("tar")
-        .args([
-            "-cf",
-            evil.to_str().unwrap(),
-            "-C",
-            tree.to_str().unwrap(),
-            "--transform",
-            "s,^pkg,../../escaped,",
-            "pkg",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    tar(&[
+        "-cf",
+        evil.to_str().unwrap(),
+        "-C",
+        tree.to_str().unwrap(),
+        "--transform",
+        "s,^pkg,../../escaped,",
+        "pkg",
+    ]);
     let sha = kiln_common::Digest::of(&std::fs::read(&evil).unwrap());
     let f = pipeline_file(
         k.dir.path(),

@@ -499,16 +499,16 @@ pub fn mount_table(pid: Option<u32>) -> Vec<MountEntry> {
         || PathBuf::from("/proc/self/mountinfo"),
         |pid| PathBuf::from(format!("/proc/{pid}/mountinfo")),
     );
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let unescape = |field: &str| {
         let bytes = field.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
         let mut i = 0;
         while i < bytes.len() {
-            let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-                u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok()
-            });
+            let octal = bytes
+                .get(i + 1..i + 4)
+                .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
             match (bytes[i], octal) {
                 (b'\\', Some(byte)) => {
                     out.push(byte);
@@ -529,7 +529,9 @@ pub fn mount_table(pid: Option<u32>) -> Vec<MountEntry> {
             Some(MountEntry {
                 point: PathBuf::from(unescape(fields.get(4)?)),
                 fstype: (*fields.get(sep + 1)?).to_owned(),
-                source: unescape(fields.get(sep + 2)?).to_string_lossy().into_owned(),
+                source: unescape(fields.get(sep + 2)?)
+                    .to_string_lossy()
+                    .into_owned(),
             })
         })
         .collect()
@@ -553,7 +555,8 @@ impl Kilnd {
     /// `path` as kilnd sees it: resolved from its root in its own mount namespace
     /// (`/proc/<pid>/root/<path>`). What kilnd mounted itself is only reachable this way.
     pub fn in_kilnd_ns(&self, path: &Path) -> PathBuf {
-        Path::new(&format!("/proc/{}/root", self.pid())).join(path.strip_prefix("/").unwrap_or(path))
+        Path::new(&format!("/proc/{}/root", self.pid()))
+            .join(path.strip_prefix("/").unwrap_or(path))
     }
 
     /// Where the output workspace `ws` of step `step` of job `job` really is while the step runs,
@@ -564,7 +567,10 @@ impl Kilnd {
     pub fn live_output_dir(&self, job: &str, step: &str, ws: &str) -> PathBuf {
         let job_dir = self.state().join("work").join(job);
         let capped = job_dir.join("outfs").join(step);
-        if mount_table(Some(self.pid())).iter().any(|m| m.point == capped) {
+        if mount_table(Some(self.pid()))
+            .iter()
+            .any(|m| m.point == capped)
+        {
             self.in_kilnd_ns(&capped.join("ws"))
         } else {
             self.in_kilnd_ns(&job_dir.join("ws").join(ws))

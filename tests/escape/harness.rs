@@ -79,7 +79,7 @@ impl Battery {
             return None;
         }
         let binary = attack_binary();
-        let kilnd = Kilnd::start("[jobs]\nmax_concurrent = 4\n[daemon]\nprivate_mounts = false\n");
+        let kilnd = Kilnd::start("[jobs]\nmax_concurrent = 4\n");
         let dir = kilnd.dir.path().join("battery");
         std::fs::create_dir_all(dir.join("tools")).unwrap();
         let tool = dir.join("tools/escape");

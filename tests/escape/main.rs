@@ -1005,11 +1005,11 @@ fn output_tmpfs_never_appears_in_the_host_mount_namespace() {
     let pid = b.kilnd_pid();
     let state = b.kilnd.state();
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
-    if false { assert_ne!(
+    assert_ne!(
         ns("self"),
         ns(&pid.to_string()),
         "kilnd shares the host's mount namespace ([daemon] private_mounts)"
-    ); }
+    );
     // The step holds its output workspace (and so its tmpfs) until the host releases it.
     let job = Job {
         name: "escape-output-tmpfs".into(),
@@ -1039,6 +1039,8 @@ fn output_tmpfs_never_appears_in_the_host_mount_namespace() {
             }
             (samples, seen)
         });
+        // Stops the sampler however this closure ends (a failed assertion included).
+        let stop_sampler = StopOnDrop(&stop);
         let id = b.submit(&job);
         let live = b.wait_for_output(&id, "attack", "out", "made.txt");
         // Control: the tmpfs exists while the step runs, and the same scan finds it — in
@@ -1073,7 +1075,7 @@ fn output_tmpfs_never_appears_in_the_host_mount_namespace() {
         );
         std::fs::write(live.join("release"), "").unwrap();
         let run = b.finish(&id);
-        stop.store(true, Ordering::Relaxed);
+        drop(stop_sampler);
         (run, sampler.join().unwrap())
     });
     run.assert_succeeded("attack");
@@ -1095,6 +1097,15 @@ fn output_tmpfs_never_appears_in_the_host_mount_namespace() {
         "{}",
         run.describe()
     );
+}
+
+/// Sets the flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn human_mib(mib: u64) -> String {

@@ -28,6 +28,7 @@ use std::time::Duration;
 use aya::maps::{
     Array as BpfArray, HashMap as BpfHashMap, MapData, MapError, MapType, PerCpuArray, RingBuf,
 };
+use aya::programs::tp_btf::BtfTracePointLinkId;
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, ProgramError};
 use aya::{Btf, Ebpf, EbpfLoader};
 
@@ -199,9 +200,11 @@ pub struct Observer {
     filter: BpfArray<MapData, u64>,
     write_totals: BpfHashMap<MapData, WriteKeyPod, WriteTotalPod>,
     lost: PerCpuArray<MapData, u64>,
+    /// Links of the [`kiln_ebpf::maps::ON_DEMAND`] programs while attached.
+    on_demand: Vec<(&'static str, BtfTracePointLinkId)>,
     /// Owns the programs and their links: dropping it detaches them. The kernel keeps the maps
     /// alive for as long as a program references them, so field order does not matter.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for Observer {
@@ -318,18 +321,20 @@ impl Observer {
                     source,
                 },
             })?;
-            prog.attach().map_err(|source| ObserveError::Attach {
-                program,
-                tracepoint,
-                source,
-            })?;
+            if !kiln_ebpf::maps::ON_DEMAND.contains(&program) {
+                prog.attach().map_err(|source| ObserveError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })?;
+            }
         }
         attach_sock_hooks(&mut ebpf, &config.sock_cgroup)?;
         tracing::info!(
             ring_bytes = config.ring_bytes,
             wakeup_threshold_bytes = threshold,
             sock_cgroup = %config.sock_cgroup.display(),
-            "observer attached (tp_btf sched_process_exec/fork/exit, sys_enter/sys_exit; cgroup connect4/6, sendmsg4/6)"
+            "observer attached (tp_btf sched_process_exec/fork/exit, sys_enter/sys_exit while a step is observed; cgroup connect4/6, sendmsg4/6)"
         );
         Ok((
             Self {
@@ -337,7 +342,8 @@ impl Observer {
                 filter,
                 write_totals,
                 lost,
-                _ebpf: ebpf,
+                on_demand: Vec::new(),
+                ebpf,
             },
             stream,
         ))
@@ -356,7 +362,79 @@ impl Observer {
             }
         }
         // The id first, the prefilter bit next: once the bit is set, the lookup finds the id.
-        self.set_filter_bit(id, true)
+        self.set_filter_bit(id, true)?;
+        // Last, the syscall programs, if this is the only observed cgroup: before the caller
+        // starts anything in the cgroup.
+        if let Err(err) = self.attach_on_demand() {
+            let _ = self.unobserve_cgroup(id);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Attaches the [`kiln_ebpf::maps::ON_DEMAND`] programs unless they are attached.
+    fn attach_on_demand(&mut self) -> Result<(), ObserveError> {
+        if !self.on_demand.is_empty() {
+            return Ok(());
+        }
+        for &program in kiln_ebpf::maps::ON_DEMAND {
+            let tracepoint = kiln_ebpf::maps::PROGRAMS
+                .iter()
+                .find(|(name, _)| *name == program)
+                .map_or("?", |(_, tracepoint)| *tracepoint);
+            let attached = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(ObserveError::Missing {
+                    object: PROCESS_OBJECT,
+                    what: "program",
+                    name: program,
+                })
+                .and_then(|prog| {
+                    let prog: &mut BtfTracePoint =
+                        prog.try_into().map_err(|source| ObserveError::Attach {
+                            program,
+                            tracepoint,
+                            source,
+                        })?;
+                    prog.attach().map_err(|source| ObserveError::Attach {
+                        program,
+                        tracepoint,
+                        source,
+                    })
+                });
+            match attached {
+                Ok(link) => self.on_demand.push((program, link)),
+                Err(err) => {
+                    self.detach_on_demand();
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches the [`kiln_ebpf::maps::ON_DEMAND`] programs if no cgroup is observed (an idle
+    /// node then pays nothing per syscall). Returns whether they are detached.
+    pub fn detach_syscalls_if_idle(&mut self) -> bool {
+        if self.observed.keys().next().is_some() {
+            return false;
+        }
+        self.detach_on_demand();
+        true
+    }
+
+    fn detach_on_demand(&mut self) {
+        for (program, link) in self.on_demand.drain(..) {
+            let detached = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|prog| <&mut BtfTracePoint>::try_from(prog).ok())
+                .map(|prog| prog.detach(link));
+            if !matches!(detached, Some(Ok(()))) {
+                tracing::warn!(program, "detaching an on-demand observer program failed");
+            }
+        }
     }
 
     /// Stops recording cgroup `id` and returns how many of its events were lost (0 if it was

@@ -20,6 +20,9 @@ use super::{CgroupId, Event, EventStream, ObserveError, Observer, ObserverConfig
 /// round is a round trip through the router task. (A 30 ms quiet period here used to be the
 /// largest per-step cost: 85 ms of a `true` step, see scripts/bench/steps.)
 const QUIET_ROUNDS: usize = 3;
+/// How long the node must have no observed step before the syscall programs are detached
+/// (attaching them costs the next step little; detaching waits for RCU, off the step's path).
+const DETACH_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Flush rounds after which a still-busy ring is given up on (the remainder counts as lost).
 const MAX_FLUSH_ROUNDS: usize = 2000;
 
@@ -119,11 +122,31 @@ impl ObserverService {
             .remove(&id.0);
     }
 
-    fn unobserve(&self, id: CgroupId) -> Result<u64, ObserveError> {
-        self.observer
+    fn unobserve(self: &Arc<Self>, id: CgroupId) -> Result<u64, ObserveError> {
+        let lost = self
+            .observer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .unobserve_cgroup(id)
+            .unobserve_cgroup(id);
+        // Once the node stays idle, stop paying for the syscall tracepoints.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let service = Arc::downgrade(self);
+            runtime.spawn(async move {
+                tokio::time::sleep(DETACH_IDLE).await;
+                // Detaching waits for RCU: a blocking thread, not a worker.
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Some(service) = service.upgrade() {
+                        service
+                            .observer
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .detach_syscalls_if_idle();
+                    }
+                })
+                .await;
+            });
+        }
+        lost
     }
 
     /// Takes (and clears) the kernel's per-file write totals of cgroup `id`.
@@ -229,13 +252,19 @@ fn dispatch(routes: &Routes, batch: &mut Vec<Event>, unrouted: &mut u64) {
     if batch.is_empty() {
         return;
     }
-    // Split the batch by cgroup, keeping ring order within each.
+    // Split the batch by cgroup, keeping ring order within each (one step running: the whole
+    // batch, moved, not copied).
+    let first = batch[0].header().cgroup_id;
     let mut by_cgroup: HashMap<u64, Vec<Event>> = HashMap::new();
-    for event in batch.drain(..) {
-        by_cgroup
-            .entry(event.header().cgroup_id)
-            .or_default()
-            .push(event);
+    if batch.iter().all(|event| event.header().cgroup_id == first) {
+        by_cgroup.insert(first, std::mem::take(batch));
+    } else {
+        for event in batch.drain(..) {
+            by_cgroup
+                .entry(event.header().cgroup_id)
+                .or_default()
+                .push(event);
+        }
     }
     let routes = routes.lock().unwrap_or_else(PoisonError::into_inner);
     for (cgroup_id, events) in by_cgroup {

@@ -1091,7 +1091,8 @@ impl Node {
             None => None,
         };
         let log = Self::running_log(run, &step.name);
-        let source = ingest::record(step, ingest_repo, &log).filter(|_| state == StepState::Succeeded);
+        let source =
+            ingest::record(step, ingest_repo, &log).filter(|_| state == StepState::Succeeded);
         if let Some(kiln_common::intoto::SourceIngest::Git {
             commit_time: Some(time),
             ..

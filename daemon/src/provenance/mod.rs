@@ -483,21 +483,24 @@ pub struct StepRecord<'a> {
 /// manifest digest).
 pub const IMAGE_DEPENDENCY_URI: &str = "kiln:image";
 
+/// Files as in-toto subjects: path as the name, sha256 digest.
+pub fn subjects(entries: &[TreeEntry]) -> Vec<ResourceDescriptor> {
+    entries
+        .iter()
+        .map(|e| ResourceDescriptor {
+            name: Some(e.path.clone()),
+            uri: None,
+            digest: intoto::digest_set(&e.digest),
+            media_type: None,
+        })
+        .collect()
+}
+
 /// Build a step's SLSA provenance statement.
 pub fn step_statement(rec: &StepRecord<'_>, signer: &WorkloadSigner<'_>) -> StepStatement {
     let subject = rec
         .output
-        .map(|(_, entries)| {
-            entries
-                .iter()
-                .map(|e| ResourceDescriptor {
-                    name: Some(e.path.clone()),
-                    uri: None,
-                    digest: intoto::digest_set(&e.digest),
-                    media_type: None,
-                })
-                .collect()
-        })
+        .map(|(_, entries)| subjects(entries))
         .unwrap_or_default();
     let resolved_dependencies = rec
         .inputs

@@ -101,18 +101,6 @@ pub struct Prepared {
     pub subjects: Vec<TreeEntry>,
 }
 
-fn subjects(entries: &[TreeEntry]) -> Vec<ResourceDescriptor> {
-    entries
-        .iter()
-        .map(|e| ResourceDescriptor {
-            name: Some(e.path.clone()),
-            uri: None,
-            digest: intoto::digest_set(&e.digest),
-            media_type: None,
-        })
-        .collect()
-}
-
 fn load_envelope(cas: &Cas, what: &str, digest: &Digest) -> Result<Envelope, PublishError> {
     let bytes = cas.get(digest).map_err(|source| PublishError::Blob {
         what: what.to_owned(),
@@ -299,7 +287,7 @@ pub fn prepare(
         name: SBOM_BYPRODUCT.into(),
         statement: Statement {
             statement_type: STATEMENT_TYPE.into(),
-            subject: subjects(input.artifacts),
+            subject: crate::provenance::subjects(input.artifacts),
             predicate_type: CYCLONEDX_BOM.into(),
             predicate: serde_json::to_value(sbom::cyclonedx(&bom)).unwrap_or_default(),
         },
@@ -381,7 +369,7 @@ fn test_result(
         name: format!("{TEST_RESULT_BYPRODUCT_PREFIX}{}", test.name),
         statement: Statement {
             statement_type: STATEMENT_TYPE.into(),
-            subject: subjects(&read),
+            subject: crate::provenance::subjects(&read),
             predicate_type: TEST_RESULT_V01.into(),
             predicate: serde_json::to_value(predicate).unwrap_or_default(),
         },

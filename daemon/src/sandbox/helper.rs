@@ -662,9 +662,10 @@ fn prepare_step(
     mark("step", "landlock enforced");
     // Last before execve: the profile's syscall allowlist (no_new_privs is set). Nothing after
     // this may need a syscall the profile does not allow.
-    // The last mark: from here on the filter may deny the write.
-    mark("step", "installing seccomp, then execve");
+    mark("step", "installing seccomp");
     sys::install_seccomp(&program.seccomp).map_err(|err| Failure::new("seccomp", err))?;
+    // The last mark (a profile may deny the write: then it is lost, nothing else changes).
+    mark("step", "seccomp installed, execve");
     Ok(())
 }
 

@@ -199,8 +199,20 @@ pub fn errno_value(name: &str) -> Option<i32> {
         .map(|&(_, value)| value)
 }
 
+/// libseccomp's filter layout: `2` is a binary tree sorted by syscall number (see [`compile`]).
+const BINARY_TREE: u32 = 2;
+
 /// Compiles `policy` for the native architecture and exports it as raw BPF.
 pub fn compile(policy: &SeccompPolicy) -> Result<SeccompProgram, SeccompError> {
+    compile_with_layout(policy, BINARY_TREE)
+}
+
+/// [`compile`] with libseccomp's `SCMP_FLTATR_CTL_OPTIMIZE` level `layout` (`1`: its default
+/// linear chain, `2`: binary tree); the tests compare both.
+fn compile_with_layout(
+    policy: &SeccompPolicy,
+    layout: u32,
+) -> Result<SeccompProgram, SeccompError> {
     let libseccomp = |what: String| move |source| SeccompError::Libseccomp { what, source };
     let mut filter = ScmpFilterContext::new(ScmpAction::Errno(policy.errno))
         .map_err(libseccomp("create filter".into()))?;
@@ -218,8 +230,8 @@ pub fn compile(policy: &SeccompPolicy) -> Result<SeccompProgram, SeccompError> {
     // filter once per syscall number at install) is built faster. Same rules, same verdicts;
     // measured in scripts/bench/sandbox (docs/operations.md).
     filter
-        .set_ctl_optimize(2)
-        .map_err(libseccomp("set binary-tree optimization".into()))?;
+        .set_ctl_optimize(layout)
+        .map_err(libseccomp(format!("set filter layout {layout}")))?;
     if !filter
         .is_arch_present(ScmpArch::native())
         .map_err(libseccomp("check native arch".into()))?
@@ -297,6 +309,194 @@ mod tests {
         }
         assert_eq!(errno_value("EPERM"), Some(1));
         assert_eq!(errno_value("EIO"), None);
+    }
+
+    /// The hermetic profile's allowlist, read from profiles/hermetic.toml.
+    fn hermetic() -> SeccompPolicy {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles/hermetic.toml");
+        let profile: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+        let allow = profile["seccomp"]["allow"].as_array().unwrap();
+        let names: Vec<&str> = allow.iter().map(|name| name.as_str().unwrap()).collect();
+        policy(&names)
+    }
+
+    /// `struct seccomp_data` as the kernel lays it out, as 32-bit words.
+    fn seccomp_data(nr: i32, arch: u32, args: [u64; 6]) -> Vec<u32> {
+        let mut words = vec![nr as u32, arch, 0, 0];
+        for arg in args {
+            words.extend([arg as u32, (arg >> 32) as u32]);
+        }
+        words
+    }
+
+    /// The filter's return value (action | data) for `data`.
+    fn evaluate(filter: &[libc::sock_filter], data: &[u32]) -> u32 {
+        run(filter, data).0
+    }
+
+    /// A classic-BPF interpreter (the instructions libseccomp emits) over `seccomp_data`: the
+    /// filter's return value and the number of instructions executed.
+    fn run(filter: &[libc::sock_filter], data: &[u32]) -> (u32, usize) {
+        let (mut a, mut x, mut memory, mut pc) = (0_u32, 0_u32, [0_u32; 16], 0_usize);
+        let mut steps = 0;
+        loop {
+            let insn = filter[pc];
+            steps += 1;
+            let k = insn.k;
+            pc += 1;
+            let operand = if insn.code & 0x08 == 0 { k } else { x };
+            match insn.code & 0x07 {
+                // BPF_LD: W|ABS, W|MEM, IMM.
+                0x00 => match insn.code & 0xe0 {
+                    0x20 => a = data[k as usize / 4],
+                    0x60 => a = memory[k as usize],
+                    0x00 => a = k,
+                    mode => panic!("ld mode {mode:#x}"),
+                },
+                // BPF_LDX: MEM, IMM.
+                0x01 => match insn.code & 0xe0 {
+                    0x60 => x = memory[k as usize],
+                    0x00 => x = k,
+                    mode => panic!("ldx mode {mode:#x}"),
+                },
+                0x02 => memory[k as usize] = a,
+                0x03 => memory[k as usize] = x,
+                // BPF_ALU.
+                0x04 => {
+                    a = match insn.code & 0xf0 {
+                        0x00 => a.wrapping_add(operand),
+                        0x10 => a.wrapping_sub(operand),
+                        0x40 => a | operand,
+                        0x50 => a & operand,
+                        0x60 => a << operand,
+                        0x70 => a >> operand,
+                        0xa0 => a ^ operand,
+                        op => panic!("alu op {op:#x}"),
+                    }
+                }
+                // BPF_JMP.
+                0x05 => {
+                    let taken = match insn.code & 0xf0 {
+                        0x00 => {
+                            pc += k as usize;
+                            continue;
+                        }
+                        0x10 => a == operand,
+                        0x20 => a > operand,
+                        0x30 => a >= operand,
+                        0x40 => a & operand != 0,
+                        op => panic!("jmp op {op:#x}"),
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+                // BPF_RET: K or A.
+                0x06 => return (if insn.code & 0x18 == 0x10 { a } else { k }, steps),
+                // BPF_MISC: TAX, TXA.
+                _ => {
+                    if insn.code & 0xf8 == 0 {
+                        x = a;
+                    } else {
+                        a = x;
+                    }
+                }
+            }
+        }
+    }
+
+    const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
+    /// The native architecture's `AUDIT_ARCH_*`.
+    fn native() -> u32 {
+        if cfg!(target_arch = "x86_64") {
+            0xc000_003e
+        } else {
+            0xc000_00b7
+        }
+    }
+
+    #[test]
+    fn binary_tree_decides_every_syscall_like_the_linear_filter() {
+        let policy = hermetic();
+        let linear = compile_with_layout(&policy, 1).unwrap().to_filter();
+        let tree = compile(&policy).unwrap().to_filter();
+        let native = native();
+        let clone_flags = [
+            0,
+            libc::SIGCHLD as u64,
+            (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64,
+            libc::CLONE_NEWNET as u64,
+            libc::CLONE_NEWNS as u64 | (1 << 40),
+            u64::MAX,
+        ];
+        let personas = [0, 8, 0x2_0000, 0x4_0000, 0x40_0000, 0xffff_ffff, 1 << 32];
+        let mut checked = 0;
+        for arch in [native, AUDIT_ARCH_I386] {
+            // Every number the tables know, the x32 range, and a few past the end.
+            for nr in (0..600)
+                .chain(0x4000_0000..0x4000_0200)
+                .chain([-1, i32::MAX])
+            {
+                for first in clone_flags.iter().chain(&personas) {
+                    let data = seccomp_data(nr, arch, [*first, 1, 2, u64::MAX, 0, 7]);
+                    assert_eq!(
+                        evaluate(&tree, &data),
+                        evaluate(&linear, &data),
+                        "syscall {nr} arch {arch:#x} arg0 {first:#x}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10_000);
+        // And the verdicts are the profile's: spot checks on the tree.
+        let verdict = |name: &str, arch: u32, arg0: u64| {
+            evaluate(
+                &tree,
+                &seccomp_data(resolve(name).unwrap(), arch, [arg0, 0, 0, 0, 0, 0]),
+            )
+        };
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let errno = |e: i32| libc::SECCOMP_RET_ERRNO | e as u32;
+        assert_eq!(verdict("read", native, 0), allow);
+        assert_eq!(verdict("execve", native, 0), allow);
+        assert_eq!(verdict("mount", native, 0), errno(libc::EPERM));
+        assert_eq!(verdict("unshare", native, 0), errno(libc::EPERM));
+        assert_eq!(verdict("clone3", native, 0), errno(libc::ENOSYS));
+        assert_eq!(verdict("clone", native, libc::SIGCHLD as u64), allow);
+        assert_eq!(
+            verdict(
+                "clone",
+                native,
+                (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64
+            ),
+            errno(libc::EPERM)
+        );
+        assert_eq!(verdict("personality", native, 0xffff_ffff), allow);
+        assert_eq!(verdict("personality", native, 0x4_0000), errno(libc::EPERM));
+        assert_eq!(
+            verdict("read", AUDIT_ARCH_I386, 0),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn binary_tree_walks_far_fewer_instructions() {
+        let policy = hermetic();
+        let linear = compile_with_layout(&policy, 1).unwrap().to_filter();
+        let tree = compile(&policy).unwrap().to_filter();
+        let walk = |filter: &[libc::sock_filter]| {
+            (0..470)
+                .map(|nr| run(filter, &seccomp_data(nr, native(), [0; 6])).1)
+                .max()
+                .unwrap()
+        };
+        let (linear_steps, tree_steps) = (walk(&linear), walk(&tree));
+        assert!(
+            tree_steps * 4 < linear_steps,
+            "longest path: tree {tree_steps}, linear {linear_steps} instructions"
+        );
     }
 
     #[test]

@@ -453,7 +453,11 @@ impl Db {
     }
 
     /// How a step ran, if recorded.
-    pub fn rebuild_record(&self, job_id: &str, step: &str) -> Result<Option<RebuildRecord>, DbError> {
+    pub fn rebuild_record(
+        &self,
+        job_id: &str,
+        step: &str,
+    ) -> Result<Option<RebuildRecord>, DbError> {
         let conn = self.conn()?;
         let recipe: Option<String> = conn
             .query_row(
@@ -934,7 +938,8 @@ mod tests {
             path: "x/y".into(),
             digest: Digest::of(b"y"),
         }];
-        db.record_step_attestation("j1", &row, &subjects, "t").unwrap();
+        db.record_step_attestation("j1", &row, &subjects, "t")
+            .unwrap();
         assert_eq!(db.step_attestations("j1").unwrap(), vec![row.clone()]);
         let refs = db.attestations_by_subject(&Digest::of(b"y")).unwrap();
         assert_eq!(refs.len(), 1);

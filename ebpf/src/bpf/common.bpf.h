@@ -94,17 +94,14 @@ static __always_inline void count_lost(__u64 *cgroup_lost)
 }
 
 /*
- * Reserves a record of `size` bytes (a constant) for an event of a task in cgroup `cgroup_id`
- * and fills its header (pid/tgid: the current task). NULL when the cgroup is not observed, or
- * when the ring is full: then the loss is counted. For fixed-size records.
+ * Reserves a record of `size` bytes (a constant) for an event of a task in cgroup `cgroup_id`,
+ * whose observed_cgroups entry (its loss counter) the caller already looked up, and fills its
+ * header (pid/tgid: the current task). NULL when the ring is full: then the loss is counted.
+ * For fixed-size records.
  */
-static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_id, __u64 now)
+static __always_inline void *reserve_event_in(__u32 type, __u32 size, __u64 cgroup_id,
+					      __u64 *cgroup_lost, __u64 now)
 {
-	__u64 *cgroup_lost = observed(cgroup_id);
-
-	if (!cgroup_lost)
-		return NULL;
-
 	struct kiln_event_header *hdr = bpf_ringbuf_reserve(&events, size, 0);
 
 	if (!hdr) {
@@ -120,6 +117,16 @@ static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_
 	hdr->pid = (__u32)pid_tgid;
 	hdr->tgid = pid_tgid >> 32;
 	return hdr;
+}
+
+/* As reserve_event_in, looking the cgroup up first: NULL too when it is not observed. */
+static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_id, __u64 now)
+{
+	__u64 *cgroup_lost = observed(cgroup_id);
+
+	if (!cgroup_lost)
+		return NULL;
+	return reserve_event_in(type, size, cgroup_id, cgroup_lost, now);
 }
 
 /*

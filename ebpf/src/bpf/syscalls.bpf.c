@@ -481,11 +481,12 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 	__sync_fetch_and_add(&total->writes, 1);
 }
 
-static __always_inline void emit_net(__u64 cgroup_id, long id, long ret,
+static __always_inline void emit_net(__u64 cgroup_id, __u64 *cgroup_lost, long id, long ret,
 				     const void *addr, unsigned long addrlen)
 {
 	__u64 now = bpf_ktime_get_ns();
-	struct kiln_net_event *ev = reserve_event(KILN_EVENT_NET, sizeof(*ev), cgroup_id, now);
+	struct kiln_net_event *ev =
+		reserve_event_in(KILN_EVENT_NET, sizeof(*ev), cgroup_id, cgroup_lost, now);
 
 	if (!ev)
 		return;
@@ -547,13 +548,13 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 		return 0;
 	case NR_CONNECT:
 	case NR_BIND:
-		emit_net(cgroup_id, id, ret, (const void *)regs->si, regs->dx);
+		emit_net(cgroup_id, cgroup_lost, id, ret, (const void *)regs->si, regs->dx);
 		return 0;
 	case NR_SENDTO: {
 		const void *addr = (const void *)regs->r8;
 
 		if (addr)
-			emit_net(cgroup_id, id, ret, addr, regs->r9);
+			emit_net(cgroup_id, cgroup_lost, id, ret, addr, regs->r9);
 		return 0;
 	}
 	default:
@@ -608,7 +609,7 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	if (ret == -KILN_EPERM) {
 		__u64 now = bpf_ktime_get_ns();
 		struct kiln_denied_event *ev =
-			reserve_event(KILN_EVENT_DENIED, sizeof(*ev), cgroup_id, now);
+			reserve_event_in(KILN_EVENT_DENIED, sizeof(*ev), cgroup_id, cgroup_lost, now);
 
 		if (ev) {
 			ev->result = ret;

@@ -38,6 +38,21 @@ fn digest_of(text: &str, bare_ok: bool) -> Option<Digest> {
 }
 
 impl Reader {
+    /// A pinned sha256 (`HEX` or `sha256:HEX`), reported at its place when malformed.
+    fn pin_digest(&mut self, text: &Spanned<String>, ctx: &str) -> Option<Digest> {
+        let digest = digest_of(text.get_ref(), true);
+        if digest.is_none() {
+            self.error(
+                text.span(),
+                format!(
+                    "{ctx}: sha256 {:?} must be 64 lowercase hex digits",
+                    text.get_ref()
+                ),
+            );
+        }
+        digest
+    }
+
     /// Reads the keys that depend on the step's kind and checks they fit it. `command` is what
     /// `run`/`script` gave; a source step with `git`/`tarball` gets [`Command::Builtin`].
     pub(super) fn read_kind_keys(
@@ -186,19 +201,7 @@ impl Reader {
                 format!("{ctx}: path {:?} {problem}", path.get_ref()),
             );
         }
-        let sha256 = sha.and_then(|s| {
-            let d = digest_of(s.get_ref(), true);
-            if d.is_none() {
-                self.error(
-                    s.span(),
-                    format!(
-                        "{ctx}: sha256 {:?} must be 64 lowercase hex digits",
-                        s.get_ref()
-                    ),
-                );
-            }
-            d
-        });
+        let sha256 = sha.and_then(|s| self.pin_digest(&s, ctx));
         Some(SourceSpec::Tarball {
             path: path?.into_inner(),
             sha256: sha256?,
@@ -319,19 +322,7 @@ impl Reader {
                     );
                 }
             }
-            let sha256 = sha.and_then(|s| {
-                let d = digest_of(s.get_ref(), true);
-                if d.is_none() {
-                    self.error(
-                        s.span(),
-                        format!(
-                            "{what}: sha256 {:?} must be 64 lowercase hex digits",
-                            s.get_ref()
-                        ),
-                    );
-                }
-                d
-            });
+            let sha256 = sha.and_then(|s| self.pin_digest(&s, &what));
             if let (Some(path), Some(sha256)) = (path, sha256) {
                 fetch.pins.push(Pin {
                     path: path.into_inner(),

@@ -1,0 +1,250 @@
+//! Real tests of how the `kiln-sandbox` helper builds a worker fast without weakening it: the
+//! network namespace created by the supervisor while pid 1 builds the root (the step must end up
+//! in a fresh one, never the host's), the read-only flags applied to whole mount trees in one
+//! `mount_setattr` (submounts of a read-only bind must be read-only too), and the opt-in phase
+//! timing (`KILN_SANDBOX_TIMING=1`). Root only; under `CI=true` a missing capability fails.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns: a failed setup is a failed test"
+)]
+
+mod support;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use kilnd::sandbox::{
+    Access, Sandbox, SandboxOutcome, SandboxSpec, StepEnd, WorkspaceMount, load_profiles,
+    prepare_output_dir,
+};
+use support::have_root;
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+struct Fixture {
+    _root: TempDir,
+    input: TempDir,
+    _output: TempDir,
+    spec: SandboxSpec,
+}
+
+/// A hermetic-profile spec running `sh -c script`, input workspace read-only, output writable.
+fn fixture(script: &str) -> Fixture {
+    let profiles =
+        load_profiles(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
+    let hermetic = &profiles["hermetic"];
+    let root = TempDir::new().unwrap();
+    let input = TempDir::new().unwrap();
+    std::fs::set_permissions(input.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = TempDir::new().unwrap();
+    prepare_output_dir(output.path(), hermetic.uid, hermetic.gid).unwrap();
+    let workspaces = vec![
+        WorkspaceMount {
+            name: "in".into(),
+            host_path: input.path().to_owned(),
+            access: Access::ReadOnly,
+        },
+        WorkspaceMount {
+            name: "out".into(),
+            host_path: output.path().to_owned(),
+            access: Access::ReadWrite,
+        },
+    ];
+    let spec = SandboxSpec {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec![("PATH".into(), hermetic.path_env.clone())],
+        cwd: "/".into(),
+        hostname: "kiln-setup".into(),
+        root_dir: root.path().to_owned(),
+        host_paths: hermetic.host_paths.clone(),
+        image_root: None,
+        confinement: hermetic.confinement(&workspaces),
+        secrets: Vec::new(),
+        workspaces,
+        timeout_ms: 20_000,
+        uid: hermetic.uid,
+        gid: hermetic.gid,
+        tmp_size_bytes: hermetic.tmp_size_bytes,
+        cgroups: None,
+    };
+    Fixture {
+        _root: root,
+        input,
+        _output: output,
+        spec,
+    }
+}
+
+async fn run(spec: &SandboxSpec) -> (SandboxOutcome, String) {
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+    let collector = tokio::spawn(async move {
+        let mut log = Vec::new();
+        while let Some(chunk) = log_rx.recv().await {
+            log.extend_from_slice(&chunk);
+        }
+        String::from_utf8_lossy(&log).into_owned()
+    });
+    let outcome = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
+        .run(spec, log_tx, CancellationToken::new())
+        .await
+        .unwrap();
+    (outcome, collector.await.unwrap())
+}
+
+/// Options field (6th) of the mountinfo line whose mount point is `mount_point`.
+fn mount_options<'a>(mountinfo: &'a str, mount_point: &str) -> Option<&'a str> {
+    mountinfo
+        .lines()
+        .find(|line| line.split(' ').nth(4) == Some(mount_point))
+        .and_then(|line| line.split(' ').nth(5))
+}
+
+/// A tmpfs mounted on the host (kilnd's namespace) for the test's duration.
+struct HostMount(std::path::PathBuf);
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test]
+async fn step_gets_a_fresh_network_namespace_never_the_host_s() {
+    if !have_root("sandbox setup") {
+        return;
+    }
+    let host = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let fixture = fixture("stat -L -c %i /proc/self/ns/net");
+    let (outcome, log) = run(&fixture.spec).await;
+    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{log}");
+    let first: u64 = log.trim().parse().unwrap();
+    assert_ne!(first, host, "the step runs in the host's network namespace");
+    // And each step gets its own: a second run's namespace is another one.
+    let (outcome, second) = run(&fixture.spec).await;
+    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{second}");
+    let second: u64 = second.trim().parse().unwrap();
+    assert_ne!(second, host);
+    assert_ne!(second, first, "two steps shared a network namespace");
+}
+
+#[tokio::test]
+async fn submounts_of_a_read_only_bind_are_read_only_too() {
+    if !have_root("sandbox setup") {
+        return;
+    }
+    let fixture = fixture(
+        "grep -E ' /workspace/in(/nested)? ' /proc/self/mountinfo; \
+         if echo x > /workspace/in/nested/f; then echo WROTE; fi 2>/dev/null; echo END",
+    );
+    // A writable, setuid-allowing tmpfs nested inside the input workspace on the host: the
+    // recursive bind brings it along, and it must arrive read-only, nosuid, nodev like its parent.
+    let nested = fixture.input.path().join("nested");
+    std::fs::create_dir(&nested).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &nested,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0777"),
+    )
+    .unwrap();
+    let _mounted = HostMount(nested.clone());
+    let (outcome, log) = run(&fixture.spec).await;
+    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{log}");
+    let nested_options = mount_options(&log, "/workspace/in/nested")
+        .unwrap_or_else(|| panic!("the nested mount is missing in the sandbox: {log}"));
+    assert!(
+        nested_options.starts_with("ro,nosuid,nodev"),
+        "nested mount: {nested_options}\n{log}"
+    );
+    assert!(
+        mount_options(&log, "/workspace/in").is_some_and(|o| o.starts_with("ro,nosuid,nodev")),
+        "{log}"
+    );
+    assert!(!log.contains("WROTE"), "{log}");
+    assert!(!nested.join("f").exists());
+    // The host's mount itself stays writable: only the sandbox's copy was restricted.
+    std::fs::write(nested.join("host-side"), b"ok").unwrap();
+}
+
+/// Runs the helper binary directly with `spec` on stdin; returns (stdout, stderr).
+fn run_helper(spec: &SandboxSpec, timing: bool) -> (String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln-sandbox"));
+    command
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if timing {
+        command.env("KILN_SANDBOX_TIMING", "1");
+    }
+    let mut child = command.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(spec).unwrap())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn phase_timing_is_opt_in_and_covers_every_phase() {
+    if !have_root("sandbox setup") {
+        return;
+    }
+    let fixture = fixture("echo step-ran");
+    let (stdout, stderr) = run_helper(&fixture.spec, true);
+    let outcome: SandboxOutcome = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{stderr}");
+    assert!(stderr.contains("step-ran"), "{stderr}");
+    let marks: Vec<(f64, &str)> = stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix("kiln-sandbox timing: +"))
+        .map(|rest| {
+            let (ms, phase) = rest.split_once(" ms ").unwrap();
+            (ms.parse().unwrap(), phase)
+        })
+        .collect();
+    for phase in [
+        "supervisor spec read and validated",
+        "supervisor namespaces unshared",
+        "supervisor network namespace unshared",
+        "init forked",
+        "init network namespace joined",
+        "init pivot_root to",
+        "step forked",
+        "step landlock ruleset prepared",
+        "step privileges dropped and verified",
+        "step seccomp installed, execve",
+        "init step reaped",
+        "supervisor report received",
+    ] {
+        assert!(
+            marks.iter().any(|(_, p)| p.starts_with(phase)),
+            "no mark {phase:?} in:\n{stderr}"
+        );
+    }
+    // One clock for all three processes: within a process the marks never go back, and the
+    // report comes last.
+    for role in ["supervisor", "init", "step"] {
+        let times: Vec<f64> = marks
+            .iter()
+            .filter(|(_, p)| p.starts_with(role))
+            .map(|(t, _)| *t)
+            .collect();
+        assert!(times.is_sorted(), "{role}: {times:?}");
+    }
+    let last = marks.iter().map(|(t, _)| *t).fold(0.0, f64::max);
+    assert_eq!(marks.last().map(|(t, _)| *t), Some(last), "{stderr}");
+
+    // Off by default (kilnd clears the helper's environment): not a single mark in the log.
+    let (stdout, stderr) = run_helper(&fixture.spec, false);
+    assert!(stdout.contains("\"exited\""), "{stdout}");
+    assert_eq!(stderr, "step-ran\n");
+}
