@@ -417,3 +417,48 @@ async fn step_sees_only_its_own_cgroup_namespace() {
     );
     assert_torn_down(&outcome, &f.cgroups, &log);
 }
+
+#[tokio::test]
+async fn sweep_kills_and_removes_only_the_interrupted_job_s_cgroups() {
+    if !have_root("cgroups") {
+        return;
+    }
+    // Two jobs' step cgroups with a process each, as a crashed kilnd would leave them.
+    let (interrupted, other) = (job_id(), job_id());
+    let spawn_into = |job: &str| {
+        let paths = cgroup::create_step(job, "step", &limits(64 << 20, 16, 500)).unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg(marker(7))
+            .spawn()
+            .unwrap();
+        for (_, dir) in paths.all() {
+            cgroup::write_control(&dir.join("cgroup.procs"), &child.id().to_string()).unwrap();
+        }
+        (paths, child)
+    };
+    let (gone_paths, mut gone) = spawn_into(&interrupted);
+    let (kept_paths, mut kept) = spawn_into(&other);
+
+    let left = cgroup::sweep_job(&interrupted);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let status = gone.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the interrupted job's process was not killed"
+    );
+    for (_, dir) in gone_paths.all() {
+        assert!(!dir.exists(), "{} survived the sweep", dir.display());
+    }
+    // The other job (another kilnd instance's, or a running one) is untouched.
+    assert!(
+        kept.try_wait().unwrap().is_none(),
+        "the other job's process was killed"
+    );
+    for (_, dir) in kept_paths.all() {
+        assert!(dir.is_dir(), "{} was removed", dir.display());
+    }
+    assert!(cgroup::sweep_job(&other).is_empty());
+    assert!(kept.wait().is_ok());
+    assert!(kept_paths.unified.parent().is_some_and(|p| !p.exists()));
+}

@@ -522,12 +522,22 @@ fn step_provenance_records_verified_teardown() {
     );
     // The step's cgroups are gone. kilnd inherited this test's cgroups, and kiln nests its own
     // below them: `<mount>/<own cgroup>/kiln/<job>[/-]make`.
+    for dir in step_cgroup_dirs(&job, "make") {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+/// The cgroup directories kilnd (a child of this test, so in its cgroups) makes for step `step`
+/// of job `job`: `<own>/kiln/<job>/<step>` and `<own>/kiln/<job>` in v2,
+/// `<own>/kiln/<job>-<step>` in the v1 memory, pids and cpu hierarchies.
+fn step_cgroup_dirs(job: &str, step: &str) -> Vec<std::path::PathBuf> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let mut dirs = Vec::new();
     for (hierarchy, controller, leaf) in [
-        ("unified", "", format!("{job}/make")),
-        ("memory", "memory", format!("{job}-make")),
-        ("pids", "pids", format!("{job}-make")),
-        ("cpu", "cpu", format!("{job}-make")),
+        ("unified", "", format!("{job}/{step}")),
+        ("memory", "memory", format!("{job}-{step}")),
+        ("pids", "pids", format!("{job}-{step}")),
+        ("cpu", "cpu", format!("{job}-{step}")),
     ] {
         let path = own
             .lines()
@@ -546,10 +556,59 @@ fn step_provenance_records_verified_teardown() {
             .join(hierarchy)
             .join(path.trim_start_matches('/'))
             .join("kiln");
-        for dir in [kiln.join(&leaf), kiln.join(&job)] {
-            assert!(!dir.exists(), "{} left behind", dir.display());
+        dirs.push(kiln.join(&leaf));
+        if controller.is_empty() {
+            dirs.push(kiln.join(job));
         }
     }
+    dirs
+}
+
+#[test]
+fn a_killed_kilnd_leaves_no_worker_or_cgroup_after_restart() {
+    if !privileged("a_killed_kilnd_leaves_no_worker_or_cgroup_after_restart") {
+        return;
+    }
+    let mut k = Kilnd::start("");
+    let marker = format!("3031.{}", std::process::id());
+    let f = pipeline_file(
+        k.dir.path(),
+        "crash.toml",
+        &format!(
+            "version = 1\nname = \"crash\"\n[[steps]]\nname = \"make\"\nkind = \"build\"\nscript = \"(setsid sleep {marker} &); sleep {marker}\"\n"
+        ),
+    );
+    let job = submit(&k, &f, &[]);
+    wait_for_step_state(&k, &job, "make", "running", Duration::from_secs(20));
+    // The step's worker is running, in its cgroups; kilnd dies without any cleanup.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while host_processes_with(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the step never started its sleeps"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut child = k.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Restart on the same state: the job is marked failed, nothing of its worker is left.
+    k.spawn();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !host_processes_with(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "workers survived the restart: {:?}",
+            host_processes_with(&marker)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for dir in step_cgroup_dirs(&job, "make") {
+        assert!(!dir.exists(), "{} survived the restart", dir.display());
+    }
+    let st = status(&k, &job);
+    assert_eq!(st["state"], "failed", "{st}");
 }
 
 // ---------------------------------------------------------------------------------------------

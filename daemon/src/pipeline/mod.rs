@@ -167,6 +167,11 @@ impl Node {
         let repaired = store.db.recover_interrupted(&now())?;
         for id in &repaired {
             warn!(job = %id, "job was interrupted by a previous kilnd stop; marked failed");
+            // Its steps' workers may have outlived that kilnd: kill them and remove their cgroups
+            // before anything else runs.
+            for (path, err) in sandbox::cgroup::sweep_job(id) {
+                error!(job = %id, path = %path.display(), %err, "cannot remove a leftover step cgroup of an interrupted job");
+            }
         }
         // Work directories of interrupted jobs hold nothing that is not in the CAS.
         let work = config.state_dir.join("work");

@@ -491,6 +491,89 @@ pub fn remove_step_dirs(paths: &CgroupPaths) -> Vec<(PathBuf, io::Error)> {
     left
 }
 
+/// Kills and removes every cgroup kiln made for job `job` below this process's cgroups — the
+/// leftovers of a kilnd that stopped without tearing its steps down (a crash, `kill -9`). Other
+/// jobs' cgroups are not touched, so several kilnd instances in one cgroup stay independent.
+/// Returns what could not be cleaned (path and reason); an empty list means nothing is left.
+pub fn sweep_job(job: &str) -> Vec<(PathBuf, String)> {
+    let root = match CgroupRoot::detect() {
+        Ok(root) => root,
+        Err(err) => return vec![(PathBuf::from("/proc/self/cgroup"), err.to_string())],
+    };
+    if !valid_name(Some(job)) {
+        return vec![(PathBuf::from(job), "not a job id".into())];
+    }
+    let mut dirs = Vec::new();
+    // v2: `kiln/<job>/<step>`: cgroup.kill ends every process of the step at once.
+    let job_dir = root.unified.join(job);
+    if let Ok(entries) = std::fs::read_dir(&job_dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let _ = write_control(&entry.path().join("cgroup.kill"), "1");
+                dirs.push(entry.path());
+            }
+        }
+    }
+    // v1: `kiln/<job>-<step>` in each limit hierarchy (emptied by the v2 kill; SIGKILL whatever
+    // is still listed, in case the v2 directory was already gone).
+    let prefix = format!("{job}-");
+    for base in [&root.memory, &root.pids, &root.cpu] {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(&prefix))
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                kill_listed(&entry.path());
+                dirs.push(entry.path());
+            }
+        }
+    }
+    // A killed process leaves its cgroup a moment after the signal: retry the rmdirs briefly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut left: Vec<(PathBuf, String)> = Vec::new();
+    loop {
+        left.clear();
+        for dir in &dirs {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    kill_listed(dir);
+                    left.push((dir.clone(), err.to_string()));
+                }
+            }
+        }
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if left.is_empty() {
+        let _ = std::fs::remove_dir(&job_dir);
+        for base in [&root.unified, &root.memory, &root.pids, &root.cpu] {
+            // The shared `kiln` parent, if no other job uses it.
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+    left
+}
+
+/// SIGKILL every process listed in `dir/cgroup.procs`.
+fn kill_listed(dir: &Path) {
+    let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return;
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// A limit the kernel enforced on the step: the step's end is explained by it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
