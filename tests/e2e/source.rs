@@ -313,3 +313,72 @@ fn tarball_source_pinned_by_sha256() {
     assert!(!k.state().join("work/escaped").exists());
     assert!(!Path::new("/escaped").exists());
 }
+
+#[test]
+fn repository_state_cannot_change_what_the_pinned_commit_checks_out() {
+    if !privileged("repository_state_cannot_change_what_the_pinned_commit_checks_out") {
+        return;
+    }
+    let k = Kilnd::start("");
+    let repo = k.dir.path().join("app");
+    let (good, _, evil) = make_repo(&repo);
+    // State outside what the commit id pins: a replace ref swapping the pinned commit for
+    // another one, and a smudge filter (repository config + info/attributes) that runs a
+    // command at checkout and forges the record line kilnd reads.
+    git(&repo, &["replace", &good, &evil], "@0 +0000");
+    git(
+        &repo,
+        &[
+            "config",
+            "filter.pwn.smudge",
+            &format!(
+                "sh -c 'echo PWNED; echo kiln-source: commit={good} tree={} time=1 >&2'",
+                "0".repeat(40)
+            ),
+        ],
+        "@0 +0000",
+    );
+    std::fs::write(repo.join(".git/info/attributes"), "* filter=pwn\n").unwrap();
+    for entry in walk(&repo) {
+        let mode = if entry.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    let f = pipeline_file(
+        k.dir.path(),
+        "pinned.toml",
+        &pipeline(&format!("git = {{ repo = \"app\", commit = \"{good}\" }}")),
+    );
+    let job = submit(&k, &f, &[]);
+    expect_code(&follow(&k, &job), 0, "follow pinned job");
+    let out = k.dir.path().join("artifacts");
+    expect_code(
+        &k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]),
+        0,
+        "artifacts",
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("version.txt")).unwrap(),
+        "one\n",
+        "the replace ref or the filter changed the checkout"
+    );
+    let logs = stdout(&k.kiln(&["logs", &job, "checkout"]));
+    assert!(
+        !logs.contains("PWNED"),
+        "the repository's filter ran: {logs}"
+    );
+    let p = predicate(&bundle(&k, &job), "checkout");
+    let tree = git(
+        &repo,
+        &[
+            "--no-replace-objects",
+            "rev-parse",
+            &format!("{good}^{{tree}}"),
+        ],
+        "@0 +0000",
+    );
+    assert_eq!(
+        p["buildDefinition"]["internalParameters"]["source"]["tree"],
+        tree.as_str()
+    );
+}

@@ -80,6 +80,14 @@ pub fn resolve_repo(
             path.display()
         ));
     }
+    // The path bound into the sandbox is the one checked here, with its symlinks resolved now.
+    let path = std::fs::canonicalize(&path).map_err(|e| {
+        format!(
+            "step {:?}: git repository {}: {e}",
+            step.name,
+            path.display()
+        )
+    })?;
     let is_repo = path.join("HEAD").is_file() || path.join(".git").exists();
     if !is_repo {
         return Err(format!(
@@ -88,7 +96,42 @@ pub fn resolve_repo(
             path.display()
         ));
     }
+    check_world_readable(&path).map_err(|e| format!("step {:?}: {e}", step.name))?;
     Ok(path)
+}
+
+/// The sandbox reads the repository as an unprivileged user through a bind mount, which
+/// ignores the permissions of the directories above it. So kilnd (root) ingests only what any
+/// local user could read: every ancestor traversable by others, the repository readable and
+/// traversable by others. A private checkout (`/home/alice` at 0700) is refused, not bypassed.
+fn check_world_readable(repo: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in repo.ancestors().skip(1) {
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "git repository {} is inside {}, which other users cannot traverse (mode {:o}); kilnd ingests only repositories any local user could read",
+                repo.display(),
+                dir.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    let mode = std::fs::metadata(repo)
+        .map_err(|e| format!("{}: {e}", repo.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o005 != 0o005 {
+        return Err(format!(
+            "git repository {} is not readable by other users (mode {:o}); kilnd ingests only repositories any local user could read",
+            repo.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Admission checks of one source step: the repository exists, or the pinned archive was
@@ -117,22 +160,57 @@ pub fn admit(
     }
 }
 
-/// The git ingest script; `$1` = git dir, `$2` = commit, `$3` = output directory.
+/// The git ingest script; `$1` = repository, `$2` = commit, `$3` = output directory.
+///
+/// Nothing of the repository's own state may shape the checkout: its config (filters, hooks,
+/// fsmonitor), `info/attributes` and `refs/replace` are outside what the commit id pins. So the
+/// commit is fetched (`--depth=1`, by id) into a fresh repository in `/tmp`, whose index-pack
+/// re-hashes every object it receives, with replace objects off; that repository has no config,
+/// hooks, attributes or replacements, so no filter driver exists and nothing of the source
+/// repository runs. Its tree is checked out with a private index, then hashed again from the
+/// written files into a fresh index: the result must be the commit's tree, or the step fails.
 const GIT_SCRIPT: &str = r#"
-git_dir=$1 commit=$2 out=$3
-if [ -d "$git_dir/.git" ]; then git_dir=$git_dir/.git; fi
-export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null GIT_INDEX_FILE=/tmp/kiln-ingest.index
-g() { git -c safe.directory='*' -c core.hooksPath=/dev/null -c core.fsmonitor=false --git-dir="$git_dir" "$@"; }
-found=$(g rev-parse --verify --quiet "$commit^{commit}") || {
+repo=$1 commit=$2 out=$3
+if [ -d "$repo/.git" ]; then repo=$repo/.git; fi
+unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES
+# The only config is ours, as the global file: git drops `-c` settings for the local upload-pack it
+# spawns, a global file reaches it. The repository belongs to another user: safe.directory.
+cat > /tmp/kiln-ingest.gitconfig <<'CONFIG'
+[safe]
+	directory = *
+[core]
+	hooksPath = /dev/null
+	fsmonitor = false
+	autocrlf = false
+	symlinks = true
+[protocol]
+	allow = never
+[protocol "file"]
+	allow = always
+CONFIG
+export GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/tmp/kiln-ingest.gitconfig GIT_NO_REPLACE_OBJECTS=1
+export GIT_ATTR_NOSYSTEM=1 HOME=/tmp GIT_TERMINAL_PROMPT=0
+work=/tmp/kiln-ingest.git
+g() { git --git-dir="$work" "$@"; }
+git init -q --bare "$work"
+g fetch -q --no-tags --no-recurse-submodules --depth=1 "$repo" "$commit" || {
     echo "kiln-source: commit $commit is not in the repository" >&2; exit 1; }
+found=$(g rev-parse --verify --quiet "$commit^{commit}") || {
+    echo "kiln-source: $commit is not a commit" >&2; exit 1; }
 if [ "$found" != "$commit" ]; then
     echo "kiln-source: $commit resolved to $found; give the full commit id" >&2; exit 1
 fi
 tree=$(g rev-parse --verify "$commit^{tree}")
 time=$(g show -s --format=%ct "$commit")
-g read-tree "$commit"
-g --work-tree="$out" checkout-index --all --force
-rm -f /tmp/kiln-ingest.index
+GIT_INDEX_FILE=/tmp/kiln-ingest.index g read-tree "$commit"
+GIT_INDEX_FILE=/tmp/kiln-ingest.index g --work-tree="$out" checkout-index --all --force
+GIT_INDEX_FILE=/tmp/kiln-verify.index g --work-tree="$out" add --all --force -- "$out"
+written=$(GIT_INDEX_FILE=/tmp/kiln-verify.index g write-tree)
+if [ "$written" != "$tree" ]; then
+    echo "kiln-source: the checked-out files hash to tree $written, not the commit's tree $tree (submodules are not supported)" >&2
+    exit 1
+fi
+rm -rf "$work" /tmp/kiln-ingest.index /tmp/kiln-verify.index /tmp/kiln-ingest.gitconfig
 echo "kiln-source: commit=$commit tree=$tree time=$time"
 "#;
 
@@ -279,6 +357,8 @@ pub fn dependency(ingest: &SourceIngest) -> ResourceDescriptor {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn git_step(commit: &str) -> Step {
@@ -332,9 +412,33 @@ mod tests {
             "checkout".to_owned(),
             dir.path().to_str().unwrap().to_owned(),
         )]);
+        // At 0700 no other user could read it, so neither may a step.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = resolve_repo(&step, "app.git", &resolved).unwrap_err();
+        assert!(err.contains("not readable by other users"), "{err}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(
             resolve_repo(&step, "app.git", &resolved).unwrap(),
             dir.path()
+        );
+        // A symlink is resolved at admission: the canonical path is what gets mounted.
+        let link = dir.path().join("link.git");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        assert_eq!(
+            resolve_repo(&step, link.to_str().unwrap(), &BTreeMap::new()).unwrap(),
+            dir.path()
+        );
+        // A readable repository inside a private directory is refused, naming the directory.
+        let private = dir.path().join("private");
+        let inner = private.join("repo.git");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::write(inner.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = resolve_repo(&step, inner.to_str().unwrap(), &BTreeMap::new()).unwrap_err();
+        assert!(
+            err.contains(&format!("inside {}", private.display())),
+            "{err}"
         );
     }
 }
