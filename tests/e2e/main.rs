@@ -977,6 +977,34 @@ fn observed_pipeline_has_complete_signed_traces() {
             .any(|r| r["type"] == "exec" && r["exe"].as_str().unwrap().ends_with("/cc1")),
         "no cc1 exec in the trace"
     );
+    // Materials actually used: the compiler proper, executed, with the digest of the host file
+    // the sandbox bound at that path.
+    let summary = records.last().unwrap();
+    let cc1 = summary["materials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["path"].as_str().unwrap().ends_with("/cc1"))
+        .unwrap_or_else(|| panic!("cc1 is not among the materials: {summary}"));
+    let on_host = std::fs::read(cc1["path"].as_str().unwrap()).unwrap();
+    assert_eq!(cc1["sha256"], kiln_common::Digest::of(&on_host).hex());
+    assert!(
+        cc1["usedAs"].as_array().unwrap().contains(&"exec".into()),
+        "{cc1}"
+    );
+    // kiln's own sandbox setup (the helper's mounts of host paths) is left out of the trace,
+    // and no record names kilnd's state directory (a host path).
+    assert!(
+        summary["setupEventsOmitted"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    let state = k.state().display().to_string();
+    for r in &records {
+        assert!(
+            !r.to_string().contains(&state),
+            "host path in the trace: {r}"
+        );
+    }
     // All steps: the default shows every attested step.
     let o = k.kiln(&["trace", &job]);
     expect_code(&o, 0, "kiln trace (all steps)");
