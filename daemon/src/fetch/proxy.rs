@@ -12,11 +12,21 @@
 //! allowlist (already capped by the node policy); a name is resolved by kilnd, and addresses in
 //! loopback, private, link-local, CGNAT, multicast or other special ranges are refused (a name
 //! could otherwise be pointed at the node's own services or the cloud metadata endpoint); such an
-//! address is reachable only when that exact IP literal is allowlisted. kilnd then connects to
-//! the address it checked (no second resolution). Every attempt, allowed or denied, is recorded
-//! with its time, destination, decision, reason and bytes each way, and announced in the step log
+//! address is reachable only as an IP literal that the *node policy's* `[fetch] allow_hosts`
+//! names (kilnd connects as root from the host's network namespace: the node operator opens
+//! local destinations, not the pipeline author). For IPv6 only global unicast (`2000::/3`) is a
+//! destination, minus its special blocks; an IPv4 address embedded in a 6to4, Teredo or NAT64
+//! address is judged by the IPv4 rules. kilnd then connects to the address it checked (no second
+//! resolution). Every attempt, allowed or denied, is recorded with its time, destination,
+//! decision, reason and bytes each way, and announced in the step log
 //! (`kiln: fetch: CONNECT evil.example:443 denied (not in allow_hosts)`).
+//!
+//! The step controls what it sends, so nothing it sends grows the record without bound: request
+//! text quoted in a reason is cut at [`super::MAX_QUOTED_BYTES`], a reason at
+//! [`MAX_REASON_BYTES`], and the record keeps at most [`MAX_RECORDS`] attempts and
+//! [`MAX_RECORD_BYTES`] bytes (later attempts are only counted, and not announced in the log).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +42,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::quoted;
+
 /// Longest request head (request line + headers) accepted.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Time a client has to send its request head.
@@ -44,12 +56,86 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 /// Connection attempts itemised in the record; later ones are only counted.
 pub const MAX_RECORDS: usize = 4096;
+/// Size (see [`record_size`]) of the itemised record; attempts beyond it are only counted. An
+/// ordinary attempt takes about 300 bytes by that measure, so [`MAX_RECORDS`] of them fit; a
+/// step that makes every reason as long as it can gets about 600 itemised. The
+/// [`MAX_CONNECTIONS`] attempts in flight may each still grow by a reason and an address.
+pub const MAX_RECORD_BYTES: usize = 2 << 20;
+/// Longest reason recorded for one attempt.
+pub const MAX_REASON_BYTES: usize = 512;
+/// Longest method accepted (the longest registered HTTP method has 17 letters).
+const MAX_METHOD_BYTES: usize = 24;
+/// Longest `host:port` accepted: a 253-byte DNS name or a bracketed IPv6 literal, and a port.
+const MAX_AUTHORITY_BYTES: usize = 253 + 6;
+/// What an attempt's JSON takes besides its strings (names, punctuation, numbers: 157 bytes).
+const RECORD_OVERHEAD_BYTES: usize = 192;
 
 /// The connection log of one step.
 #[derive(Debug, Default)]
 struct Recorder {
     connections: Vec<FetchConnection>,
     not_itemised: u64,
+    /// [`record_size`] of `connections`.
+    bytes: usize,
+}
+
+/// What the proxy admits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    /// Destinations: the step's `allow_hosts`, capped by the node policy.
+    pub hosts: Vec<HostPort>,
+    /// The node policy's `[fetch] allow_hosts` (empty without a policy): a special-range IP
+    /// literal is a destination only if it is named here.
+    pub node_named: Vec<HostPort>,
+}
+
+/// The size an attempt adds to the record: an upper bound of its JSON form (its strings as JSON
+/// escapes them, plus a fixed overhead for names, punctuation and numbers).
+fn record_size(entry: &FetchConnection) -> usize {
+    let json = |text: &str| -> usize {
+        text.bytes()
+            .map(|b| match b {
+                b'"' | b'\\' => 2,
+                0..0x20 => 6,
+                _ => 1,
+            })
+            .sum()
+    };
+    RECORD_OVERHEAD_BYTES
+        + json(&entry.time)
+        + json(&entry.method)
+        + json(&entry.host)
+        + entry.address.as_deref().map_or(0, json)
+        + entry.reason.as_deref().map_or(0, json)
+}
+
+impl Recorder {
+    /// Records `entry` (its reason cut to [`MAX_REASON_BYTES`]); returns its index, `None` once
+    /// the record holds [`MAX_RECORDS`] attempts or [`MAX_RECORD_BYTES`] bytes.
+    fn record(&mut self, mut entry: FetchConnection) -> Option<usize> {
+        entry.reason = entry.reason.map(|r| super::truncated(r, MAX_REASON_BYTES));
+        let size = record_size(&entry);
+        if self.connections.len() >= MAX_RECORDS || self.bytes + size > MAX_RECORD_BYTES {
+            self.not_itemised += 1;
+            return None;
+        }
+        self.bytes += size;
+        self.connections.push(entry);
+        Some(self.connections.len() - 1)
+    }
+
+    /// Changes the attempt at `index` (its reason cut again), keeping the size up to date.
+    fn update(&mut self, index: usize, change: impl FnOnce(&mut FetchConnection)) {
+        if let Some(entry) = self.connections.get_mut(index) {
+            let before = record_size(entry);
+            change(entry);
+            entry.reason = entry
+                .reason
+                .take()
+                .map(|r| super::truncated(r, MAX_REASON_BYTES));
+            self.bytes = self.bytes - before + record_size(entry);
+        }
+    }
 }
 
 /// A running proxy; [`Proxy::stop`] ends it and returns what it recorded.
@@ -61,7 +147,7 @@ pub struct Proxy {
 }
 
 struct Context {
-    allow: Vec<HostPort>,
+    allow: Allowlist,
     recorder: Arc<Mutex<Recorder>>,
     log: mpsc::Sender<Bytes>,
 }
@@ -70,7 +156,7 @@ impl Proxy {
     /// Starts serving the listener `listener` delivers (nothing happens if it never comes),
     /// admitting `allow`, announcing each decision on `log` (the step log).
     pub fn start(
-        allow: Vec<HostPort>,
+        allow: Allowlist,
         listener: oneshot::Receiver<TcpListener>,
         log: mpsc::Sender<Bytes>,
     ) -> Self {
@@ -174,13 +260,16 @@ pub(crate) fn parse_head(head: &str) -> Result<Request, String> {
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(format!("malformed request line {request_line:?}"));
+        return Err(format!("malformed request line {}", quoted(request_line)));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported protocol version {version:?}"));
+        return Err(format!("unsupported protocol version {}", quoted(version)));
     }
-    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(format!("malformed method {method:?}"));
+    if method.is_empty()
+        || method.len() > MAX_METHOD_BYTES
+        || !method.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        return Err(format!("malformed method {}", quoted(method)));
     }
     if method == "CONNECT" {
         return Ok(Request {
@@ -198,7 +287,8 @@ pub(crate) fn parse_head(head: &str) -> Result<Request, String> {
         .map(|_| &target["http://".len()..])
     else {
         return Err(format!(
-            "{target:?} is not an absolute http:// URI (this is a proxy: use CONNECT or an absolute URI)"
+            "{} is not an absolute http:// URI (this is a proxy: use CONNECT or an absolute URI)",
+            quoted(target)
         ));
     };
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -212,7 +302,7 @@ pub(crate) fn parse_head(head: &str) -> Result<Request, String> {
     let mut forward = format!("{method} {path} {version}\r\n");
     for line in lines {
         let Some((name, _)) = line.split_once(':') else {
-            return Err(format!("malformed header line {line:?}"));
+            return Err(format!("malformed header line {}", quoted(line)));
         };
         let name = name.trim().to_ascii_lowercase();
         // Hop-by-hop and proxy headers stay here; Host comes from the URI, so a request cannot
@@ -249,6 +339,17 @@ fn host_only(target: &HostPort) -> String {
 
 /// `host:port`, `[v6]:port`, or (with a default port) `host` / `[v6]`.
 fn authority(text: &str, default_port: Option<u16>) -> Result<HostPort, String> {
+    // Checked here, so that HostPort's messages (which quote all of it) stay short.
+    if text.len() > MAX_AUTHORITY_BYTES
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return Err(format!(
+            "{}: not a host name or IP address (wildcards and URLs are not accepted)",
+            quoted(text)
+        ));
+    }
     let has_port = match text.strip_prefix('[') {
         Some(rest) => rest.contains("]:"),
         None => text.contains(':'),
@@ -256,7 +357,7 @@ fn authority(text: &str, default_port: Option<u16>) -> Result<HostPort, String> 
     let full = match (has_port, default_port) {
         (true, _) => text.to_owned(),
         (false, Some(port)) => format!("{text}:{port}"),
-        (false, None) => return Err(format!("CONNECT target {text:?} has no port")),
+        (false, None) => return Err(format!("CONNECT target {} has no port", quoted(text))),
     };
     HostPort::parse(&full)
 }
@@ -281,15 +382,19 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The special range `ip` is in (not globally reachable), if any.
-pub(crate) fn special_range(ip: IpAddr) -> Option<&'static str> {
-    if let Some(never) = never_a_destination(ip) {
-        return Some(never);
-    }
+/// The special range `ip` is in (not a globally reachable unicast address), if any.
+pub(crate) fn special_range(ip: IpAddr) -> Option<Cow<'static, str>> {
     match canonical(ip) {
-        IpAddr::V4(v4) => special_v4(v4),
-        IpAddr::V6(v6) => special_v6(v6),
+        IpAddr::V4(v4) => v4_class(v4).map(Cow::Borrowed),
+        IpAddr::V6(v6) => never_a_destination(IpAddr::V6(v6))
+            .map(Cow::Borrowed)
+            .or_else(|| special_v6(v6)),
     }
+}
+
+/// Every IPv4 rule: never a destination, or a special range.
+fn v4_class(ip: Ipv4Addr) -> Option<&'static str> {
+    never_a_destination(IpAddr::V4(ip)).or_else(|| special_v4(ip))
 }
 
 fn special_v4(ip: Ipv4Addr) -> Option<&'static str> {
@@ -317,43 +422,117 @@ fn special_v4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-fn special_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    let segments = ip.segments();
-    if ip.is_loopback() {
-        Some("loopback")
-    } else if segments[0] & 0xfe00 == 0xfc00 {
-        Some("unique local")
-    } else if segments[0] & 0xffc0 == 0xfe80 {
-        Some("link-local")
-    } else if segments[0] & 0xffc0 == 0xfec0 {
-        Some("site-local")
-    } else if segments[0] == 0x2001 && segments[1] == 0x0db8 {
-        Some("documentation")
-    } else if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        // NAT64: judge the IPv4 address it translates to.
-        let [_, _, _, _, _, _, hi, lo] = segments;
-        let v4 = Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
-        special_v4(v4).map(|_| "NAT64 of a special IPv4 range")
-    } else if segments[..6] == [0; 6] {
-        Some("IPv4-compatible (deprecated)")
-    } else {
-        None
+/// The IPv4 address in two 16-bit segments.
+fn v4_of(high: u16, low: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))
+}
+
+/// An address that carries IPv4 address `v4` (6to4, Teredo, NAT64) is judged by the IPv4 rules:
+/// kilnd's packets end up at `v4`.
+fn embedded(what: &str, v4: Ipv4Addr) -> Option<Cow<'static, str>> {
+    v4_class(v4).map(|class| Cow::Owned(format!("{what} of {v4}: {class}")))
+}
+
+/// IPv6: only global unicast (`2000::/3`) minus its special blocks.
+fn special_v6(ip: Ipv6Addr) -> Option<Cow<'static, str>> {
+    let s = ip.segments();
+    if s[0] & 0xe000 != 0x2000 {
+        return outside_global_unicast(ip);
     }
+    if s[0] == 0x2002 {
+        // 6to4 (RFC 3056): 2002:VVVV:VVVV::/48, the site's IPv4 address in bits 16-47; a host
+        // with a 6to4 tunnel sends the packet to that IPv4 address.
+        return embedded("6to4", v4_of(s[1], s[2]));
+    }
+    if s[0] == 0x2001 && s[1] == 0 {
+        // Teredo (RFC 4380): 2001:0:SSSS:SSSS:flags:port:CCCC:CCCC, the server's IPv4 address in
+        // clear, the client's inverted ("obfuscated").
+        return embedded("Teredo server", v4_of(s[2], s[3]))
+            .or_else(|| embedded("Teredo client", v4_of(!s[6], !s[7])));
+    }
+    let class = if s[0] == 0x2001 && s[1] < 0x0200 {
+        // 2001::/23 (RFC 2928): benchmarking, ORCHID, AMT, …; none of it a mirror.
+        "IETF protocol assignments"
+    } else if (s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] < 0x1000) {
+        // 2001:db8::/32 (RFC 3849), 3fff::/20 (RFC 9637).
+        "documentation"
+    } else {
+        return None;
+    };
+    Some(Cow::Borrowed(class))
+}
+
+/// IPv6 outside `2000::/3`: never a destination, but NAT64 of a global IPv4 address.
+fn outside_global_unicast(ip: Ipv6Addr) -> Option<Cow<'static, str>> {
+    let s = ip.segments();
+    let class = if ip.is_loopback() {
+        "loopback"
+    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052; DNS64 answers on IPv6-only hosts).
+        return embedded("NAT64", v4_of(s[6], s[7]));
+    } else if s[..3] == [0x64, 0xff9b, 1] {
+        return local_use_nat64(ip.octets());
+    } else if s[..6] == [0; 6] {
+        "IPv4-compatible (deprecated)"
+    } else if s[..4] == [0x0100, 0, 0, 0] {
+        "discard-only (RFC 6666)"
+    } else if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        "IPv4-translated (SIIT, RFC 2765)"
+    } else if s[0] & 0xfe00 == 0xfc00 {
+        "unique local"
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        "link-local"
+    } else if s[0] & 0xffc0 == 0xfec0 {
+        "site-local"
+    } else {
+        "not global unicast (outside 2000::/3)"
+    };
+    Some(Cow::Borrowed(class))
+}
+
+/// Local-use NAT64, 64:ff9b:1::/48 (RFC 8215). Where the IPv4 address sits depends on the
+/// operator's prefix length (RFC 6052: /48, /56, /64 or /96 inside this block; bits 64-71 zero,
+/// and zero after the IPv4 address). Every layout the address fits must carry a global IPv4
+/// address, and it must fit one.
+fn local_use_nat64(octets: [u8; 16]) -> Option<Cow<'static, str>> {
+    let mut fits = false;
+    for prefix_bytes in [6, 7, 8, 12] {
+        let mut at = (prefix_bytes..16).filter(|&i| i != 8);
+        let mut v4 = [0_u8; 4];
+        for (slot, i) in v4.iter_mut().zip(&mut at) {
+            *slot = octets[i];
+        }
+        let suffix_zero = at.all(|i| octets[i] == 0);
+        if octets[8] != 0 || !suffix_zero {
+            continue;
+        }
+        fits = true;
+        if let Some(class) = embedded("local-use NAT64", Ipv4Addr::from(v4)) {
+            return Some(class);
+        }
+    }
+    (!fits).then_some(Cow::Borrowed(
+        "local-use NAT64 without an IPv4 address (RFC 6052)",
+    ))
 }
 
 /// Decides `target` against `allow`; `Ok` holds the addresses kilnd may connect to.
-pub(crate) async fn admit(
-    allow: &[HostPort],
-    target: &HostPort,
-) -> Result<Vec<SocketAddr>, String> {
-    if !allow.contains(target) {
+pub(crate) async fn admit(allow: &Allowlist, target: &HostPort) -> Result<Vec<SocketAddr>, String> {
+    if !allow.hosts.contains(target) {
         return Err("not in allow_hosts".into());
     }
     if let Ok(ip) = target.host.parse::<IpAddr>() {
-        // An IP literal the allowlist names exactly: even a private or loopback one was chosen
-        // deliberately (a local mirror).
         if let Some(class) = never_a_destination(ip) {
             return Err(format!("{ip} is a {class} address, never a destination"));
+        }
+        // A special-range literal (a local mirror) is the node operator's choice: kilnd connects
+        // as root from the host's network namespace, where firewall rules may trust root.
+        if let Some(class) = special_range(ip)
+            && !allow.node_named.contains(target)
+        {
+            return Err(format!(
+                "{ip} is in a special range ({class}): reachable only when the node policy's [fetch] allow_hosts names {target}"
+            ));
         }
         return Ok(vec![SocketAddr::new(ip, target.port)]);
     }
@@ -377,7 +556,7 @@ pub(crate) async fn admit(
             format!("{} resolves to no address", target.host)
         } else {
             format!(
-                "{} resolves to {}; such addresses are reachable only when allow_hosts names the IP literal",
+                "{} resolves to {}; such addresses are reachable only as an IP literal the node policy's [fetch] allow_hosts names",
                 target.host,
                 refused.join(", ")
             )
@@ -418,22 +597,14 @@ async fn read_head(client: &mut TcpStream) -> Result<(String, Vec<u8>), String> 
 }
 
 impl Context {
-    /// Records an attempt; returns its index (`None` beyond [`MAX_RECORDS`]).
+    /// Records an attempt; returns its index (`None` past the record's limits).
     fn record(&self, entry: FetchConnection) -> Option<usize> {
-        let mut recorder = self.recorder.lock().ok()?;
-        if recorder.connections.len() >= MAX_RECORDS {
-            recorder.not_itemised += 1;
-            return None;
-        }
-        recorder.connections.push(entry);
-        Some(recorder.connections.len() - 1)
+        self.recorder.lock().ok()?.record(entry)
     }
 
     fn update(&self, index: Option<usize>, change: impl FnOnce(&mut FetchConnection)) {
-        if let (Some(index), Ok(mut recorder)) = (index, self.recorder.lock())
-            && let Some(entry) = recorder.connections.get_mut(index)
-        {
-            change(entry);
+        if let (Some(index), Ok(mut recorder)) = (index, self.recorder.lock()) {
+            recorder.update(index, change);
         }
     }
 
@@ -460,6 +631,7 @@ async fn handle(mut client: TcpStream, context: &Context, cancel: &CancellationT
     let (request, rest) = match parsed {
         Ok(parsed) => parsed,
         Err(reason) => {
+            let reason = super::truncated(reason, MAX_REASON_BYTES);
             let index = context.record(FetchConnection {
                 time,
                 method: String::new(),
@@ -493,6 +665,7 @@ async fn handle(mut client: TcpStream, context: &Context, cancel: &CancellationT
     let addresses = match admit(&context.allow, &request.target).await {
         Ok(addresses) => addresses,
         Err(reason) => {
+            let reason = super::truncated(reason, MAX_REASON_BYTES);
             context.update(index, |e| e.reason = Some(reason.clone()));
             context
                 .announce(index, format!("{what} denied ({reason})"))
@@ -514,6 +687,7 @@ async fn handle(mut client: TcpStream, context: &Context, cancel: &CancellationT
     let mut upstream = match upstream {
         Ok(upstream) => upstream,
         Err(reason) => {
+            let reason = super::truncated(reason, MAX_REASON_BYTES);
             context.update(index, |e| e.reason = Some(reason.clone()));
             context
                 .announce(index, format!("{what} allowed, but {reason}"))
@@ -684,19 +858,104 @@ mod tests {
             ("::ffff:10.0.0.1", Some("private")),
             ("fd00::1", Some("unique local")),
             ("fe80::1", Some("link-local")),
-            ("64:ff9b::a00:1", Some("NAT64 of a special IPv4 range")),
             ("93.184.216.34", None),
             ("2606:4700::6810:84e5", None),
-            ("64:ff9b::5db8:d822", None),
         ] {
-            assert_eq!(special_range(ip.parse().unwrap()), class, "{ip}");
+            assert_eq!(special_range(ip.parse().unwrap()).as_deref(), class, "{ip}");
+        }
+    }
+
+    /// One case per IPv6 block the review found missing, plus the blocks around them; an address
+    /// that embeds IPv4 is judged by the IPv4 address it carries.
+    #[test]
+    fn ipv6_is_only_global_unicast_and_embedded_ipv4_is_judged_as_ipv4() {
+        for (ip, class) in [
+            // 6to4, 2002::/16: 2002:a9fe:a9fe:: carries 169.254.169.254 (cloud metadata).
+            (
+                "2002:a9fe:a9fe::",
+                Some("6to4 of 169.254.169.254: link-local"),
+            ),
+            ("2002:7f00:1::1", Some("6to4 of 127.0.0.1: loopback")),
+            ("2002:0a00:0001:1::1", Some("6to4 of 10.0.0.1: private")),
+            ("2002:e000:0001::", Some("6to4 of 224.0.0.1: multicast")),
+            ("2002:5db8:d822::1", None),
+            // Teredo, 2001::/32: server in clear, client inverted (5601:5601 = !a9fe:a9fe).
+            (
+                "2001:0:a9fe:a9fe::5db8:d822",
+                Some("Teredo server of 169.254.169.254: link-local"),
+            ),
+            (
+                "2001:0:5db8:d822:0:0:5601:5601",
+                Some("Teredo client of 169.254.169.254: link-local"),
+            ),
+            (
+                "2001:0:5db8:d822:0:0:80ff:fffe",
+                Some("Teredo client of 127.0.0.1: loopback"),
+            ),
+            ("2001:0:5db8:d822:0:0:a247:27dd", None),
+            // The rest of 2001::/23, documentation, SRv6.
+            ("2001:2::1", Some("IETF protocol assignments")),
+            ("2001:10::1", Some("IETF protocol assignments")),
+            ("2001:db8::1", Some("documentation")),
+            ("3fff::1", Some("documentation")),
+            // SRv6 SIDs, 5f00::/16 (RFC 9602), are outside 2000::/3 too.
+            ("5f00::1", Some("not global unicast (outside 2000::/3)")),
+            // NAT64 well-known prefix 64:ff9b::/96.
+            (
+                "64:ff9b::a9fe:a9fe",
+                Some("NAT64 of 169.254.169.254: link-local"),
+            ),
+            ("64:ff9b::a00:1", Some("NAT64 of 10.0.0.1: private")),
+            ("64:ff9b::5db8:d822", None),
+            // Local-use NAT64 64:ff9b:1::/48, in each layout RFC 6052 allows there.
+            (
+                "64:ff9b:1::a9fe:a9fe",
+                Some("local-use NAT64 of 169.254.169.254: link-local"),
+            ),
+            (
+                "64:ff9b:1:0:a9:fea9:fe00:0",
+                Some("local-use NAT64 of 169.254.169.254: link-local"),
+            ),
+            (
+                "64:ff9b:1:a9fe:a9:fe00::",
+                Some("local-use NAT64 of 169.254.169.254: link-local"),
+            ),
+            (
+                "64:ff9b:1:a9fe:ff00:a9fe::",
+                Some("local-use NAT64 without an IPv4 address (RFC 6052)"),
+            ),
+            ("64:ff9b:1::5db8:d822", None),
+            // Discard-only, SIIT, IPv4-compatible, and anything else outside 2000::/3.
+            ("100::1", Some("discard-only (RFC 6666)")),
+            (
+                "::ffff:0:a9fe:a9fe",
+                Some("IPv4-translated (SIIT, RFC 2765)"),
+            ),
+            ("::a9fe:a9fe", Some("IPv4-compatible (deprecated)")),
+            ("4000::1", Some("not global unicast (outside 2000::/3)")),
+            ("1000::1", Some("not global unicast (outside 2000::/3)")),
+            ("e000::1", Some("not global unicast (outside 2000::/3)")),
+            ("fec0::1", Some("site-local")),
+            ("ff02::1", Some("multicast")),
+            ("::", Some("unspecified")),
+            ("2a00:1450:4001:82b::200e", None),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(special_range(ip).as_deref(), class, "{ip}");
         }
     }
 
     #[tokio::test]
     async fn only_allowlisted_destinations_and_public_addresses_pass() {
-        let allow = vec![hp("127.0.0.1:8080"), hp("localhost:8080"), hp("0.0.0.0:80")];
-        // An allowlisted IP literal is reachable even in a special range.
+        let hosts = vec![
+            hp("127.0.0.1:8080"),
+            hp("localhost:8080"),
+            hp("0.0.0.0:80"),
+            hp("93.184.216.34:80"),
+        ];
+        let node_named = vec![hp("127.0.0.1:8080"), hp("0.0.0.0:80")];
+        let allow = Allowlist { hosts, node_named };
+        // A special-range IP literal the node policy names is reachable (a local mirror).
         assert_eq!(
             admit(&allow, &hp("127.0.0.1:8080")).await.unwrap(),
             vec!["127.0.0.1:8080".parse().unwrap()]
@@ -714,5 +973,213 @@ mod tests {
         );
         let err = admit(&allow, &hp("0.0.0.0:80")).await.unwrap_err();
         assert!(err.contains("never a destination"), "{err}");
+        // A public literal needs no node policy.
+        assert!(admit(&allow, &hp("93.184.216.34:80")).await.is_ok());
+    }
+
+    /// Review finding: with no node policy the pipeline's allow_hosts alone opened loopback and
+    /// the metadata endpoint (kilnd connects as root from the host's namespace).
+    #[tokio::test]
+    async fn a_special_range_literal_needs_the_node_policy_not_just_the_pipeline() {
+        for literal in [
+            "127.0.0.1:8080",
+            "169.254.169.254:80",
+            "10.0.0.5:8080",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:8080",
+            "[2002:a9fe:a9fe::]:80",
+        ] {
+            let target = hp(literal);
+            let pipeline_only = Allowlist {
+                hosts: vec![target.clone()],
+                node_named: Vec::new(),
+            };
+            let err = admit(&pipeline_only, &target).await.unwrap_err();
+            assert!(
+                err.contains("is in a special range (")
+                    && err.ends_with(&format!(
+                        "reachable only when the node policy's [fetch] allow_hosts names {target}"
+                    )),
+                "{literal}: {err}"
+            );
+            // Naming another port of it does not count either.
+            let other_port = Allowlist {
+                hosts: vec![target.clone()],
+                node_named: vec![HostPort {
+                    host: target.host.clone(),
+                    port: target.port + 1,
+                }],
+            };
+            assert!(admit(&other_port, &target).await.is_err(), "{literal}");
+            let node_named = Allowlist {
+                hosts: vec![target.clone()],
+                node_named: vec![target.clone()],
+            };
+            assert!(admit(&node_named, &target).await.is_ok(), "{literal}");
+        }
+    }
+
+    /// Review finding: a 16 KB request line of \x01 bytes became an 80 KB reason, in the record,
+    /// the step log and the answer. Every refusal quotes at most a bounded excerpt.
+    #[test]
+    fn refusal_reasons_quote_a_bounded_excerpt_of_the_request() {
+        let junk = "\u{1}".repeat(16 * 1024);
+        let long_method = "A".repeat(16 * 1024);
+        let long_host = "a".repeat(16 * 1024);
+        let wide = "é".repeat(8 * 1024);
+        for (head, why) in [
+            (junk.clone(), "malformed request line \"\\u{1}"),
+            (
+                format!("GET {junk} HTTP/1.1"),
+                "is not an absolute http:// URI",
+            ),
+            (
+                format!("GET http://x.org/ {junk}"),
+                "unsupported protocol version",
+            ),
+            (
+                format!("{long_method} http://x.org/ HTTP/1.1"),
+                "malformed method \"AAAA",
+            ),
+            (
+                format!("GET http://x.org/ HTTP/1.1\r\nX: y\r\n{junk}"),
+                "malformed header line",
+            ),
+            (
+                format!("CONNECT {long_host}:443 HTTP/1.1"),
+                "not a host name",
+            ),
+            (format!("CONNECT {junk}:443 HTTP/1.1"), "not a host name"),
+            (
+                format!("GET http://{long_host}/ HTTP/1.1"),
+                "not a host name",
+            ),
+            (format!("GET http://x{junk}/ HTTP/1.1"), "not a host name"),
+            (wide.clone(), "malformed request line \"éé"),
+        ] {
+            let err = parse_head(&head).unwrap_err();
+            assert!(err.contains(why), "{why}: {err}");
+            assert!(err.len() <= 300, "{why}: {} bytes: {err}", err.len());
+            assert!(err.contains("\"… ("), "{why}: no cut marker: {err}");
+        }
+        // A short method is still a method (the longest registered one has 17 letters).
+        assert!(parse_head("UPDATEREDIRECTREF http://x.org/ HTTP/1.1").is_ok());
+        assert!(parse_head(&format!("{} http://x.org/ HTTP/1.1", "A".repeat(25))).is_err());
+    }
+
+    fn attempt(reason: &str) -> FetchConnection {
+        FetchConnection {
+            time: "2026-01-01T00:00:00.000000000Z".into(),
+            method: String::new(),
+            host: String::new(),
+            port: 0,
+            address: None,
+            allowed: false,
+            reason: Some(reason.into()),
+            bytes_sent: 0,
+            bytes_received: 0,
+        }
+    }
+
+    /// The record is capped in bytes as well as in attempts; what is not itemised is counted.
+    #[test]
+    fn the_record_is_capped_in_bytes_and_counts_what_it_drops() {
+        let mut recorder = Recorder::default();
+        let huge = "\u{1}".repeat(80 * 1024);
+        let attempts = MAX_RECORDS + 100;
+        for _ in 0..attempts {
+            recorder.record(attempt(&huge));
+        }
+        let itemised = recorder.connections.len();
+        assert!(itemised < MAX_RECORDS, "the byte cap never applied");
+        assert_eq!(itemised as u64 + recorder.not_itemised, attempts as u64);
+        assert!(
+            recorder
+                .connections
+                .iter()
+                .all(|c| c.reason.as_ref().unwrap().len() <= MAX_REASON_BYTES)
+        );
+        let json = serde_json::to_vec(&recorder.connections).unwrap();
+        assert!(
+            json.len() <= MAX_RECORD_BYTES,
+            "{} bytes of JSON for {itemised} attempts",
+            json.len()
+        );
+        assert_eq!(
+            recorder.bytes,
+            recorder.connections.iter().map(record_size).sum::<usize>()
+        );
+
+        // Ordinary attempts: the count cap binds first.
+        let mut recorder = Recorder::default();
+        for _ in 0..attempts {
+            let mut entry = attempt("not in allow_hosts");
+            entry.method = "CONNECT".into();
+            entry.host = "static.crates.io".into();
+            entry.address = Some("[2a00:1450:4001:82b::200e]:443".into());
+            recorder.record(entry);
+        }
+        assert_eq!(recorder.connections.len(), MAX_RECORDS);
+        assert_eq!(recorder.not_itemised, 100);
+        let json = serde_json::to_vec(&recorder.connections).unwrap();
+        assert!(json.len() <= MAX_RECORD_BYTES, "{}", json.len());
+
+        // A reason set later is cut too, and the size follows it.
+        let mut recorder = Recorder::default();
+        let index = recorder.record(attempt("x")).unwrap();
+        recorder.update(index, |e| e.reason = Some(huge.clone()));
+        assert_eq!(
+            recorder.connections[0].reason.as_ref().unwrap().len(),
+            MAX_REASON_BYTES
+        );
+        assert_eq!(recorder.bytes, record_size(&recorder.connections[0]));
+    }
+
+    /// The whole path through a real proxy on a real socket: junk requests of 16 KB each leave
+    /// short reasons in the record, the step log and the answer.
+    #[tokio::test]
+    async fn junk_requests_through_the_proxy_leave_short_records_and_log_lines() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (listener_tx, listener_rx) = oneshot::channel();
+        let (log_tx, mut log_rx) = mpsc::channel(64);
+        let proxy = Proxy::start(Allowlist::default(), listener_rx, log_tx);
+        listener_tx.send(listener).unwrap();
+        let junk = "\u{1}".repeat(16 * 1024 - 8);
+        let heads = [
+            format!("{junk}\r\n\r\n"),
+            format!(
+                "{} http://x.org/ HTTP/1.1\r\n\r\n",
+                "A".repeat(16 * 1024 - 32)
+            ),
+            format!(
+                "GET http://x.org/ HTTP/1.1\r\n{}\r\n\r\n",
+                &junk[..16 * 1024 - 64]
+            ),
+        ];
+        for head in &heads {
+            let mut client = TcpStream::connect(address).await.unwrap();
+            client.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            let answer = String::from_utf8(answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
+            assert!(answer.len() < 512, "{} bytes", answer.len());
+        }
+        let (connections, not_itemised) = proxy.stop().await;
+        assert_eq!((connections.len(), not_itemised), (heads.len(), 0));
+        for c in &connections {
+            let reason = c.reason.as_deref().unwrap();
+            assert!(
+                reason.len() <= 300 && reason.contains("\"… (16"),
+                "{reason}"
+            );
+        }
+        let mut lines = Vec::new();
+        while let Ok(line) = log_rx.try_recv() {
+            lines.push(String::from_utf8(line.to_vec()).unwrap());
+        }
+        assert_eq!(lines.len(), heads.len(), "{lines:?}");
+        assert!(lines.iter().all(|l| l.len() < 400), "{lines:?}");
     }
 }
