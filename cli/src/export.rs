@@ -215,6 +215,12 @@ pub async fn rebuild(
                 .duration_ms
                 .map(|d| format!(" ({:.2}s)", d as f64 / 1000.0))
                 .unwrap_or_default();
+            // A worker that ran without the observer says so on its line.
+            let took = if s.observed {
+                took
+            } else {
+                format!("{took} UNOBSERVED")
+            };
             match (&s.error, s.result.matches) {
                 (Some(e), _) => println!("{:<16} ERROR {e}", s.step),
                 (None, true) => println!("{:<16} match{took}", s.step),

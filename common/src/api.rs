@@ -385,4 +385,12 @@ pub struct StepRebuild {
     /// Why the rebuild could not run or did not succeed (then `match` is false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The rebuild's worker ran under the pipeline observer. False: it ran UNOBSERVED (the
+    /// observer is not loaded and `[observer] required = false`), or it never started.
+    #[serde(default)]
+    pub observed: bool,
+    /// Digest of the signed runtime-trace envelope of the rebuild's worker (a CAS blob:
+    /// `GET /v1/blobs/{digest}`), when it was observed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Digest>,
 }

@@ -120,6 +120,16 @@ async fn run_step(sandbox: &Sandbox, spec: &SandboxSpec) -> Duration {
     took
 }
 
+/// User + system CPU time of every reaped descendant so far (the helper's include its step's).
+fn children_cpu() -> Duration {
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(usage.user_time()) + tv(usage.system_time())
+}
+
 fn time_cmd(cmd: &mut Command) -> Duration {
     let t = Instant::now();
     let s = cmd
@@ -272,16 +282,18 @@ fn main() {
     }
     let src = e.input.path();
     c_project(src, files);
-    let mut bare_runs = Vec::new();
-    let mut kiln_runs = Vec::new();
+    let (mut bare_runs, mut kiln_runs, mut bare_cpu, mut kiln_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..build_runs {
         let out = tempfile::tempdir().unwrap();
+        let cpu = children_cpu();
         bare_runs.push(time_cmd(
             Command::new("make")
                 .args(["-s", "-j2", "-C"])
                 .arg(src)
                 .arg(format!("O={}", out.path().display())),
         ));
+        bare_cpu.push(children_cpu().saturating_sub(cpu));
         for entry in std::fs::read_dir(e.output.path()).unwrap() {
             std::fs::remove_file(entry.unwrap().path()).unwrap();
         }
@@ -292,9 +304,12 @@ fn main() {
             "/workspace/in",
             Some(&format!("build-{i}")),
         );
+        let cpu = children_cpu();
         kiln_runs.push(rt.block_on(run_step(&sandbox, &s)));
+        kiln_cpu.push(children_cpu().saturating_sub(cpu));
     }
     let (b, k) = (median(bare_runs), median(kiln_runs));
+    let (bc, kc) = (median(bare_cpu), median(kiln_cpu));
     println!("real build: make -j2 of {files} C files, median of {build_runs}");
     println!(
         "  bare on the host                        {:8.2} s",
@@ -304,5 +319,12 @@ fn main() {
         "  inside the hermetic worker              {:8.2} s  = {:.3}x bare (target <= 1.02x)",
         k.as_secs_f64(),
         k.as_secs_f64() / b.as_secs_f64()
+    );
+    // CPU time is what the worker itself adds; wall time also carries the machine's other load.
+    println!(
+        "  CPU time (user+sys): bare {:.2} s, worker {:.2} s  = {:.3}x",
+        bc.as_secs_f64(),
+        kc.as_secs_f64(),
+        kc.as_secs_f64() / bc.as_secs_f64()
     );
 }

@@ -426,13 +426,14 @@ mod tests {
     #[test]
     fn image_size_cap_defaults_to_16_gib_and_is_checked() {
         assert_eq!(Config::default().images.max_total_bytes, 16 << 30);
-        let c = Config::parse("[images]\nmax_total_bytes = 2097152\n", Path::new("k.toml"))
-            .unwrap();
+        let c =
+            Config::parse("[images]\nmax_total_bytes = 2097152\n", Path::new("k.toml")).unwrap();
         assert_eq!(c.images.max_total_bytes, 2 << 20);
-        let err = Config::parse("[images]\nmax_total_bytes = 10\n", Path::new("k.toml"))
-            .unwrap_err();
+        let err =
+            Config::parse("[images]\nmax_total_bytes = 10\n", Path::new("k.toml")).unwrap_err();
         assert!(
-            err.to_string().contains("images.max_total_bytes must be at least"),
+            err.to_string()
+                .contains("images.max_total_bytes must be at least"),
             "{err}"
         );
     }

@@ -115,17 +115,21 @@ async fn step_gets_a_fresh_network_namespace_never_the_host_s() {
         return;
     }
     let host = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
-    let fixture = fixture("stat -L -c %i /proc/self/ns/net");
-    let (outcome, log) = run(&fixture.spec).await;
+    let single = fixture("stat -L -c %i /proc/self/ns/net");
+    let (outcome, log) = run(&single.spec).await;
     assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{log}");
-    let first: u64 = log.trim().parse().unwrap();
-    assert_ne!(first, host, "the step runs in the host's network namespace");
-    // And each step gets its own: a second run's namespace is another one.
-    let (outcome, second) = run(&fixture.spec).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{second}");
-    let second: u64 = second.trim().parse().unwrap();
-    assert_ne!(second, host);
-    assert_ne!(second, first, "two steps shared a network namespace");
+    let step: u64 = log.trim().parse().unwrap();
+    assert_ne!(step, host, "the step runs in the host's network namespace");
+    // Two steps alive at once never share one (a finished step's inode number may be reused).
+    let both = fixture("stat -L -c %i /proc/self/ns/net; sleep 0.3");
+    let (a, b) = tokio::join!(run(&both.spec), run(&single.spec));
+    assert_eq!(a.0.end, StepEnd::Exited { code: 0 }, "{}", a.1);
+    assert_eq!(b.0.end, StepEnd::Exited { code: 0 }, "{}", b.1);
+    let (a, b): (u64, u64) = (a.1.trim().parse().unwrap(), b.1.trim().parse().unwrap());
+    assert!(
+        a != host && b != host && a != b,
+        "host {host}, steps {a} and {b}"
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@
 )]
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -323,4 +323,75 @@ fn corrupted_image_blob_fails_the_step_before_it_runs() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn hard_link_trees_are_capped_at_import_and_materialized_once() {
+    if !privileged("hard_link_trees_are_capped_at_import_and_materialized_once") {
+        return;
+    }
+    // 64 MiB for the whole tree, every hard link counted in full.
+    let k = Kilnd::start("[images]\nmax_total_bytes = 67108864\n");
+    let tar_of = |dir: &Path, name: &str| {
+        let file = k.dir.path().join(name);
+        let o = Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(&file)
+            .arg(".")
+            .output()
+            .unwrap();
+        expect_code(&o, 0, "tar");
+        file
+    };
+    let tree = |links: usize| {
+        let dir = k.dir.path().join(format!("tree-{links}"));
+        build_image_dir(&dir, "linked");
+        std::fs::write(dir.join("big"), vec![b'k'; 1 << 20]).unwrap();
+        std::fs::create_dir(dir.join("l")).unwrap();
+        for i in 0..links {
+            std::fs::hard_link(dir.join("big"), dir.join(format!("l/{i}"))).unwrap();
+        }
+        dir
+    };
+    // The review's bomb: 1 MiB and 200 links, a ~1 MB tar describing a 201 MiB tree.
+    let bomb = tar_of(&tree(200), "bomb.tar");
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 4 << 20);
+    let o = k.kiln(&["image", "import", bomb.to_str().unwrap()]);
+    expect_code(&o, 2, "an image over [images] max_total_bytes");
+    let err = stderr(&o);
+    assert!(
+        err.contains("over the limit of 67108864 bytes ([images] max_total_bytes"),
+        "{err}"
+    );
+    let o = k.kiln(&["--json", "image", "ls"]);
+    assert_eq!(stdout(&o).trim(), "[]", "a refused image was indexed");
+
+    // Within the cap: imported, and on the node the 41 names of the content are one inode.
+    let ok = tar_of(&tree(40), "linked.tar");
+    let digest = import(&k, &ok)["digest"].as_str().unwrap().to_owned();
+    let f = pipeline_file(
+        k.dir.path(),
+        "linked.toml",
+        &format!(
+            "version = 1\nname = \"linked\"\n[workspaces.out]\n[[steps]]\nname = \"make\"\n\
+             kind = \"build\"\noutput = \"out\"\nimage = \"{digest}\"\n\
+             script = 'test -s /l/39 && read m < /etc/image-marker && echo \"$m\" > /workspace/out/seen'\n"
+        ),
+    );
+    let job = submit(&k, &f, &[]);
+    expect_code(
+        &follow(&k, &job),
+        0,
+        &format!("step on the linked image\n{}", k.log()),
+    );
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let root = k.state().join("images").join(hex).join("root");
+    let big = std::fs::metadata(root.join("big")).unwrap();
+    assert_eq!(big.nlink(), 41, "hard links must be materialized as links");
+    assert_eq!(
+        std::fs::metadata(root.join("l/17")).unwrap().ino(),
+        big.ino()
+    );
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -74,14 +74,18 @@ pub async fn node_info(State(node): State<Arc<Node>>) -> Json<NodeInfo> {
 
 /// `POST /v1/jobs`: the body is read as bytes (so the size cap answers 413) and parsed here (so a
 /// malformed body answers 400 with serde's line:col).
-pub async fn submit(State(node): State<Arc<Node>>, body: Bytes) -> ApiResult<Response> {
+pub async fn submit(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<super::Peer>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: SubmitJobRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {e}"),
         )
     })?;
-    match node.submit(req) {
+    match node.submit(req, peer.uid) {
         Ok(resp) => Ok((StatusCode::CREATED, Json(resp)).into_response()),
         Err(e @ (SubmitError::Spec(_) | SubmitError::Params(_) | SubmitError::Refused(_))) => Err(
             ApiError::with_details(StatusCode::UNPROCESSABLE_ENTITY, e.to_string(), e.details()),
@@ -205,9 +209,12 @@ pub async fn bundle(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Ap
 }
 
 /// `POST /v1/jobs/{id}/rebuild`: run a finished job's steps again against their recorded inputs
-/// and compare the outputs (answers when every rebuild has ended).
+/// and compare the outputs (answers when every rebuild has ended). Only root and the uid that
+/// submitted the job may (403), the definition is admitted again under today's policy (422),
+/// and a step that declares secrets is rebuilt only for root (403).
 pub async fn rebuild(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<super::Peer>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
@@ -221,8 +228,19 @@ pub async fn rebuild(
             )
         })?
     };
-    match node.rebuild_job(&id, req.step.as_deref()).await {
+    match node.rebuild_job(&id, req.step.as_deref(), peer.uid).await {
         Ok(report) => Ok(Json(report).into_response()),
+        Err(e @ crate::pipeline::rebuild::RebuildError::Forbidden { .. }) => {
+            tracing::info!(uid = peer.uid, job = %id, reason = %e, "rebuild refused");
+            Err(ApiError::new(StatusCode::FORBIDDEN, e.to_string()))
+        }
+        Err(crate::pipeline::rebuild::RebuildError::Refused { job, problems }) => {
+            Err(ApiError::with_details(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("job {job} cannot be rebuilt: its pipeline is not admitted today"),
+                problems,
+            ))
+        }
         Err(
             e @ (crate::pipeline::rebuild::RebuildError::NoJob(_)
             | crate::pipeline::rebuild::RebuildError::NoStep { .. }),

@@ -1,6 +1,7 @@
 //! `POST /v1/images` (import a root filesystem tar; submitters only, like `/v1/blobs`) and
 //! `GET /v1/images` (list). The upload is streamed to a private temporary file, capped at
-//! `api.max_blob_bytes` (413 beyond), then read entry by entry off the async runtime.
+//! `api.max_blob_bytes` (413 beyond), then read entry by entry off the async runtime; a tree
+//! whose files (hard links counted in full) exceed `[images] max_total_bytes` is refused (413).
 
 use std::io::{Seek, Write};
 use std::sync::Arc;
@@ -51,7 +52,12 @@ pub async fn import(State(node): State<Arc<Node>>, body: Body) -> ApiResult<Resp
             .rewind()
             .map_err(|source| ImageError::Tar { source })?;
         let reader = std::io::BufReader::new(file.as_file());
-        image::import(&node2.store, reader, &crate::pipeline::now())
+        image::import(
+            &node2.store,
+            reader,
+            node2.config.images.max_total_bytes,
+            &crate::pipeline::now(),
+        )
     })
     .await
     .map_err(internal)?;
@@ -64,6 +70,10 @@ pub async fn import(State(node): State<Arc<Node>>, body: Body) -> ApiResult<Resp
             };
             Ok((status, Json(imported)).into_response())
         }
+        Err(e @ ImageError::TooLarge { .. }) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            crate::error_chain(&e),
+        )),
         Err(
             e @ (ImageError::Tar { .. }
             | ImageError::Entry { .. }

@@ -5,8 +5,10 @@
 //! Refused (the error names the entry): absolute paths, `..` components, names that are not UTF-8
 //! or too long, device nodes, fifos, sparse files and other special types, hard links whose target
 //! is not a regular file earlier in the same archive, duplicate paths, and a path whose parent is
-//! not a directory. Stripped (listed in the result): setuid, setgid and sticky bits. Ignored:
-//! owners (the materialized tree is root's), times, xattrs, pax global headers.
+//! not a directory, and a tree whose files add up to more than `[images] max_total_bytes` (each
+//! hard link counted in full: a 1 MiB file with 200 links is a 201 MiB tree, so a small tar
+//! cannot describe a huge one). Stripped (listed in the result): setuid, setgid and sticky
+//! bits. Ignored: owners (the materialized tree is root's), times, xattrs, pax global headers.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -28,11 +30,30 @@ pub struct Imported {
     pub stripped_special_bits: Vec<String>,
 }
 
-/// Reads a tar stream into the CAS and builds the manifest (blocking).
-pub fn read_tar(cas: &Cas, reader: impl Read) -> Result<Imported, ImageError> {
+/// Reads a tar stream into the CAS and builds the manifest (blocking); refuses a tree whose files
+/// add up to more than `max_total_bytes`.
+pub fn read_tar(
+    cas: &Cas,
+    reader: impl Read,
+    max_total_bytes: u64,
+) -> Result<Imported, ImageError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
     let mut stripped = Vec::new();
+    let mut total = 0u64;
+    // Counted before anything of the entry is stored: the header's size for a file, the
+    // target's size for a hard link.
+    let mut count = |entry: &str, size: u64| {
+        total = total.saturating_add(size);
+        if total > max_total_bytes {
+            return Err(ImageError::TooLarge {
+                entry: entry.to_owned(),
+                total,
+                limit: max_total_bytes,
+            });
+        }
+        Ok(())
+    };
     let tar_err = |source| ImageError::Tar { source };
     for item in archive.entries().map_err(tar_err)? {
         let mut item = item.map_err(tar_err)?;
@@ -65,6 +86,7 @@ pub fn read_tar(cas: &Cas, reader: impl Read) -> Result<Imported, ImageError> {
         }
         let mode = mode_string(raw_mode);
         let entry = if kind.is_file() || kind == tar::EntryType::Continuous {
+            count(&shown, item.header().size().map_err(tar_err)?)?;
             let mut writer = cas.writer(None)?;
             io::copy(&mut item, &mut writer).map_err(tar_err)?;
             let (digest, size) = writer.commit()?;
@@ -115,7 +137,10 @@ pub fn read_tar(cas: &Cas, reader: impl Read) -> Result<Imported, ImageError> {
                     size: Some(size),
                     digest: Some(digest),
                     ..
-                }) => file(&path, mode, *size, *digest),
+                }) => {
+                    count(&shown, *size)?;
+                    file(&path, mode, *size, *digest)
+                }
                 _ => return Err(outside()),
             }
         } else {
@@ -272,7 +297,7 @@ mod tests {
             ),
             ("bin", tar::EntryType::Symlink, 0o777, b"", Some("usr/bin")),
         ]);
-        let imported = read_tar(&cas, &tar[..]).unwrap();
+        let imported = read_tar(&cas, &tar[..], u64::MAX).unwrap();
         let paths: Vec<(&str, EntryType, &str)> = imported
             .manifest
             .entries
@@ -301,9 +326,51 @@ mod tests {
             ("usr/bin/dash", tar::EntryType::Regular, 0o755, b"ELF", None),
         ]);
         assert_eq!(
-            read_tar(&cas, &again[..]).unwrap().manifest.to_bytes(),
+            read_tar(&cas, &again[..], u64::MAX)
+                .unwrap()
+                .manifest
+                .to_bytes(),
             imported.manifest.to_bytes()
         );
+    }
+
+    #[test]
+    fn hard_links_count_in_full_against_the_size_cap() {
+        // The review's case: one 1 MiB file and 200 hard links to it, a 1.15 MB tar that
+        // describes a 201 MiB tree.
+        let big = vec![7u8; 1 << 20];
+        let names: Vec<String> = (0..200).map(|i| format!("link{i}")).collect();
+        let mut items: Vec<Item<'_>> = vec![("big", tar::EntryType::Regular, 0o644, &big, None)];
+        items.extend(names.iter().map(|n| {
+            (
+                n.as_str(),
+                tar::EntryType::Link,
+                0o644,
+                &b""[..],
+                Some("big"),
+            )
+        }));
+        let tar = tar_of(&items);
+        assert!(tar.len() < (5 << 20) / 4, "{} bytes", tar.len());
+        let (_d, cas) = cas();
+        let err = read_tar(&cas, &tar[..], 100 << 20).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ImageError::TooLarge { total, limit, .. } if total > limit && limit == 100 << 20),
+            "{text}"
+        );
+        assert!(
+            text.contains("entry \"link99\"") && text.contains("[images] max_total_bytes"),
+            "{text}"
+        );
+        // Under a cap that holds the whole tree it is accepted, the links sharing one blob.
+        let imported = read_tar(&cas, &tar[..], 201 << 20).unwrap();
+        assert_eq!(imported.manifest.file_stats(), (201, 201 << 20));
+        // A single regular file over the cap is refused before it is stored.
+        let (_d2, fresh) = super::tests::cas();
+        let err = read_tar(&fresh, &tar[..], (1 << 20) - 1).unwrap_err();
+        assert!(err.to_string().contains("entry \"big\""), "{err}");
+        assert!(!fresh.contains(&Digest::of(&big)));
     }
 
     #[test]
@@ -388,7 +455,7 @@ mod tests {
             ),
         ] {
             let (_d, cas) = cas();
-            let err = read_tar(&cas, &tar_of(&items)[..]).unwrap_err();
+            let err = read_tar(&cas, &tar_of(&items)[..], u64::MAX).unwrap_err();
             let text = err.to_string();
             assert!(
                 text.contains(&format!("entry {entry:?}")) && text.contains(reason),

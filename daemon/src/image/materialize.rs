@@ -3,7 +3,14 @@
 //! compared with the manifest, then renamed into place. A tree that exists was complete and
 //! verified when it was renamed; a blob that no longer matches its digest stops the step with the
 //! file and digest named, and nothing is left behind.
+//!
+//! Disk use: files with the same content and permission bits (hard links in the imported tar,
+//! or identical files) are written once and hard-linked, so a tar of one file and many links to
+//! it takes the disk of one file; the tree is read-only, so sharing an inode changes nothing a
+//! step can see. Before writing, the free space and inodes of the images directory are checked
+//! against what the tree needs, and a tree that does not fit is refused with both figures.
 
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -89,6 +96,7 @@ pub fn ensure(
         .prefix(".tmp-")
         .tempdir_in(images_dir)
         .map_err(io_err(images_dir))?;
+    check_free_space(digest, &manifest, images_dir)?;
     let tmp_root = tmp.path().join("root");
     fs::DirBuilder::new()
         .mode(0o700)
@@ -124,9 +132,78 @@ pub fn ensure(
     Ok(image)
 }
 
+/// Space kept free on the images filesystem beyond the tree itself (directories, metadata,
+/// other writers): a tree is refused if writing it would leave less than this.
+const FREE_SPACE_MARGIN: u64 = 64 << 20;
+
+/// What writing the tree takes: bytes of its distinct files (see [`file_key`]), rounded up to
+/// 4 KiB blocks, plus a block per directory and symlink; and one inode per directory, symlink
+/// and distinct file.
+fn space_needed(manifest: &Manifest) -> (u64, u64) {
+    const BLOCK: u64 = 4096;
+    let mut seen = std::collections::HashSet::new();
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    for entry in &manifest.entries {
+        match (entry.kind, file_key(entry)) {
+            (EntryType::File, Some(key)) => {
+                if seen.insert(key) {
+                    bytes = bytes.saturating_add(key.1.div_ceil(BLOCK) * BLOCK);
+                    inodes += 1;
+                }
+            }
+            (EntryType::File, None) => {}
+            _ => {
+                bytes = bytes.saturating_add(BLOCK);
+                inodes += 1;
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
+/// Refuses a tree that does not fit in the free space (and inodes) of `images_dir`'s filesystem.
+fn check_free_space(
+    image: &Digest,
+    manifest: &Manifest,
+    images_dir: &Path,
+) -> Result<(), ImageError> {
+    let (needed, inodes) = space_needed(manifest);
+    let st = nix::sys::statvfs::statvfs(images_dir).map_err(|errno| ImageError::Io {
+        path: images_dir.to_owned(),
+        source: errno.into(),
+    })?;
+    // The space an unprivileged writer could use: kilnd should not eat the root reserve either.
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    let free_inodes = st.files_available();
+    // Some filesystems (btrfs, tmpfs with nr_inodes=0) report 0 total inodes: no inode limit.
+    let inode_limited = st.files() > 0;
+    if needed.saturating_add(FREE_SPACE_MARGIN) > free || (inode_limited && inodes > free_inodes) {
+        return Err(ImageError::NoSpace {
+            image: *image,
+            path: images_dir.to_owned(),
+            needed: needed.saturating_add(FREE_SPACE_MARGIN),
+            inodes,
+            free,
+            free_inodes,
+        });
+    }
+    Ok(())
+}
+
+/// Files that may share one inode: same content and same (read-only) permission bits.
+fn file_key(entry: &super::manifest::Entry) -> Option<(Digest, u64, u32)> {
+    match (entry.kind, entry.digest, entry.size) {
+        (EntryType::File, Some(digest), Some(size)) => {
+            Some((digest, size, entry.mode_bits() & 0o555))
+        }
+        _ => None,
+    }
+}
+
 /// Creates every entry under `root` (a fresh, empty directory). Paths come from a validated
 /// manifest: every parent is a directory created here before its children, so nothing is ever
-/// created through a symlink (and `O_NOFOLLOW | O_EXCL` would refuse it anyway).
+/// created through a symlink (and `O_NOFOLLOW | O_EXCL` would refuse it anyway). A file whose
+/// content and mode were already written is a hard link to that first copy.
 fn write_tree(
     cas: &Cas,
     image: &Digest,
@@ -137,6 +214,7 @@ fn write_tree(
         let path = path.to_owned();
         move |source| ImageError::Io { path, source }
     };
+    let mut written: HashMap<(Digest, u64, u32), PathBuf> = HashMap::new();
     for entry in &manifest.entries {
         let path = root.join(&entry.path);
         match entry.kind {
@@ -152,9 +230,14 @@ fn write_tree(
                 std::os::unix::fs::symlink(target, &path).map_err(io_err(&path))?;
             }
             EntryType::File => {
-                let (Some(digest), Some(size)) = (entry.digest, entry.size) else {
+                let Some(key @ (digest, size, _)) = file_key(entry) else {
                     continue;
                 };
+                if let Some(first) = written.get(&key) {
+                    // The first copy was verified against the same digest when it was written.
+                    fs::hard_link(first, &path).map_err(io_err(&path))?;
+                    continue;
+                }
                 copy_verified(
                     cas,
                     image,
@@ -164,6 +247,7 @@ fn write_tree(
                     &path,
                     entry.mode_bits(),
                 )?;
+                written.insert(key, path);
             }
         }
     }
@@ -287,7 +371,7 @@ mod tests {
         add("bin", tar::EntryType::Symlink, 0o777, b"", Some("usr/bin"));
         add("tmp", tar::EntryType::Directory, 0o1777, b"", None);
         let tar = b.into_inner().unwrap();
-        let manifest = read_tar(cas, &tar[..]).unwrap().manifest;
+        let manifest = read_tar(cas, &tar[..], u64::MAX).unwrap().manifest;
         cas.put_bytes(&manifest.to_bytes()).unwrap()
     }
 
@@ -325,6 +409,139 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [std::ffi::OsString::from(d.hex())]);
+    }
+
+    /// An image of `files` (path, content) plus hard links (path, target), as imported.
+    fn image_of(cas: &Cas, files: &[(String, Vec<u8>)], links: &[(String, &str)]) -> Digest {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            h.set_path(path).unwrap();
+            h.set_cksum();
+            b.append(&h, &data[..]).unwrap();
+        }
+        for (path, target) in links {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Link);
+            h.set_mode(0o644);
+            h.set_size(0);
+            h.set_path(path).unwrap();
+            h.set_link_name(target).unwrap();
+            h.set_cksum();
+            b.append(&h, &b""[..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let manifest = read_tar(cas, &tar[..], u64::MAX).unwrap().manifest;
+        cas.put_bytes(&manifest.to_bytes()).unwrap()
+    }
+
+    fn links_to_big() -> Vec<(String, &'static str)> {
+        (0..200).map(|i| (format!("l/{i}"), "big")).collect()
+    }
+
+    #[test]
+    fn hard_links_and_identical_files_take_the_disk_of_one_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cas = Cas::open(&dir.path().join("cas")).unwrap();
+        // The review's case: 1 MiB and 200 hard links to it (201 MiB if each were a copy), plus
+        // an identical file that is not a link in the tar.
+        let big = vec![42u8; 1 << 20];
+        let d = image_of(
+            &cas,
+            &[("big".into(), big.clone()), ("same".into(), big.clone())],
+            &links_to_big(),
+        );
+        let m = ensure(&cas, &dir.path().join("images"), &d).unwrap();
+        let first = fs::metadata(m.root.join("big")).unwrap();
+        assert_eq!(
+            first.nlink(),
+            202,
+            "every copy of the content must be one inode"
+        );
+        for i in [0, 99, 199] {
+            let link = fs::metadata(m.root.join(format!("l/{i}"))).unwrap();
+            assert_eq!((link.dev(), link.ino()), (first.dev(), first.ino()));
+        }
+        assert_eq!(
+            fs::metadata(m.root.join("same")).unwrap().ino(),
+            first.ino()
+        );
+        assert_eq!(fs::read(m.root.join("l/7")).unwrap(), big);
+        assert_eq!(first.mode() & 0o7777, 0o444);
+    }
+
+    /// A tmpfs of `bytes` on a fresh directory, unmounted when dropped (needs root).
+    struct SmallFs(tempfile::TempDir);
+
+    impl SmallFs {
+        fn mount(bytes: u64) -> Option<Self> {
+            if !nix::unistd::geteuid().is_root() {
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
+                eprintln!("SKIP: mounting a small tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            nix::mount::mount(
+                Some("kiln-test"),
+                dir.path(),
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some(format!("size={bytes}").as_str()),
+            )
+            .unwrap();
+            Some(Self(dir))
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn a_tree_that_does_not_fit_is_refused_before_anything_is_written() {
+        let Some(small) = SmallFs::mount(100 << 20) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cas = Cas::open(&dir.path().join("cas")).unwrap();
+        let images = small.0.path().join("images");
+        // 201 MiB as separate copies: it only fits (with the 64 MiB margin) because the links
+        // are materialized as links.
+        let linked = image_of(&cas, &[("big".into(), vec![1u8; 1 << 20])], &links_to_big());
+        let m = ensure(&cas, &images, &linked).unwrap();
+        assert_eq!(fs::metadata(m.root.join("l/5")).unwrap().len(), 1 << 20);
+        // 48 distinct 1 MiB files do not fit next to the margin: refused with the figures, and
+        // nothing of it is left on the filesystem.
+        let files: Vec<(String, Vec<u8>)> = (0..48u8)
+            .map(|i| (format!("f{i}"), vec![i; 1 << 20]))
+            .collect();
+        let distinct = image_of(&cas, &files, &[]);
+        let used = || {
+            let st = nix::sys::statvfs::statvfs(small.0.path()).unwrap();
+            (st.blocks() - st.blocks_free()) * st.fragment_size()
+        };
+        let before = used();
+        let err = ensure(&cas, &images, &distinct).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ImageError::NoSpace { .. }), "{text}");
+        assert!(
+            text.contains(&distinct.to_string())
+                && text.contains("materializing needs")
+                && text.contains(&images.display().to_string()),
+            "{text}"
+        );
+        assert_eq!(used(), before, "a refused tree must not be written");
+        let names: Vec<_> = fs::read_dir(&images)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(linked.hex())]);
     }
 
     #[test]

@@ -51,6 +51,38 @@ pub enum ImageError {
         /// The limit.
         limit: usize,
     },
+    /// The tree is larger than `[images] max_total_bytes` (hard links counted in full).
+    #[error(
+        "image tar entry {entry:?} brings the image's files to {total} bytes, over the limit of \
+         {limit} bytes ([images] max_total_bytes; each hard link counts in full)"
+    )]
+    TooLarge {
+        /// The entry that crossed the limit.
+        entry: String,
+        /// Total bytes of the files up to and including it.
+        total: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The node has too little free space to materialize the tree.
+    #[error(
+        "image {image}: materializing needs {needed} bytes and {inodes} inodes on {path}, but \
+         only {free} bytes and {free_inodes} inodes are free"
+    )]
+    NoSpace {
+        /// The image.
+        image: Digest,
+        /// Where it would be written.
+        path: PathBuf,
+        /// Bytes the tree takes (each distinct file once).
+        needed: u64,
+        /// Inodes it takes.
+        inodes: u64,
+        /// Bytes free for kilnd.
+        free: u64,
+        /// Inodes free.
+        free_inodes: u64,
+    },
     /// Storing a file failed.
     #[error("cannot store an image file")]
     Store(#[source] Box<CasError>),
@@ -115,9 +147,15 @@ pub fn images_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Imports a tar stream (blocking): files into the CAS, the manifest into the CAS, the image
-/// into the index.
-pub fn import(store: &Store, reader: impl Read, now: &str) -> Result<ImportResult, ImageError> {
-    let imported = import::read_tar(&store.cas, reader)?;
+/// into the index. `max_total_bytes` caps the total size of the tree's files, hard links
+/// counted in full (`[images] max_total_bytes`).
+pub fn import(
+    store: &Store,
+    reader: impl Read,
+    max_total_bytes: u64,
+    now: &str,
+) -> Result<ImportResult, ImageError> {
+    let imported = import::read_tar(&store.cas, reader, max_total_bytes)?;
     let bytes = imported.manifest.to_bytes();
     let digest = store.cas.put_bytes(&bytes)?;
     let existed = store.db.image(&digest)?.is_some();

@@ -211,10 +211,12 @@ impl Node {
         })
     }
 
-    /// Admit a job and queue it.
+    /// Admit a job and queue it. `submitter_uid` is the peer's uid (`SO_PEERCRED`), recorded
+    /// with the job: only that uid and root may rebuild it.
     pub fn submit(
         self: &Arc<Self>,
         req: SubmitJobRequest,
+        submitter_uid: u32,
     ) -> Result<SubmitJobResponse, SubmitError> {
         if self.shutdown.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
@@ -287,6 +289,16 @@ impl Node {
             .cas
             .put_bytes(req.pipeline.as_bytes())
             .map_err(|e| SubmitError::Store(e.to_string()))?;
+        // The signature as submitted: `kiln rebuild` re-admits the definition with it.
+        let signature = req
+            .signature
+            .as_ref()
+            .map(|envelope| {
+                let bytes = serde_json::to_vec(envelope).map_err(|e| e.to_string())?;
+                self.store.cas.put_bytes(&bytes).map_err(|e| e.to_string())
+            })
+            .transpose()
+            .map_err(SubmitError::Store)?;
         let id = uuid::Uuid::now_v7().to_string();
         let order = pipeline.execution_order();
         let steps = order
@@ -305,6 +317,8 @@ impl Node {
                 params: &params,
                 created_at: &now(),
                 steps,
+                submitter_uid: Some(submitter_uid),
+                signature,
             })
             .map_err(|e| SubmitError::Store(e.to_string()))?;
         let (events, _) = broadcast::channel(1024);
@@ -770,41 +784,20 @@ impl Node {
         }
         let mut output_fs = None;
         if let Some(out) = &step.output {
-            let dir = ws_root.join(out);
-            if let Err(e) = std::fs::create_dir_all(&dir)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    sandbox::prepare_output_dir(&dir, profile.uid, profile.gid)
-                        .map_err(|e| e.to_string())
-                })
-            {
-                return failed(
-                    StepState::Failed,
-                    format!("cannot prepare output workspace {out:?}: {e}"),
-                );
-            }
             // `[limits] workspace_size`: the step writes on a tmpfs of that size, not the disk.
-            let host_path = match profile.workspace_size_bytes {
-                None => dir,
-                Some(limit) => {
-                    let point = run.work_dir.join("outfs").join(&step.name);
-                    match sandbox::outputfs::OutputFs::mount(
-                        &point,
-                        limit,
-                        profile.uid,
-                        profile.gid,
-                    ) {
-                        Ok(ofs) => output_fs.insert(ofs).dir(),
-                        Err(e) => {
-                            return failed(
-                                StepState::Failed,
-                                format!(
-                                    "cannot prepare output workspace {out:?}: {}",
-                                    crate::error_chain(&e)
-                                ),
-                            );
-                        }
-                    }
+            let host_path = match sandbox::outputfs::OutputWorkspace::prepare(
+                &ws_root.join(out),
+                &run.work_dir.join("outfs").join(&step.name),
+                profile.workspace_size_bytes,
+                profile.uid,
+                profile.gid,
+            ) {
+                Ok(ws) => output_fs.insert(ws).dir(),
+                Err(e) => {
+                    return failed(
+                        StepState::Failed,
+                        format!("cannot prepare output workspace {out:?}: {e}"),
+                    );
                 }
             };
             mounts.push(WorkspaceMount {
@@ -959,7 +952,9 @@ impl Node {
             Err(e) => (StepState::Failed, None, Some(format!("sandbox: {e}")), None),
         };
         // A capped output workspace that filled up: writes failed, the outputs are incomplete.
-        if let Some(reason) = output_fs.as_ref().and_then(|o| o.full().ok().flatten())
+        if let Some(reason) = output_fs
+            .as_ref()
+            .and_then(sandbox::outputfs::OutputWorkspace::full)
             && state != StepState::Cancelled
         {
             state = StepState::Failed;
@@ -972,9 +967,10 @@ impl Node {
         if state == StepState::Succeeded
             && let Some(out) = &step.output
         {
-            let dir = output_fs
-                .as_ref()
-                .map_or_else(|| ws_root.join(out), sandbox::outputfs::OutputFs::dir);
+            let dir = output_fs.as_ref().map_or_else(
+                || ws_root.join(out),
+                sandbox::outputfs::OutputWorkspace::dir,
+            );
             let cas = self.store.cas.clone();
             match tokio::task::spawn_blocking(move || workspace::collect(&dir, Some(&cas))).await {
                 Ok(Ok(c)) => {
@@ -997,8 +993,8 @@ impl Node {
             }
         }
         // Collected outputs move from the tmpfs to the on-disk workspace; the tmpfs goes.
-        if let (Some(ofs), Some(out)) = (output_fs.take(), &step.output)
-            && let Err(e) = ofs.settle(ws_root.join(out), outputs.is_some()).await
+        if let Some(ofs) = output_fs.take()
+            && let Err(e) = ofs.settle(outputs.is_some()).await
         {
             state = StepState::Failed;
             error = Some(e);
@@ -1073,7 +1069,7 @@ impl Node {
             Some(observation) => match self
                 .seal_trace(
                     &workload,
-                    run,
+                    &run.id,
                     &step.name,
                     observation,
                     &secrets
@@ -1151,6 +1147,12 @@ impl Node {
             .run_details
             .byproducts
             .extend(publish_byproducts);
+        // A reproducible step's second run was observed too: its trace is named beside the first.
+        if let Some(trace) = &rerun.rerun_trace {
+            statement.predicate.run_details.byproducts.push(
+                kiln_common::trace::envelope_descriptor(rebuild::RERUN_TRACE_BYPRODUCT, trace),
+            );
+        }
         // Final = no later step transforms it (steps without outputs, like tests, only read).
         let final_output = step.output.as_ref().is_some_and(|ws| {
             !run.pipeline

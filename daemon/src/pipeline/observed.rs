@@ -15,7 +15,7 @@ use kiln_common::intoto::StepStatement;
 use kiln_common::trace::{RUNTIME_TRACE_V01, TRACE_BYPRODUCT, TraceStatement};
 use tracing::{error, info, warn};
 
-use super::{JobRun, Node};
+use super::Node;
 use crate::config::ObserverSection;
 use crate::error_chain;
 use crate::observe::assemble::{self, StepContext};
@@ -164,15 +164,16 @@ impl Node {
 
     /// After the helper exited and the teardown ran: drains the step's events, stores the trace
     /// in the CAS and signs its runtime-trace statement. `until_last_exit` is whether the
-    /// teardown verified the step's cgroups empty and removed.
+    /// teardown verified the step's cgroups empty and removed. Also seals the re-runs of a step
+    /// (pipeline/rebuild.rs), under their own job id and step name.
     #[expect(
         clippy::too_many_arguments,
-        reason = "one call site in run_step; each argument is a distinct fact of the step"
+        reason = "each argument is a distinct fact of the step (run_step, rebuild.rs)"
     )]
     pub(super) async fn seal_trace(
         &self,
         signer: &crate::provenance::WorkloadSigner<'_>,
-        run: &JobRun,
+        job_id: &str,
         step: &str,
         observation: StepObservation,
         secrets: &[String],
@@ -185,7 +186,7 @@ impl Node {
             .await
             .map_err(|e| format!("draining the step's trace: {}", error_chain(&e)))?;
         let facts = StepFacts {
-            job_id: run.id.clone(),
+            job_id: job_id.to_owned(),
             step: step.to_owned(),
             builder_id: signer.builder_id.clone(),
             started_on: started_on.to_owned(),

@@ -14,7 +14,17 @@
 //!   workspaces, checks each against the tree digest the step attested, runs the recipe and
 //!   compares the outputs with the attested ones.
 //!
-//! The second run is not observed and not attested: it only produces the comparison.
+//! Every re-run runs like the step's first run: in the same size-capped output workspace when the
+//! profile sets `[limits] workspace_size` (`sandbox::outputfs::OutputWorkspace`), and observed
+//! when the observer is loaded (refused when it is required and not), its trace sealed and
+//! signed like a step's: a reproducible step's provenance names the second run's trace
+//! (byproduct `runtime-trace-rerun`), a rebuild's report names it (`trace`) or says
+//! `observed: false`. The re-run's outputs are only compared, never kept.
+//!
+//! Who may rebuild (docs/api.md): root, or the uid that submitted the job (`SO_PEERCRED` at
+//! submit); the recorded definition must pass today's job admission (with the signature it was
+//! submitted with); a step that declares secrets is only rebuilt for root, because it would run
+//! with today's secret values and the report's file names go back to the caller.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -27,10 +37,11 @@ use kiln_common::intoto::Reproducibility;
 use kiln_common::spec::Step;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{JobRun, Node, describe_end, workspace};
-use crate::sandbox::{self, Access, SandboxSpec};
+use crate::sandbox::outputfs::OutputWorkspace;
+use crate::sandbox::{self, Access, Profile, SandboxSpec};
 use crate::store::db::RebuildRecord;
 
 /// How a step's worker was specified, minus secret values (see the module documentation).
@@ -59,7 +70,13 @@ pub(super) struct AfterStep {
     pub reproducible: Option<Reproducibility>,
     /// Why the step must fail (not reproducible, or the second run failed).
     pub failure: Option<String>,
+    /// The signed runtime-trace envelope of the second run (observed like the first): the
+    /// step's provenance names it as the byproduct [`RERUN_TRACE_BYPRODUCT`].
+    pub rerun_trace: Option<Digest>,
 }
+
+/// Byproduct name of the second run's trace in a `reproducible = true` step's provenance.
+pub const RERUN_TRACE_BYPRODUCT: &str = "runtime-trace-rerun";
 
 /// Why a rebuild could not run.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +101,22 @@ pub enum RebuildError {
         step: String,
         /// Why.
         reason: String,
+    },
+    /// The caller may not rebuild this job (or these steps).
+    #[error("job {job}: {reason}")]
+    Forbidden {
+        /// Job.
+        job: String,
+        /// Why.
+        reason: String,
+    },
+    /// The job's definition does not pass today's job admission.
+    #[error("job {job} cannot be rebuilt: its pipeline is not admitted today: {}", problems.join("; "))]
+    Refused {
+        /// Job.
+        job: String,
+        /// Every problem admission found.
+        problems: Vec<String>,
     },
     /// Index failure.
     #[error("{0}")]
@@ -146,55 +179,182 @@ fn materialize(
     Ok(tree_digest(&collected.entries))
 }
 
-/// Run `spec` with its output workspace at `output_dir` and fresh cgroups `cgroup_job/step`;
-/// returns the output files and the worker's wall time.
+/// Where a re-run of a step runs: its cgroups and trace are `job_id`/`step`; its output
+/// workspace is written on `output_disk`, or on a tmpfs at `outfs_point` when the profile caps
+/// it (`[limits] workspace_size`, the same [`OutputWorkspace`] as the step's first run).
+struct Rerun<'a> {
+    job_id: &'a str,
+    step: &'a str,
+    output_disk: PathBuf,
+    outfs_point: PathBuf,
+    profile: &'a Profile,
+}
+
+/// What a re-run did.
+#[derive(Debug)]
+struct RerunOutcome {
+    /// The output files and the worker's wall time, or why the re-run failed.
+    result: Result<(Vec<TreeEntry>, u64), String>,
+    /// The worker ran under the observer.
+    observed: bool,
+    /// The signed runtime-trace envelope of the worker, if observed.
+    trace: Option<Digest>,
+}
+
+impl RerunOutcome {
+    fn failed(reason: String) -> Self {
+        Self {
+            result: Err(reason),
+            observed: false,
+            trace: None,
+        }
+    }
+}
+
+/// Run `spec` again as `rerun` says, with today's limits of its profile, observed like any step
+/// (the observer gate applies; the trace is sealed under `job_id`/`step`).
 async fn run_again(
     node: &Node,
     mut spec: SandboxSpec,
     secrets: Vec<(String, String)>,
-    limits: &sandbox::Limits,
-    (cgroup_job, cgroup_step): (&str, &str),
-    output_dir: &Path,
+    rerun: &Rerun<'_>,
     cancel: tokio_util::sync::CancellationToken,
-) -> Result<(Vec<TreeEntry>, u64), String> {
-    if output_dir.exists() {
-        std::fs::remove_dir_all(output_dir)
-            .map_err(|e| format!("{}: {e}", output_dir.display()))?;
+) -> RerunOutcome {
+    let output_disk = &rerun.output_disk;
+    if output_disk.exists()
+        && let Err(e) = std::fs::remove_dir_all(output_disk)
+    {
+        return RerunOutcome::failed(format!("{}: {e}", output_disk.display()));
     }
-    if let Some(parent) = output_dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    }
-    sandbox::prepare_output_dir(output_dir, spec.uid, spec.gid).map_err(|e| e.to_string())?;
+    let output = match OutputWorkspace::prepare(
+        output_disk,
+        &rerun.outfs_point,
+        rerun.profile.workspace_size_bytes,
+        spec.uid,
+        spec.gid,
+    ) {
+        Ok(output) => output,
+        Err(e) => return RerunOutcome::failed(format!("cannot prepare the output workspace: {e}")),
+    };
     for mount in &mut spec.workspaces {
         if mount.access == Access::ReadWrite {
-            output_dir.clone_into(&mut mount.host_path);
+            mount.host_path = output.dir();
         }
     }
+    if let Err(reason) = node.observer_gate() {
+        let _ = output.settle(false).await;
+        return RerunOutcome::failed(reason);
+    }
+    let cgroups =
+        match sandbox::cgroup::create_step(rerun.job_id, rerun.step, &rerun.profile.limits) {
+            Ok(cgroups) => cgroups,
+            Err(e) => {
+                let _ = output.settle(false).await;
+                return RerunOutcome::failed(format!("cannot create the rerun's cgroups: {e}"));
+            }
+        };
+    // Attached before the helper exists, as for a step's first run.
+    let observation = match node.observe_step(&cgroups) {
+        Ok(observation) => observation,
+        Err(reason) => {
+            for (path, err) in sandbox::cgroup::remove_step_dirs(&cgroups) {
+                warn!(%err, path = %path.display(), "cannot remove an unused rerun cgroup");
+            }
+            let _ = output.settle(false).await;
+            return RerunOutcome::failed(reason);
+        }
+    };
+    let observed = observation.is_some();
+    if !observed {
+        warn!(
+            step = rerun.step,
+            "the rerun runs UNOBSERVED ([observer] required = false)"
+        );
+    }
+    let secret_values: Vec<String> = secrets.iter().map(|(_, v)| v.clone()).collect();
     spec.secrets = secrets;
-    spec.cgroups = Some(
-        sandbox::cgroup::create_step(cgroup_job, cgroup_step, limits)
-            .map_err(|e| format!("cannot create the rerun's cgroups: {e}"))?,
-    );
+    spec.cgroups = Some(cgroups);
+    let mut workload = match node.signer.workload(rerun.job_id, Some(rerun.step)) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = output.settle(false).await;
+            return RerunOutcome::failed(format!("workload key: {e}"));
+        }
+    };
     let (log_tx, mut log_rx) = mpsc::channel(64);
-    // The second run's output is not kept: only the comparison is.
+    // The rerun's log is not kept: only the comparison (and its trace) is.
     let drain = async move { while log_rx.recv().await.is_some() {} };
     let timeout = std::time::Duration::from_millis(spec.timeout_ms);
+    let started_on = super::now();
     let (outcome, ()) = tokio::join!(node.sandbox.run(&spec, log_tx, cancel), drain);
-    let outcome = outcome.map_err(|e| format!("sandbox: {e}"))?;
-    let (state, _, reason) = describe_end(&outcome, timeout);
-    if state != StepState::Succeeded {
-        return Err(format!(
-            "the second run {}: {}",
-            state.as_str(),
-            reason.unwrap_or_default()
-        ));
+    let finished_on = super::now();
+    let teardown_verified = outcome
+        .as_ref()
+        .is_ok_and(|o| o.teardown.as_ref().is_some_and(|t| t.verified));
+    let ended = match outcome {
+        Err(e) => Err(format!("sandbox: {e}")),
+        Ok(outcome) => {
+            let (state, _, reason) = describe_end(&outcome, timeout);
+            // A capped workspace that filled up: writes failed, the outputs are incomplete.
+            match (output.full(), state) {
+                (Some(full), _) => Err(format!(
+                    "the second run failed: {full}{}",
+                    reason.map(|r| format!("; then {r}")).unwrap_or_default()
+                )),
+                (None, StepState::Succeeded) => Ok(outcome.wall_ms),
+                (None, state) => Err(format!(
+                    "the second run {}: {}",
+                    state.as_str(),
+                    reason.unwrap_or_default()
+                )),
+            }
+        }
+    };
+    let mut result = match ended {
+        Ok(wall_ms) => {
+            let dir = output.dir();
+            tokio::task::spawn_blocking(move || workspace::collect(&dir, None))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.map_err(|e| e.to_string()))
+                .map(|c| (c.entries, wall_ms))
+        }
+        Err(e) => Err(e),
+    };
+    // The rerun's outputs are compared, never kept: the tmpfs goes.
+    if let Err(e) = output.settle(false).await {
+        result = result.and(Err(e));
     }
-    let dir = output_dir.to_owned();
-    let collected = tokio::task::spawn_blocking(move || workspace::collect(&dir, None))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok((collected.entries, outcome.wall_ms))
+    let mut trace = None;
+    if let Some(observation) = observation {
+        let sealed = match workload.certify(&started_on, &finished_on).await {
+            Ok(()) => {
+                node.seal_trace(
+                    &workload,
+                    rerun.job_id,
+                    rerun.step,
+                    observation,
+                    &secret_values,
+                    teardown_verified,
+                    (&started_on, &finished_on),
+                )
+                .await
+            }
+            Err(e) => Err(format!("cannot certify the rerun's workload key: {e}")),
+        };
+        match sealed {
+            Ok(sealed) => trace = Some(sealed.envelope),
+            Err(e) => {
+                error!(err = %e, step = rerun.step, "cannot seal the rerun's trace");
+                result = result.and(Err(e));
+            }
+        }
+    }
+    RerunOutcome {
+        result,
+        observed,
+        trace,
+    }
 }
 
 fn describe_differences(r: &Reproducibility) -> String {
@@ -252,20 +412,19 @@ impl Node {
             return AfterStep::default();
         };
         info!("reproducibility check: running the step a second time");
-        let output_dir = run.work_dir.join("rerun").join(&step.name).join(out);
+        let rerun_name = format!("{}-rerun", step.name);
+        let rerun = Rerun {
+            job_id: &run.id,
+            step: &rerun_name,
+            output_disk: run.work_dir.join("rerun").join(&step.name).join(out),
+            outfs_point: run.work_dir.join("outfs").join(&rerun_name),
+            profile,
+        };
         let secrets = spec.secrets.clone();
-        let second = run_again(
-            self,
-            spec,
-            secrets,
-            &profile.limits,
-            (&run.id, &format!("{}-rerun", step.name)),
-            &output_dir,
-            run.handle.cancel.child_token(),
-        )
-        .await;
+        let second = run_again(self, spec, secrets, &rerun, run.handle.cancel.child_token()).await;
         let _ = std::fs::remove_dir_all(run.work_dir.join("rerun"));
-        match second {
+        let trace = second.trace;
+        match second.result {
             Ok((entries, wall_ms)) => {
                 let result = Reproducibility::compare(outputs, &entries);
                 info!(
@@ -277,11 +436,13 @@ impl Node {
                 AfterStep {
                     failure: (!result.matches).then(|| describe_differences(&result)),
                     reproducible: Some(result),
+                    rerun_trace: trace,
                 }
             }
             Err(reason) => AfterStep {
                 reproducible: None,
                 failure: Some(format!("reproducibility check: {reason}")),
+                rerun_trace: trace,
             },
         }
     }
@@ -331,23 +492,47 @@ impl Node {
             .map_err(|e| e.to_string())
     }
 
-    /// `kiln rebuild`: run a finished job's steps again against their recorded inputs.
+    /// `kiln rebuild`: run a finished job's steps again against their recorded inputs, for
+    /// `caller_uid` (the peer). Only root and the uid that submitted the job may; the recorded
+    /// definition (with the signature it was submitted with) must pass today's job admission;
+    /// a step that declares secrets is only rebuilt for root (it would get today's values, and
+    /// the report's file names are the caller's to read).
     pub async fn rebuild_job(
         &self,
         job_id: &str,
         only: Option<&str>,
+        caller_uid: u32,
     ) -> Result<RebuildReport, RebuildError> {
         let job = self
             .store
             .db
             .job(job_id)?
             .ok_or_else(|| RebuildError::NoJob(job_id.to_owned()))?;
+        let origin = self
+            .store
+            .db
+            .job_origin(job_id)?
+            .ok_or_else(|| RebuildError::NoJob(job_id.to_owned()))?;
+        if caller_uid != 0 && origin.submitter_uid != Some(caller_uid) {
+            return Err(RebuildError::Forbidden {
+                job: job_id.to_owned(),
+                reason: match origin.submitter_uid {
+                    Some(uid) => format!(
+                        "uid {caller_uid} may not rebuild it: it was submitted by uid {uid}, and only that uid and root may"
+                    ),
+                    None => format!(
+                        "uid {caller_uid} may not rebuild it: its submitter was not recorded, so only root may"
+                    ),
+                },
+            });
+        }
         if !job.state.is_terminal() {
             return Err(RebuildError::NotFinished {
                 job: job_id.to_owned(),
                 state: job.state.as_str().to_owned(),
             });
         }
+        let pipeline = self.readmit(&job, origin.signature)?;
         let mut chosen = Vec::new();
         for s in &job.steps {
             let wanted = match only {
@@ -361,7 +546,10 @@ impl Node {
                 continue;
             }
             match self.store.db.rebuild_record(job_id, &s.name)? {
-                Some(record) => chosen.push((s, record)),
+                Some(record) => {
+                    let recipe = self.load_recipe(&record);
+                    chosen.push((s, record, recipe));
+                }
                 None if only.is_some() => {
                     return Err(RebuildError::NoStep {
                         job: job_id.to_owned(),
@@ -380,31 +568,60 @@ impl Node {
                 reason: "no such step".into(),
             });
         }
+        if caller_uid != 0 {
+            // The recipe's names, and today's definition's (the same text, re-admitted above).
+            let with_secrets: Vec<String> = chosen
+                .iter()
+                .filter(|(s, _, recipe)| {
+                    recipe.as_ref().is_ok_and(|r| !r.secret_names.is_empty())
+                        || pipeline
+                            .steps
+                            .iter()
+                            .any(|p| p.name == s.name && !p.secrets.is_empty())
+                })
+                .map(|(s, _, _)| format!("{:?}", s.name))
+                .collect();
+            if !with_secrets.is_empty() {
+                return Err(RebuildError::Forbidden {
+                    job: job_id.to_owned(),
+                    reason: format!(
+                        "step(s) {} declare secrets: only root may rebuild a step that declares secrets (it would run with today's values)",
+                        with_secrets.join(", ")
+                    ),
+                });
+            }
+        }
         // A rebuild takes a job slot like any job.
         let _permit = self.slots.clone().acquire_owned().await;
         let id = uuid::Uuid::now_v7().simple().to_string();
         let cgroup_job = format!("rebuild-{id}");
         let dir = self.config.state_dir.join("work").join(&cgroup_job);
         let mut steps = Vec::new();
-        for (status, record) in chosen {
-            let result = self
-                .rebuild_step(&dir, &cgroup_job, &status.name, &record, &status.outputs)
-                .await;
-            let entry = match result {
-                Ok((result, wall_ms)) => StepRebuild {
-                    step: status.name.clone(),
-                    result,
-                    duration_ms: Some(wall_ms),
-                    error: None,
-                },
-                Err(error) => StepRebuild {
-                    step: status.name.clone(),
-                    result: Reproducibility::default(),
-                    duration_ms: None,
-                    error: Some(error),
-                },
+        for (status, record, recipe) in chosen {
+            let outcome = match recipe {
+                Ok(recipe) => {
+                    self.rebuild_step(&dir, &cgroup_job, &status.name, &record, recipe)
+                        .await
+                }
+                Err(e) => RerunOutcome::failed(e),
             };
-            info!(job = %job_id, step = %entry.step, matches = entry.result.matches, error = entry.error.as_deref().unwrap_or(""), "step rebuilt");
+            let (result, duration_ms, error) = match outcome.result {
+                Ok((entries, wall_ms)) => (
+                    Reproducibility::compare(&status.outputs, &entries),
+                    Some(wall_ms),
+                    None,
+                ),
+                Err(error) => (Reproducibility::default(), None, Some(error)),
+            };
+            let entry = StepRebuild {
+                step: status.name.clone(),
+                result,
+                duration_ms,
+                error,
+                observed: outcome.observed,
+                trace: outcome.trace,
+            };
+            info!(job = %job_id, step = %entry.step, matches = entry.result.matches, observed = entry.observed, error = entry.error.as_deref().unwrap_or(""), "step rebuilt");
             steps.push(entry);
         }
         let _ = std::fs::remove_dir_all(&dir);
@@ -415,21 +632,106 @@ impl Node {
         })
     }
 
+    /// Job admission of the job's recorded definition, today: the pipeline text from the CAS,
+    /// the signature it was submitted with, its bound parameters; the signature policy, the
+    /// secret scan, the parameters, the declared secrets and fetch caps as for a new job.
+    fn readmit(
+        &self,
+        job: &kiln_common::api::JobStatus,
+        signature: Option<Digest>,
+    ) -> Result<kiln_common::spec::Pipeline, RebuildError> {
+        let refused = |problems: Vec<String>| RebuildError::Refused {
+            job: job.id.clone(),
+            problems,
+        };
+        let text = self
+            .store
+            .cas
+            .get(&job.pipeline_digest)
+            .map_err(|e| refused(vec![format!("pipeline {}: {e}", job.pipeline_digest)]))
+            .and_then(|bytes| {
+                String::from_utf8(bytes).map_err(|_| {
+                    refused(vec![format!(
+                        "pipeline {} is not UTF-8",
+                        job.pipeline_digest
+                    )])
+                })
+            })?;
+        let signature = signature
+            .map(|d| {
+                self.store
+                    .cas
+                    .get(&d)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                    .map_err(|e| refused(vec![format!("the job's signature {d}: {e}")]))
+            })
+            .transpose()?;
+        let req = kiln_common::api::SubmitJobRequest {
+            pipeline: text,
+            file_name: format!("{}.toml", job.pipeline),
+            params: job.params.clone(),
+            sources: BTreeMap::new(),
+            repos: BTreeMap::new(),
+            signature,
+        };
+        match self.admission.admit_job(&req) {
+            Err(e) => Err(refused(match e.details() {
+                d if d.is_empty() => vec![e.to_string()],
+                d => d,
+            })),
+            Ok(admitted) if !admitted.problems.is_empty() => Err(refused(admitted.problems)),
+            Ok(admitted) => {
+                info!(job = %job.id, signer = admitted.signer.as_deref().unwrap_or("unsigned"), "rebuild: pipeline admitted again");
+                Ok(admitted.pipeline)
+            }
+        }
+    }
+
+    fn load_recipe(&self, record: &RebuildRecord) -> Result<Recipe, String> {
+        serde_json::from_slice(
+            &self
+                .store
+                .cas
+                .get(&record.recipe)
+                .map_err(|e| format!("recipe {}: {e}", record.recipe))?,
+        )
+        .map_err(|e| format!("recipe {}: {e}", record.recipe))
+    }
+
     async fn rebuild_step(
         &self,
         dir: &Path,
         cgroup_job: &str,
         step: &str,
         record: &RebuildRecord,
-        attested: &[TreeEntry],
-    ) -> Result<(Reproducibility, u64), String> {
-        let cas = self.store.cas.clone();
-        let recipe: Recipe = serde_json::from_slice(
-            &cas.get(&record.recipe)
-                .map_err(|e| format!("recipe {}: {e}", record.recipe))?,
-        )
-        .map_err(|e| format!("recipe {}: {e}", record.recipe))?;
+        recipe: Recipe,
+    ) -> RerunOutcome {
         let step_dir = dir.join(step);
+        let prepared = self.prepare_rebuild(&step_dir, record, recipe).await;
+        let (spec, secrets, output, profile) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return RerunOutcome::failed(e),
+        };
+        let rerun = Rerun {
+            job_id: cgroup_job,
+            step,
+            output_disk: step_dir.join("out").join(output),
+            outfs_point: dir.join("outfs").join(step),
+            profile,
+        };
+        run_again(self, spec, secrets, &rerun, self.shutdown.child_token()).await
+    }
+
+    /// The recorded inputs recreated and checked, the spec pointed at them, today's secret
+    /// values and profile.
+    async fn prepare_rebuild(
+        &self,
+        step_dir: &Path,
+        record: &RebuildRecord,
+        recipe: Recipe,
+    ) -> Result<(SandboxSpec, Vec<(String, String)>, String, &Profile), String> {
+        let cas = self.store.cas.clone();
         let ws_root = step_dir.join("ws");
         let mut spec = recipe.spec;
         let mut hosts = BTreeMap::new();
@@ -476,23 +778,12 @@ impl Node {
             .into_iter()
             .map(|(name, value)| (name, value.0))
             .collect();
-        let limits = self
+        let profile = self
             .profiles
             .get(&recipe.profile)
-            .map(|p| p.limits)
             .ok_or_else(|| format!("profile {:?} is no longer loaded", recipe.profile))?;
         std::fs::create_dir_all(&spec.root_dir)
             .map_err(|e| format!("{}: {e}", spec.root_dir.display()))?;
-        let (entries, wall_ms) = run_again(
-            self,
-            spec,
-            secrets,
-            &limits,
-            (cgroup_job, step),
-            &step_dir.join("out").join(output),
-            self.shutdown.child_token(),
-        )
-        .await?;
-        Ok((Reproducibility::compare(attested, &entries), wall_ms))
+        Ok((spec, secrets, output, profile))
     }
 }

@@ -3,10 +3,12 @@
 //! the helper itself never writes there; its own failures become [`StepEnd::SetupFailed`].
 //!
 //! Three processes, single-threaded throughout (so `fork` is sound):
-//! 1. the *supervisor* (the helper itself, host namespaces) unshares, forks pid 1 and enforces the
-//!    timeout: killing pid 1 kills the whole pid namespace;
-//! 2. *pid 1* builds the root filesystem, forks the step and reaps until the step exits, then reports
-//!    through a status pipe; when it exits the kernel kills whatever the step left behind;
+//! 1. the *supervisor* (the helper itself, host namespaces) unshares, forks pid 1, creates the
+//!    step's network namespace while pid 1 builds the root (two cores: the most expensive unshare
+//!    off the critical path), and enforces the timeout: killing pid 1 kills the whole pid namespace;
+//! 2. *pid 1* builds the root filesystem, joins the supervisor's new network namespace before
+//!    `pivot_root`, forks the step and reaps until the step exits, then reports through a status
+//!    pipe; when it exits the kernel kills whatever the step left behind;
 //! 3. the *step* drops every privilege and execs the step's program.
 //!
 //! The step's confinement (`spec.confinement`) is applied in `prepare_step`: rlimits and locked
@@ -124,7 +126,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The supervisor: everything in host namespaces until pid 1 exists, then the timeout.
+/// The supervisor: everything in host namespaces until pid 1 exists, then the step's network
+/// namespace (while pid 1 builds the root), then the timeout.
 fn supervise() -> Result<SandboxOutcome, Failure> {
     ensure_single_threaded()?;
     let spec = read_spec()?;
@@ -166,8 +169,8 @@ fn supervise() -> Result<SandboxOutcome, Failure> {
 
     let (status_read, status_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
-    let (net_ready_read, net_ready_write) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
+    let (net_ready_read, net_ready_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|err| Failure::new("network namespace pipe", err))?;
     let supervisor = nix::unistd::getpid();
     let forked = Instant::now();
     match sys::fork().map_err(|err| Failure::new("fork pid 1", err))? {

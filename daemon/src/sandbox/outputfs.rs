@@ -179,6 +179,62 @@ impl OutputFs {
     }
 }
 
+/// A step's output workspace as the sandbox writes it: the on-disk directory, or, when the
+/// profile sets `[limits] workspace_size`, an [`OutputFs`] of that size in front of it. The one
+/// mechanism for a step's first run (`pipeline::run_step`) and for every re-run of it
+/// (`pipeline/rebuild.rs`: the second run of a `reproducible = true` step, `kiln rebuild`), so
+/// no run of a step can write past the cap onto the host disk.
+#[derive(Debug)]
+pub struct OutputWorkspace {
+    disk: PathBuf,
+    capped: Option<OutputFs>,
+}
+
+impl OutputWorkspace {
+    /// Creates `disk` for the step's user and, with `limit`, mounts the tmpfs on `mount_point`
+    /// (which must not be at or under any workspace path). The error is the step's reason.
+    pub fn prepare(
+        disk: &Path,
+        mount_point: &Path,
+        limit: Option<u64>,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Self, String> {
+        fs::create_dir_all(disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+        super::prepare_output_dir(disk, uid, gid).map_err(|e| e.to_string())?;
+        let capped = limit
+            .map(|limit| OutputFs::mount(mount_point, limit, uid, gid))
+            .transpose()
+            .map_err(|e| crate::error_chain(&e))?;
+        Ok(Self {
+            disk: disk.to_owned(),
+            capped,
+        })
+    }
+
+    /// The directory the sandbox binds read-write, and where the outputs are collected from.
+    pub fn dir(&self) -> PathBuf {
+        self.capped
+            .as_ref()
+            .map_or_else(|| self.disk.clone(), OutputFs::dir)
+    }
+
+    /// After the step: `Some(reason)` ("output workspace full: limit 1 GiB") if it filled its
+    /// capped workspace; the step must then fail, its outputs are incomplete.
+    pub fn full(&self) -> Option<String> {
+        self.capped.as_ref().and_then(|o| o.full().ok().flatten())
+    }
+
+    /// After the outputs were collected (`keep`) or refused: a capped tree is copied to the disk
+    /// directory if kept, and the tmpfs is unmounted either way.
+    pub async fn settle(self, keep: bool) -> Result<(), String> {
+        match self.capped {
+            Some(capped) => capped.settle(self.disk, keep).await,
+            None => Ok(()),
+        }
+    }
+}
+
 impl Drop for OutputFs {
     fn drop(&mut self) {
         if let Err(err) = self.unmount() {

@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at TEXT NOT NULL,
     started_at TEXT,
     finished_at TEXT,
-    attestation TEXT
+    attestation TEXT,
+    submitter_uid INTEGER,
+    signature TEXT
 );
 CREATE TABLE IF NOT EXISTS steps (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -154,6 +156,20 @@ pub struct NewJob<'a> {
     pub created_at: &'a str,
     /// Steps in execution order: (name, kind, output workspace).
     pub steps: Vec<(&'a str, &'a str, Option<&'a str>)>,
+    /// uid of the peer that submitted the job (`SO_PEERCRED`): who may rebuild it.
+    pub submitter_uid: Option<u32>,
+    /// The definition's DSSE signature as submitted (a CAS blob), for re-admission.
+    pub signature: Option<Digest>,
+}
+
+/// Who submitted a job and how it was signed (`kiln rebuild` authorizes and re-admits by these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobOrigin {
+    /// uid of the submitting peer; `None` for jobs recorded before it was (only root may
+    /// rebuild those).
+    pub submitter_uid: Option<u32>,
+    /// The signature envelope blob, if the job was submitted signed.
+    pub signature: Option<Digest>,
 }
 
 /// The attested output files of one step.
@@ -234,6 +250,17 @@ impl Db {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Columns added after the first release: an older kiln.db gets them empty.
+        for (column, kind) in [("submitter_uid", "INTEGER"), ("signature", "TEXT")] {
+            let present: bool = conn.query_row(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
+                params![column],
+                |r| r.get(0),
+            )?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {column} {kind}"))?;
+            }
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -249,8 +276,8 @@ impl Db {
         let tx = conn.transaction()?;
         let params_json = serde_json::to_string(job.params).unwrap_or_else(|_| "{}".into());
         tx.execute(
-            "INSERT INTO jobs (id, pipeline, pipeline_digest, params, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![job.id, job.pipeline, job.pipeline_digest.to_string(), params_json, JobState::Queued.as_str(), job.created_at],
+            "INSERT INTO jobs (id, pipeline, pipeline_digest, params, state, created_at, submitter_uid, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![job.id, job.pipeline, job.pipeline_digest.to_string(), params_json, JobState::Queued.as_str(), job.created_at, job.submitter_uid, job.signature.map(|d| d.to_string())],
         )?;
         for (idx, (name, kind, output)) in job.steps.iter().enumerate() {
             tx.execute(
@@ -527,6 +554,25 @@ impl Db {
             });
         }
         Ok(out)
+    }
+
+    /// Who submitted job `id` and its signature blob, or `None` for an unknown job.
+    pub fn job_origin(&self, id: &str) -> Result<Option<JobOrigin>, DbError> {
+        let row = self
+            .conn()?
+            .query_row(
+                "SELECT submitter_uid, signature FROM jobs WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get::<_, Option<u32>>(0)?, r.get::<_, Option<String>>(1)?)),
+            )
+            .optional()?;
+        row.map(|(submitter_uid, signature)| {
+            Ok(JobOrigin {
+                submitter_uid,
+                signature: parse_digest("job signature", signature)?,
+            })
+        })
+        .transpose()
     }
 
     /// Full status of one job, or `None`.
@@ -872,8 +918,47 @@ mod tests {
             params: &params,
             created_at: "2026-01-01T00:00:00Z",
             steps: vec![("a", "build", Some("out")), ("b", "test", None)],
+            submitter_uid: Some(1000),
+            signature: Some(Digest::of(b"dsse")),
         })
         .unwrap();
+    }
+
+    #[test]
+    fn the_submitter_and_signature_are_recorded_and_old_databases_gain_the_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        // A kiln.db from before the columns existed.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE jobs (id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, pipeline_digest \
+                 TEXT NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL, error TEXT, created_at \
+                 TEXT NOT NULL, started_at TEXT, finished_at TEXT, attestation TEXT);
+                 INSERT INTO jobs (id, pipeline, pipeline_digest, params, state, created_at) VALUES \
+                 ('old', 'p', 'sha256:00', '{}', 'succeeded', 't');",
+            )
+            .unwrap();
+        let db = Db::open(&path).unwrap();
+        assert_eq!(
+            db.job_origin("old").unwrap(),
+            Some(JobOrigin {
+                submitter_uid: None,
+                signature: None
+            })
+        );
+        sample(&db, "j1");
+        assert_eq!(
+            db.job_origin("j1").unwrap(),
+            Some(JobOrigin {
+                submitter_uid: Some(1000),
+                signature: Some(Digest::of(b"dsse"))
+            })
+        );
+        assert_eq!(db.job_origin("nope").unwrap(), None);
+        drop(db);
+        // Opening again does not add them twice.
+        Db::open(&path).unwrap();
     }
 
     #[test]
