@@ -107,13 +107,8 @@ fn kilnd_allowing(allowed: &[String]) -> (Kilnd, tempfile::TempDir) {
         ),
     )
     .unwrap();
-    // These scenarios are about the network path; the observer's own tests cover the observer
-    // (when it loads, the build-step scenario also checks what it saw).
-    let config = format!(
-        "{}\n[observer]\nrequired = false\n",
-        admission_config(Some(&policy), None)
-    );
-    (Kilnd::start(&config), dir)
+    // Observed like production: the build-step scenario also checks what the observer saw.
+    (Kilnd::start(&admission_config(Some(&policy), None)), dir)
 }
 
 /// A pipeline with a source workspace `src` (main.c and a Cargo.lock pinning foo-1.0.0.crate),
@@ -477,7 +472,7 @@ fn without_a_node_policy_a_pipeline_cannot_open_local_addresses() {
         return;
     }
     let mirror = Server::start();
-    let k = Kilnd::start("[observer]\nrequired = false\n");
+    let k = Kilnd::start("");
     for host in [
         format!("127.0.0.1:{}", mirror.port),
         "169.254.169.254:80".to_owned(),
@@ -606,16 +601,16 @@ fn build_steps_have_no_network_with_or_without_the_proxy_variables() {
         let internal = &provenance(&k, &job, "make")["buildDefinition"]["internalParameters"];
         assert_eq!(internal["network"], "none", "{name}");
         assert!(internal["fetch"].is_null(), "{name}");
-        // The observer (when loaded) saw the attempt and its failure.
+        // The observer (required: the step does not run without it) saw the attempt and its
+        // failure, in the step's signed trace.
         let o = k.kiln(&["--json", "trace", &job, "make"]);
-        if o.status.code() == Some(0) {
-            let trace = stdout(&o);
-            let port = if name == "plain" { mirror.port } else { 3128 };
-            assert!(
-                trace.contains(&format!("\"port\":{port}")),
-                "{name}: no connect to port {port} in the trace:\n{trace}"
-            );
-        }
+        expect_code(&o, 0, "kiln trace of the build step");
+        let trace = stdout(&o);
+        let port = if name == "plain" { mirror.port } else { 3128 };
+        assert!(
+            trace.contains(&format!("\"port\":{port}")),
+            "{name}: no connect to port {port} in the trace:\n{trace}"
+        );
     }
     assert!(
         mirror.request_lines().is_empty(),
