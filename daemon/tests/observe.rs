@@ -629,13 +629,18 @@ async fn tiny_ring_storm_trace_is_marked_incomplete() {
         return;
     }
     let config = ObserverConfig {
-        ring_bytes: 16 << 10,
+        // One page: the smallest ring the kernel takes. Records are variable-size (~100 bytes
+        // for an exec's fork/exit, more for execs and opens), so a page holds a few dozen.
+        ring_bytes: 4 << 10,
         // Nobody drains between polls long enough for the storm to overflow the ring.
         poll_interval: Duration::from_secs(5),
         ..ObserverConfig::default()
     };
     let service = ObserverService::start(&config).expect("start observer");
-    let (script, _) = exec_storm(300);
+    // Two exec loops at once keep both cores busy, so the consumer cannot drain a page in time
+    // (one loop alone was sometimes fully drained: ~80 events per exec of /bin/true).
+    let (storm, _) = exec_storm(1000);
+    let script = format!("({storm}) & ({storm}); wait");
     let (records, lost) = traced_script(&service, &script).await;
     let TraceRecord::Summary(summary) = records.last().expect("records") else {
         panic!("trace does not end with its summary");
@@ -646,7 +651,7 @@ async fn tiny_ring_storm_trace_is_marked_incomplete() {
     );
     assert!(
         lost > 0,
-        "a 16 KiB ring under an exec storm must lose events"
+        "a one-page ring under two exec storms must lose events"
     );
     assert_eq!(summary.lost, lost);
     assert!(
