@@ -1,5 +1,5 @@
 //! Real tests of how the `kiln-sandbox` helper builds a worker fast without weakening it: the
-//! network namespace created by the supervisor while pid 1 builds the root (the step must end up
+//! network namespace created by pid 1 while the supervisor builds the root (the step must end up
 //! in a fresh one, never the host's), the read-only flags applied to whole mount trees in one
 //! `mount_setattr` (submounts of a read-only bind must be read-only too), and the opt-in phase
 //! timing (`KILN_SANDBOX_TIMING=1`). Root only; under `CI=true` a missing capability fails.
@@ -218,10 +218,13 @@ fn phase_timing_is_opt_in_and_covers_every_phase() {
     for phase in [
         "supervisor spec read and validated",
         "supervisor namespaces unshared",
-        "supervisor network namespace unshared",
+        "supervisor mount tmpfs",
+        "supervisor bind /usr on",
+        "supervisor pivot_root to",
         "init forked",
-        "init network namespace joined",
-        "init pivot_root to",
+        "init network namespace unshared",
+        "init supervisor's part of the root is ready",
+        "init mount proc on /proc",
         "step forked",
         "step landlock ruleset prepared",
         "step privileges dropped and verified",

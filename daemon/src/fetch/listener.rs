@@ -1,10 +1,10 @@
 //! How the proxy's listening socket gets from the step's network namespace into kilnd.
 //!
 //! A socket belongs to the network namespace it was created in, whoever holds it later. So the
-//! `kiln-sandbox` supervisor, right after it unshared the step's (empty) network namespace,
-//! brings `lo` up there, binds a TCP listener on [`PROXY_ADDR`] and sends it to kilnd over a
-//! unix socketpair (`SCM_RIGHTS`) that kilnd passed as the helper's fd [`CHANNEL_FD`]; then it
-//! closes its copies and only then forks the step. kilnd accepts on the listener: the step's
+//! sandbox's pid 1, right after it created the step's (empty) network namespace and mounted
+//! `/proc`, brings `lo` up there, binds a TCP listener on [`PROXY_ADDR`] and sends it to kilnd
+//! over a unix socketpair (`SCM_RIGHTS`) that kilnd passed as the helper's fd [`CHANNEL_FD`];
+//! then it closes its copies and only then starts the step. kilnd accepts on the listener: the step's
 //! connections arrive from inside its namespace, while kilnd's own outbound connections are made
 //! from the host's. The step can reach nothing else: its namespace has no other interface, and
 //! Landlock lets it connect to TCP port [`PROXY_ADDR`]'s port only.
@@ -159,8 +159,8 @@ pub fn requested() -> bool {
     std::env::args_os().skip(1).any(|arg| arg == HELPER_ARG)
 }
 
-/// Helper side, in the step's fresh network namespace (the supervisor, still root, before any
-/// fork): `lo` up, listen on [`PROXY_ADDR`], send the listener to kilnd, close both.
+/// Helper side, in the step's fresh network namespace (pid 1, still root, before the step
+/// starts): `lo` up, listen on [`PROXY_ADDR`], send the listener to kilnd, close both.
 pub fn hand_over() -> Result<(), ListenerError> {
     // stat through /proc follows the fd to its inode: a socket only if kilnd passed one.
     let is_socket = std::fs::metadata(format!("/proc/self/fd/{CHANNEL_FD}"))

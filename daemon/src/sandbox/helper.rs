@@ -3,12 +3,13 @@
 //! the helper itself never writes there; its own failures become [`StepEnd::SetupFailed`].
 //!
 //! Three processes, single-threaded throughout (so `fork` is sound):
-//! 1. the *supervisor* (the helper itself, host namespaces) unshares, forks pid 1, creates the
-//!    step's network namespace while pid 1 builds the root (two cores: the most expensive unshare
-//!    off the critical path), and enforces the timeout: killing pid 1 kills the whole pid namespace;
-//! 2. *pid 1* builds the root filesystem, joins the supervisor's new network namespace before
-//!    `pivot_root`, forks the step and reaps until the step exits, then reports through a status
-//!    pipe; when it exits the kernel kills whatever the step left behind;
+//! 1. the *supervisor* (the helper itself, host namespaces) unshares, forks pid 1, builds the root
+//!    filesystem in the new mount namespace and pivots into it (all of it but `/proc`) while pid 1
+//!    creates the network namespace on the other core, and enforces the timeout: killing pid 1
+//!    kills the whole pid namespace;
+//! 2. *pid 1* creates the step's network namespace, mounts its `/proc` once the supervisor says
+//!    the rest of the root is in place, forks the step and reaps until the step exits, then
+//!    reports through a status pipe; when it exits the kernel kills whatever the step left behind;
 //! 3. the *step* drops every privilege and execs the step's program.
 //!
 //! The step's confinement (`spec.confinement`) is applied in `prepare_step`: rlimits and locked
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup;
 use super::confine::{self, LandlockEnforcement};
-use super::rootfs::{MountOp, RealHost, plan_root};
+use super::rootfs::{self, MountOp, RealHost, plan_root};
 use super::spec::{SECRETS_MOUNT, SandboxOutcome, SandboxSpec, StepEnd};
 use super::sys;
 use crate::error_chain;
@@ -100,6 +101,17 @@ pub fn main() -> ExitCode {
             .is_some_and(|v| v == "1")
             .then_some(start)
     });
+    // The wall clock at `main`, so a caller can place the marks on its own timeline (how long the
+    // exec took before them, how long the exit after).
+    if let Ok(since_epoch) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        mark(
+            "supervisor",
+            format_args!(
+                "main entered at unix time {:.6} s",
+                since_epoch.as_secs_f64()
+            ),
+        );
+    }
     let outcome = supervise().unwrap_or_else(|failure| SandboxOutcome {
         end: StepEnd::SetupFailed {
             stage: failure.stage,
@@ -126,8 +138,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The supervisor: everything in host namespaces until pid 1 exists, then the step's network
-/// namespace (while pid 1 builds the root), then the timeout.
+/// The supervisor: everything in host namespaces until pid 1 exists, then most of the root
+/// filesystem (while pid 1 creates the network namespace), then the timeout.
 fn supervise() -> Result<SandboxOutcome, Failure> {
     ensure_single_threaded()?;
     let spec = read_spec()?;
@@ -145,7 +157,7 @@ fn supervise() -> Result<SandboxOutcome, Failure> {
     // built there), pids (it sees only its own tree; killing pid 1 kills all of it), UTS (own
     // hostname), IPC (no SysV IPC with the host), cgroup (entered after joining the step's cgroups,
     // so the step's view of /proc/self/cgroup is rooted at its own cgroup and names nothing of the
-    // host's hierarchy). The network namespace comes right after the fork (below).
+    // host's hierarchy). Pid 1 creates the network namespace right after the fork (below).
     // Only the next child enters the new pid namespace (as pid 1); this process stays outside.
     nix::sched::unshare(
         CloneFlags::CLONE_NEWNS
@@ -156,6 +168,60 @@ fn supervise() -> Result<SandboxOutcome, Failure> {
     )
     .map_err(|err| Failure::new("unshare", err))?;
     mark("supervisor", "namespaces unshared");
+
+    // Everything created from here on (directories, mount point files) is 0755/0644 whatever
+    // kilnd's umask; the step's own files get 022 as well.
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    // The root filesystem, as planned data (see rootfs.rs for the why of each mount), planned
+    // before the fork so that a host path that cannot be inspected starts nothing.
+    let plan = plan_root(&spec, &RealHost).map_err(|err| Failure::new("rootfs", err))?;
+    let pid1_part = rootfs::pid1_part(&plan);
+
+    let (status_read, status_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
+    // Supervisor -> pid 1: one byte once the root is built and pivoted into; EOF if it failed.
+    let (root_ready_read, root_ready_write) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("root pipe", err))?;
+    let forked = Instant::now();
+    match sys::fork().map_err(|err| Failure::new("fork pid 1", err))? {
+        ForkResult::Child => {
+            mark("init", "forked");
+            drop(status_read);
+            drop(root_ready_write);
+            namespace_init(&spec, &plan[pid1_part..], &status_write, &root_ready_read)
+        }
+        ForkResult::Parent { child } => {
+            drop(status_write);
+            drop(root_ready_read);
+            // kilnd's proxy-listener channel (fetch steps) is pid 1's from here on: without this
+            // copy, kilnd sees EOF if pid 1 fails before handing the listener over.
+            if crate::fetch::listener::requested() {
+                let _ = nix::unistd::close(crate::fetch::listener::CHANNEL_FD);
+            }
+            // Two cores, two jobs: this process (already running) builds the root in the step's
+            // mount namespace, which it shares with pid 1, and pivots into it, while pid 1
+            // creates the step's network namespace (the most expensive unshare). Pid 1 mounts
+            // /proc only after the "root ready" byte, and never starts the step without it.
+            match build_root(&plan[..pid1_part]) {
+                Ok(()) => write_all(&root_ready_write, b"1"),
+                Err(err) => {
+                    // Closing the pipe unsent tells pid 1 there is no root; kill it anyway, so
+                    // nothing of the step can start.
+                    drop(root_ready_write);
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    reap(child);
+                    return Err(Failure::new("rootfs", err));
+                }
+            }
+            drop(root_ready_write);
+            Ok(wait_for_init(&spec, child, &status_read, forked))
+        }
+    }
+}
+
+/// The supervisor's part of the root filesystem, in the step's mount namespace (shared with pid
+/// 1): every operation of `ops`, `pivot_root` included.
+fn build_root(ops: &[MountOp]) -> Result<(), String> {
     // The copied mount table keeps the host's propagation: with shared mounts our tmpfs and binds
     // would appear on the host (and host mounts here). Make everything private, recursively.
     nix::mount::mount(
@@ -165,107 +231,24 @@ fn supervise() -> Result<SandboxOutcome, Failure> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|err| Failure::new("unshare", format!("make / rprivate: {err}")))?;
-
-    let (status_read, status_write) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("status pipe", err))?;
-    let (net_ready_read, net_ready_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|err| Failure::new("network namespace pipe", err))?;
-    let supervisor = nix::unistd::getpid();
-    let forked = Instant::now();
-    match sys::fork().map_err(|err| Failure::new("fork pid 1", err))? {
-        ForkResult::Child => {
-            mark("init", "forked");
-            drop(status_read);
-            drop(net_ready_write);
-            let network = NetworkHandOff {
-                supervisor,
-                ready: net_ready_read,
-            };
-            namespace_init(&spec, &status_write, network)
-        }
-        ForkResult::Parent { child } => {
-            drop(status_write);
-            drop(net_ready_read);
-            // The step's network namespace is created while pid 1 builds the root filesystem on
-            // the other core (creating a network namespace is the most expensive unshare); pid 1
-            // joins it before it forks the step, and never starts the step without it.
-            if let Err(failure) = create_network_namespace() {
-                // Closing the pipe unsent tells pid 1 there is no network namespace; kill it
-                // anyway, so nothing of the step can start.
-                drop(net_ready_write);
-                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-                reap(child);
-                return Err(failure);
-            }
-            write_all(&net_ready_write, b"1");
-            drop(net_ready_write);
-            Ok(wait_for_init(&spec, child, &status_read, forked))
-        }
-    }
-}
-
-/// The supervisor's half of the network namespace: an empty one (only a down loopback, no route
-/// anywhere) for itself, which pid 1 then joins; for a fetch step, kilnd's proxy listener is
-/// created in it before anything of the step exists.
-fn create_network_namespace() -> Result<(), Failure> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-        .map_err(|err| Failure::new("unshare", format!("network namespace: {err}")))?;
-    mark("supervisor", "network namespace unshared");
-    if crate::fetch::listener::requested() {
-        crate::fetch::listener::hand_over()
-            .map_err(|err| Failure::new("proxy listener", error_chain(&err)))?;
+    .map_err(|err| format!("make / rprivate: {err}"))?;
+    for op in ops {
+        sys::apply(op).map_err(|err| err.to_string())?;
+        mark("supervisor", op);
     }
     Ok(())
 }
 
-/// Pid 1's half: how it finds the network namespace the supervisor creates after the fork.
-struct NetworkHandOff {
-    /// The supervisor's pid in the host's pid namespace (the mount namespace still has the host's
-    /// `/proc` until `pivot_root`). It cannot be reused while pid 1 lives: pid 1 dies with it
-    /// (`PR_SET_PDEATHSIG`).
-    supervisor: Pid,
-    /// One byte once the namespace exists; EOF if the supervisor could not create it.
-    ready: OwnedFd,
-}
-
-/// Waits for the supervisor's network namespace and joins it; refuses to go on in the host's.
-fn join_network_namespace(network: &NetworkHandOff) -> Result<(), Failure> {
-    let fail = |what: String| Failure::new("network namespace", what);
+/// Reads the one byte of a handshake pipe: `false` on EOF (the writer failed or died) or error.
+fn wait_byte(pipe: &OwnedFd) -> bool {
     let mut byte = [0_u8; 1];
     loop {
-        match nix::unistd::read(&network.ready, &mut byte) {
-            Ok(1) => break,
-            Ok(_) => {
-                return Err(fail(
-                    "the supervisor did not create the step's network namespace".into(),
-                ));
-            }
+        match nix::unistd::read(pipe, &mut byte) {
+            Ok(1) => return true,
             Err(Errno::EINTR) => {}
-            Err(err) => return Err(fail(format!("wait for the supervisor: {err}"))),
+            Ok(_) | Err(_) => return false,
         }
     }
-    let path = format!("/proc/{}/ns/net", network.supervisor);
-    let namespace = nix::fcntl::open(
-        path.as_str(),
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|err| fail(format!("open {path}: {err}")))?;
-    let host = nix::sys::stat::stat("/proc/self/ns/net")
-        .map_err(|err| fail(format!("stat /proc/self/ns/net: {err}")))?;
-    let step =
-        nix::sys::stat::fstat(&namespace).map_err(|err| fail(format!("stat {path}: {err}")))?;
-    if (step.st_dev, step.st_ino) == (host.st_dev, host.st_ino) {
-        return Err(fail(format!(
-            "{path} is the host's network namespace, not a new one"
-        )));
-    }
-    // CLONE_NEWNET as nstype: the kernel refuses anything but a network namespace.
-    nix::sched::setns(&namespace, CloneFlags::CLONE_NEWNET)
-        .map_err(|err| fail(format!("setns {path}: {err}")))?;
-    mark("init", "network namespace joined");
-    Ok(())
 }
 
 /// Refuses to go on with more than one thread: `fork` in a multi-threaded process is unsound.
@@ -344,6 +327,7 @@ fn wait_for_init(
         let _ = nix::sys::signal::kill(init, Signal::SIGKILL);
     }
     let init_status = reap(init);
+    mark("supervisor", "pid 1 reaped");
     match read_end {
         Err(end) => {
             let usage = children_usage();
@@ -419,21 +403,28 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Pid 1 of the new pid namespace: builds the root, runs the step, reports, exits.
-fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd, network: NetworkHandOff) -> ! {
-    let outcome = init(spec, status_write, network).unwrap_or_else(|failure| SandboxOutcome {
-        end: StepEnd::SetupFailed {
-            stage: failure.stage,
-            error: failure.error,
-        },
-        wall_ms: 0,
-        user_ms: 0,
-        sys_ms: 0,
-        max_rss_kib: 0,
-        limits_hit: Vec::new(),
-        teardown: None,
-        landlock: None,
-    });
+/// Pid 1 of the new pid namespace: creates the network namespace, finishes the root (its part of
+/// the plan: `/proc`), runs the step, reports, exits.
+fn namespace_init(
+    spec: &SandboxSpec,
+    plan: &[MountOp],
+    status_write: &OwnedFd,
+    root_ready: &OwnedFd,
+) -> ! {
+    let outcome =
+        init(spec, plan, status_write, root_ready).unwrap_or_else(|failure| SandboxOutcome {
+            end: StepEnd::SetupFailed {
+                stage: failure.stage,
+                error: failure.error,
+            },
+            wall_ms: 0,
+            user_ms: 0,
+            sys_ms: 0,
+            max_rss_kib: 0,
+            limits_hit: Vec::new(),
+            teardown: None,
+            landlock: None,
+        });
     if let Ok(json) = serde_json::to_vec(&outcome) {
         write_all(status_write, &json);
     }
@@ -443,8 +434,9 @@ fn namespace_init(spec: &SandboxSpec, status_write: &OwnedFd, network: NetworkHa
 
 fn init(
     spec: &SandboxSpec,
+    plan: &[MountOp],
     status_write: &OwnedFd,
-    network: NetworkHandOff,
+    root_ready: &OwnedFd,
 ) -> Result<SandboxOutcome, Failure> {
     // If the supervisor dies (kilnd cancelled the step and killed it), the sandbox must die too.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|err| Failure::new("init", err))?;
@@ -458,43 +450,44 @@ fn init(
     {
         sys::exit_now(1);
     }
-    // kilnd's proxy-listener channel (fetch steps) is the supervisor's alone.
+    // A network namespace of the step's own: empty, only a down loopback, no route anywhere.
+    // Created here, while the supervisor builds the root, and before anything of the step exists.
+    // Nothing here may use a path until the root is ready: the supervisor's pivot_root moves
+    // this process's root (it is the old root) at a moment it does not know.
+    nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+        .map_err(|err| Failure::new("unshare", format!("network namespace: {err}")))?;
+    mark("init", "network namespace unshared");
+    // Our own UTS namespace: the host's name is neither visible nor changed.
+    nix::unistd::sethostname(&spec.hostname).map_err(|err| Failure::new("hostname", err))?;
+
+    // The rest of the root filesystem once the supervisor's part is in place: this pid
+    // namespace's /proc. The supervisor's pivot_root moved this process's root to the new one;
+    // its working directory may still be in the detached host tree: leave it for good.
+    if !wait_byte(root_ready) {
+        return Err(Failure::new(
+            "rootfs",
+            "the supervisor did not finish the root filesystem",
+        ));
+    }
+    nix::unistd::chdir("/").map_err(|err| Failure::new("rootfs", format!("chdir /: {err}")))?;
+    mark("init", "supervisor's part of the root is ready");
+    for op in plan {
+        sys::apply(op).map_err(|err| Failure::new("rootfs", err))?;
+        mark("init", op);
+    }
+    // A fetch step: kilnd's proxy listener, created in the step's network namespace before
+    // anything of the step exists (it checks its channel through the new /proc).
     if crate::fetch::listener::requested() {
-        let _ = nix::unistd::close(crate::fetch::listener::CHANNEL_FD);
+        crate::fetch::listener::hand_over()
+            .map_err(|err| Failure::new("proxy listener", error_chain(&err)))?;
     }
     // stdin (the spec pipe) and stdout (the outcome channel) are not the step's: only the log (fd 2)
-    // is inherited.
+    // is inherited. (The sandbox's /dev/null: the host's device node, bound.)
     let dev_null = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|err| Failure::new("init", format!("open /dev/null: {err}")))?;
     nix::unistd::dup2_stdin(&dev_null).map_err(|err| Failure::new("init", err))?;
     nix::unistd::dup2_stdout(&dev_null).map_err(|err| Failure::new("init", err))?;
     drop(dev_null);
-    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
-
-    // Our own UTS namespace: the host's name is neither visible nor changed.
-    nix::unistd::sethostname(&spec.hostname).map_err(|err| Failure::new("hostname", err))?;
-
-    // The root filesystem, as planned data (see rootfs.rs for the why of each mount).
-    let plan = plan_root(spec, &RealHost).map_err(|err| Failure::new("rootfs", err))?;
-    mark(
-        "init",
-        format_args!("root planned ({} operations)", plan.len()),
-    );
-    // Everything up to pivot_root runs while the supervisor creates the network namespace; it is
-    // joined while the host's /proc is still reachable, and before anything of the step exists.
-    let mut network = Some(network);
-    for op in &plan {
-        if matches!(op, MountOp::PivotRoot { .. })
-            && let Some(network) = network.take()
-        {
-            join_network_namespace(&network)?;
-        }
-        sys::apply(op).map_err(|err| Failure::new("rootfs", err))?;
-        mark("init", op);
-    }
-    if let Some(network) = network.take() {
-        join_network_namespace(&network)?;
-    }
 
     let program = Program::new(spec).map_err(|err| Failure::new("exec", err))?;
     mark("init", "program prepared");

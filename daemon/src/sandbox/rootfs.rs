@@ -326,12 +326,9 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
         recursive: false,
     });
 
-    // A procfs of the new pid namespace: the step sees its own processes only.
+    // Its mount point; the procfs itself is mounted last, in the new root (see below).
     let proc = Path::new("/proc");
     plan.dir(proc);
-    plan.ops.push(MountOp::Proc {
-        target: plan.inside(proc),
-    });
 
     // Private, size-limited /tmp.
     let tmp = Path::new("/tmp");
@@ -386,7 +383,26 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
         flags: read_only,
         recursive: false,
     });
+
+    // A procfs of the new pid namespace: the step sees its own processes only. Only a process in
+    // that namespace (pid 1) can mount it, so it is the part of the plan pid 1 applies
+    // ([`pid1_part`]), on its mount point in the (read-only) new root; everything before it needs
+    // no more than the new mount namespace.
+    plan.ops.push(MountOp::Proc {
+        target: proc.to_owned(),
+    });
     Ok(plan.ops)
+}
+
+/// Where the part of `plan` that only pid 1 of the new pid namespace can apply starts: the
+/// procfs mount (a procfs shows the pid namespace of whoever mounts it), the last operation. The
+/// ops before it (tmpfs root, binds, `/dev`, `/tmp`, secrets, `pivot_root`, the read-only root)
+/// only need the step's mount namespace, so the supervisor applies them while pid 1 creates the
+/// network namespace.
+pub fn pid1_part(plan: &[MountOp]) -> usize {
+    plan.iter()
+        .position(|op| matches!(op, MountOp::Proc { .. }))
+        .unwrap_or(plan.len())
 }
 
 struct Planner {
@@ -491,14 +507,15 @@ mod tests {
         assert!(
             matches!(&plan[0], MountOp::Tmpfs { target, .. } if target == Path::new("/run/kiln/root"))
         );
+        // Then only pid 1's /proc, mounted in the new root.
         assert_eq!(
-            plan[plan.len() - 2],
+            plan[plan.len() - 3],
             MountOp::PivotRoot {
                 new_root: "/run/kiln/root".into()
             }
         );
         assert_eq!(
-            plan[plan.len() - 1],
+            plan[plan.len() - 2],
             MountOp::Restrict {
                 target: "/".into(),
                 flags: MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
@@ -575,6 +592,31 @@ mod tests {
     }
 
     #[test]
+    fn pid1_only_mounts_proc_in_the_new_root() {
+        for secrets in [true, false] {
+            let mut spec = sample();
+            if !secrets {
+                spec.secrets.clear();
+            }
+            let plan = plan_root(&spec, &FakeHost).unwrap();
+            let split = pid1_part(&plan);
+            assert_eq!(
+                &plan[split..],
+                &[MountOp::Proc {
+                    target: "/proc".into()
+                }]
+            );
+            // The supervisor's part: everything else, its mount point included.
+            position(
+                &plan[..split],
+                &MountOp::MakeDir {
+                    path: "/run/kiln/root/proc".into(),
+                },
+            );
+        }
+    }
+
+    #[test]
     fn every_directory_is_created_once_before_use() {
         let plan = plan_root(&sample(), &FakeHost).unwrap();
         let mut seen = BTreeSet::new();
@@ -588,12 +630,19 @@ mod tests {
             }
         }
         assert!(seen.contains(Path::new("/run/kiln/root/workspace")));
-        position(
+        let mount_point = position(
             &plan,
-            &MountOp::Proc {
-                target: "/run/kiln/root/proc".into(),
+            &MountOp::MakeDir {
+                path: "/run/kiln/root/proc".into(),
             },
         );
+        let proc = position(
+            &plan,
+            &MountOp::Proc {
+                target: "/proc".into(),
+            },
+        );
+        assert!(mount_point < proc);
     }
 
     #[test]
