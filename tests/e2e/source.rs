@@ -10,9 +10,10 @@
 )]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kiln_common::verify::Bundle;
 use kiln_e2e::{
     Kilnd, expect_code, follow, pipeline_file, privileged, status, stderr, stdout, submit,
 };
@@ -97,15 +98,26 @@ script = 'cp -r /workspace/src/. /workspace/out/; echo "${{SOURCE_DATE_EPOCH:-un
 }
 
 /// The attestation bundle of a finished job (downloaded with its artifacts).
-fn bundle(k: &Kilnd, job: &str) -> kiln_common::verify::Bundle {
+fn bundle(k: &Kilnd, job: &str) -> Bundle {
     let out = k.dir.path().join(format!("out-{job}"));
     let o = k.kiln(&["artifacts", job, "--out", out.to_str().unwrap()]);
     expect_code(&o, 0, "artifacts");
     serde_json::from_slice(&std::fs::read(out.join("kiln-bundle.json")).unwrap()).unwrap()
 }
 
+/// Runs the ingest pipeline with `source` as the checkout step's source key; it must succeed.
+/// Returns the job, the directory its artifacts were downloaded to, and its bundle.
+fn run_ok(k: &Kilnd, file: &str, source: &str) -> (String, PathBuf, Bundle) {
+    let f = pipeline_file(k.dir.path(), file, &pipeline(source));
+    let job = submit(k, &f, &[]);
+    expect_code(&follow(k, &job), 0, &format!("follow {file}"));
+    let b = bundle(k, &job);
+    let out = k.dir.path().join(format!("out-{job}"));
+    (job, out, b)
+}
+
 /// The SLSA predicate of `step` in `bundle`.
-fn predicate(bundle: &kiln_common::verify::Bundle, step: &str) -> serde_json::Value {
+fn predicate(bundle: &Bundle, step: &str) -> serde_json::Value {
     bundle.steps[step]
         .decode_statement::<serde_json::Value>()
         .unwrap()
@@ -122,19 +134,10 @@ fn git_source_pinned_by_commit() {
     std::fs::set_permissions(k.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 
     // The first commit, though the branch has moved on: the pin decides, not the branch.
-    let f = pipeline_file(
-        k.dir.path(),
+    let (_, out, b) = run_ok(
+        &k,
         "git.toml",
-        &pipeline(&format!("git = {{ repo = \"app\", commit = \"{first}\" }}")),
-    );
-    let job = submit(&k, &f, &[]);
-    let o = follow(&k, &job);
-    expect_code(&o, 0, "follow git job");
-    let out = k.dir.path().join("artifacts");
-    expect_code(
-        &k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]),
-        0,
-        "artifacts",
+        &format!("git = {{ repo = \"app\", commit = \"{first}\" }}"),
     );
     assert_eq!(
         std::fs::read_to_string(out.join("version.txt")).unwrap(),
@@ -156,7 +159,6 @@ fn git_source_pinned_by_commit() {
         "SOURCE_DATE_EPOCH is the pinned commit's time"
     );
 
-    let b = bundle(&k, &job);
     let p = predicate(&b, "checkout");
     let internal = &p["buildDefinition"]["internalParameters"];
     assert_eq!(internal["source"]["type"], "git", "{internal}");
@@ -246,24 +248,16 @@ fn tarball_source_pinned_by_sha256() {
     ]);
     let sha = kiln_common::Digest::of(&std::fs::read(&tarball).unwrap());
 
-    let f = pipeline_file(
-        k.dir.path(),
+    let (_, out, b) = run_ok(
+        &k,
         "tar.toml",
-        &pipeline(&format!(
+        &format!(
             "tarball = {{ path = \"pkg.tar.gz\", sha256 = \"{}\" }}",
             sha.hex()
-        )),
-    );
-    let job = submit(&k, &f, &[]);
-    expect_code(&follow(&k, &job), 0, "follow tarball job");
-    let out = k.dir.path().join("artifacts");
-    expect_code(
-        &k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]),
-        0,
-        "artifacts",
+        ),
     );
     assert!(out.join("pkg/main.c").is_file());
-    let p = predicate(&bundle(&k, &job), "checkout");
+    let p = predicate(&b, "checkout");
     assert_eq!(
         p["buildDefinition"]["internalParameters"]["source"]["sha256"],
         sha.to_string()
@@ -278,6 +272,7 @@ fn tarball_source_pinned_by_sha256() {
         tree.to_str().unwrap(),
         "pkg",
     ]);
+    let f = k.dir.path().join("tar.toml");
     let o = k.kiln(&["submit", f.to_str().unwrap()]);
     assert_ne!(o.status.code(), Some(0));
     assert!(
@@ -344,18 +339,10 @@ fn repository_state_cannot_change_what_the_pinned_commit_checks_out() {
         std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
-    let f = pipeline_file(
-        k.dir.path(),
+    let (job, out, b) = run_ok(
+        &k,
         "pinned.toml",
-        &pipeline(&format!("git = {{ repo = \"app\", commit = \"{good}\" }}")),
-    );
-    let job = submit(&k, &f, &[]);
-    expect_code(&follow(&k, &job), 0, "follow pinned job");
-    let out = k.dir.path().join("artifacts");
-    expect_code(
-        &k.kiln(&["artifacts", &job, "--out", out.to_str().unwrap()]),
-        0,
-        "artifacts",
+        &format!("git = {{ repo = \"app\", commit = \"{good}\" }}"),
     );
     assert_eq!(
         std::fs::read_to_string(out.join("version.txt")).unwrap(),
@@ -367,7 +354,7 @@ fn repository_state_cannot_change_what_the_pinned_commit_checks_out() {
         !logs.contains("PWNED"),
         "the repository's filter ran: {logs}"
     );
-    let p = predicate(&bundle(&k, &job), "checkout");
+    let p = predicate(&b, "checkout");
     let tree = git(
         &repo,
         &[
