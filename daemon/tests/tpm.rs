@@ -11,9 +11,7 @@
     reason = "test helpers outside #[test] fns: a failed setup is a failed test"
 )]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
@@ -24,24 +22,8 @@ use kiln_common::attest::{
 use kiln_common::digest::Digest;
 use kilnd::attest::measure::{StartMeasurements, measure_event, measure_start};
 use kilnd::attest::{Tpm, TpmConfig, TpmError};
+use kiln_e2e::Swtpm;
 use tempfile::TempDir;
-
-/// True if swtpm can be used; prints why not (or fails under CI) otherwise.
-fn have_swtpm() -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let ok = ["swtpm", "swtpm_setup"]
-        .iter()
-        .all(|tool| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
-    if ok {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "tpm tests need swtpm and swtpm_setup (apt-get install swtpm swtpm-tools); CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: tpm tests need swtpm and swtpm_setup (apt-get install swtpm swtpm-tools)");
-    false
-}
 
 /// Silence libtss2's own stderr logging. `set_var` is only sound while no other thread reads
 /// the environment: every test calls this first, before any TSS code runs in the process, and
@@ -58,63 +40,15 @@ fn quiet_tss() {
     });
 }
 
-/// A private swtpm instance, stopped on drop.
-struct Swtpm {
-    dir: TempDir,
-    tcti: String,
-    ca_bundle: PathBuf,
+/// What the TPM tests need of the harness's swtpm (`kiln_e2e::Swtpm`, shared with the
+/// end-to-end tests): kilnd's TPM config for it, an open handle, its EK CA bundle.
+trait TpmFixture {
+    fn config(&self) -> TpmConfig;
+    async fn open(&self) -> Tpm;
+    fn ca_bundle(&self) -> Vec<Vec<u8>>;
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/swtpm")
-}
-
-/// A port P with P and P+1 free on 127.0.0.1 (swtpm's command and control ports).
-fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let first = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = first.local_addr().unwrap().port();
-        if port < 65534 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free pair of tcp ports on 127.0.0.1");
-}
-
-impl Swtpm {
-    fn start() -> Self {
-        let dir = TempDir::new().unwrap();
-        // Another test may grab the port between our probe and swtpm's bind: retry.
-        for _ in 0..5 {
-            let port = free_port_pair();
-            let out = Command::new(script())
-                .args(["start", "--dir"])
-                .arg(dir.path())
-                .args(["--port", &port.to_string()])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                let text = String::from_utf8(out.stdout).unwrap();
-                let value = |key: &str| {
-                    text.lines()
-                        .find_map(|l| l.strip_prefix(key))
-                        .unwrap()
-                        .to_owned()
-                };
-                return Self {
-                    tcti: value("KILN_TPM_TCTI="),
-                    ca_bundle: PathBuf::from(value("KILN_TPM_EK_CA=")),
-                    dir,
-                };
-            }
-            eprintln!(
-                "swtpm start on port {port} failed, retrying: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        panic!("cannot start swtpm");
-    }
-
+impl TpmFixture for Swtpm {
     fn config(&self) -> TpmConfig {
         TpmConfig {
             tcti: self.tcti.clone(),
@@ -131,19 +65,10 @@ impl Swtpm {
     }
 }
 
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .args(["stop", "--dir"])
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 /// Start a swtpm unless the tests must skip.
 fn swtpm() -> Option<Swtpm> {
     quiet_tss();
-    have_swtpm().then(Swtpm::start)
+    kiln_e2e::have_swtpm("tpm").then(Swtpm::start)
 }
 
 fn now() -> i64 {
@@ -527,7 +452,7 @@ async fn bad_tcti_and_absent_tpm_are_reported() {
         matches!(err, TpmError::Tcti { .. } | TpmError::Open { .. }),
         "{err}"
     );
-    let port = free_port_pair();
+    let port = kiln_e2e::free_port_pair();
     let err = Tpm::open(TpmConfig {
         tcti: format!("swtpm:host=127.0.0.1,port={port}"),
         state_dir: dir.path().to_owned(),
@@ -680,7 +605,7 @@ mod rooted {
     use serde_json::json;
     use tempfile::TempDir;
 
-    use super::{Swtpm, now, swtpm};
+    use super::{Swtpm, TpmFixture, now, swtpm};
 
     pub(super) const ARTIFACT: &[u8] = b"the artifact bytes";
 

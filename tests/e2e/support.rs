@@ -350,7 +350,8 @@ impl Drop for Swtpm {
     }
 }
 
-fn free_port_pair() -> u16 {
+/// A port P with P and P+1 free on 127.0.0.1 (swtpm's command and control ports).
+pub fn free_port_pair() -> u16 {
     for _ in 0..50 {
         let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = first.local_addr().unwrap().port();
