@@ -20,9 +20,9 @@ use kiln_common::attest::{
     NodeIdentity, PcrValues, QUOTE_PCRS,
 };
 use kiln_common::digest::Digest;
+use kiln_e2e::Swtpm;
 use kilnd::attest::measure::{StartMeasurements, measure_event, measure_start};
 use kilnd::attest::{Tpm, TpmConfig, TpmError};
-use kiln_e2e::Swtpm;
 use tempfile::TempDir;
 
 /// Silence libtss2's own stderr logging. `set_var` is only sound while no other thread reads

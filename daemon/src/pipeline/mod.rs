@@ -789,8 +789,9 @@ impl Node {
                 &ws_root.join(out),
                 &run.work_dir.join("outfs").join(&step.name),
                 profile.workspace_size_bytes,
-                profile.uid,
-                profile.gid,
+                // Host ids: with `[userns]` the step's mapped uid/gid.
+                profile.host_ids().0,
+                profile.host_ids().1,
             ) {
                 Ok(ws) => output_fs.insert(ws).dir(),
                 Err(e) => {

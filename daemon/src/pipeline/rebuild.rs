@@ -230,8 +230,9 @@ async fn run_again(
         output_disk,
         &rerun.outfs_point,
         rerun.profile.workspace_size_bytes,
-        spec.uid,
-        spec.gid,
+        // Host ids: with `[userns]` the step's mapped uid/gid.
+        spec.host_ids().0,
+        spec.host_ids().1,
     ) {
         Ok(output) => output,
         Err(e) => return RerunOutcome::failed(format!("cannot prepare the output workspace: {e}")),

@@ -36,6 +36,81 @@ pub struct Confinement {
     pub rlimits: Rlimits,
     /// The Landlock ruleset; `None` if the profile disables Landlock.
     pub landlock: Option<LandlockPolicy>,
+    /// The profile's `[userns]`: the step runs in a user namespace of its own with this id
+    /// mapping; `None`: no user namespace (the step's ids are host ids).
+    #[serde(default)]
+    pub userns: Option<UserNamespace>,
+}
+
+/// A step's user namespace: ids `0..count` inside are `host_uid..host_uid + count` (and the
+/// same for groups) outside. The step's `uid`/`gid` are ids inside, so on the host its processes
+/// and files belong to `host_uid + uid`, never to a host user. Written by pid 1 of the sandbox
+/// (in the parent user namespace) into `/proc/<step>/{uid_map,setgroups,gid_map}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserNamespace {
+    /// First host uid of the range (inside uid 0); never 0.
+    pub host_uid: u32,
+    /// First host gid of the range (inside gid 0); never 0.
+    pub host_gid: u32,
+    /// Number of ids mapped (at least 1).
+    pub count: u32,
+}
+
+impl UserNamespace {
+    /// Checks the range (`host_uid`/`host_gid` not 0, `count` at least 1, the range below the
+    /// invalid id `u32::MAX`) and that the step's `uid`/`gid` (ids inside) lie in it.
+    pub fn validate(&self, uid: u32, gid: u32) -> Result<(), String> {
+        if self.host_uid == 0 || self.host_gid == 0 {
+            return Err(
+                "host_uid and host_gid must not be 0 (the range must not hold host root)".into(),
+            );
+        }
+        if self.count == 0 {
+            return Err("count must be at least 1".into());
+        }
+        for (field, start) in [("host_uid", self.host_uid), ("host_gid", self.host_gid)] {
+            if start
+                .checked_add(self.count)
+                .is_none_or(|end| end == u32::MAX)
+            {
+                return Err(format!(
+                    "{field} {start} + count {} goes past the largest id {}",
+                    self.count,
+                    u32::MAX - 1
+                ));
+            }
+        }
+        for (field, id) in [("uid", uid), ("gid", gid)] {
+            if id >= self.count {
+                return Err(format!(
+                    "the step's {field} {id} is outside the mapped range 0..{}",
+                    self.count
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The host id of `uid` inside (saturating: callers validate first).
+    pub fn host_uid_of(&self, uid: u32) -> u32 {
+        self.host_uid.saturating_add(uid)
+    }
+
+    /// The host id of `gid` inside.
+    pub fn host_gid_of(&self, gid: u32) -> u32 {
+        self.host_gid.saturating_add(gid)
+    }
+
+    /// `/proc/<pid>/uid_map` contents (one line, written in one `write`).
+    pub fn uid_map(&self) -> String {
+        format!("0 {} {}\n", self.host_uid, self.count)
+    }
+
+    /// `/proc/<pid>/gid_map` contents.
+    pub fn gid_map(&self) -> String {
+        format!("0 {} {}\n", self.host_gid, self.count)
+    }
 }
 
 /// A compiled classic-BPF seccomp program (`struct sock_filter[]`, native byte order); base64 in

@@ -14,7 +14,17 @@
 //!
 //! The step's confinement (`spec.confinement`) is applied in `prepare_step`: rlimits and locked
 //! securebits during the privilege drop, then Landlock, and the profile's compiled seccomp filter
-//! last, right before `execve`. A user namespace would slot into the unshare.
+//! last, right before `execve`.
+//!
+//! With a `[userns]` profile (`spec.confinement.userns`) the step process, and only it, enters a
+//! user namespace of its own, last: every other namespace (mount, pid, net, uts, ipc, cgroup) is
+//! created before by real root and stays owned by the host's user namespace, so the step holds no
+//! capability over any of them even as root of its own user namespace (no mount, no sethostname,
+//! no network configuration), and the mounts stay as built. The step unshares it right after
+//! clearing its supplementary groups and setting its rlimits (both need host privileges), then
+//! waits; pid 1, in the parent (host) user namespace, writes `/proc/<step>/uid_map`, `setgroups`
+//! (`deny`) and `gid_map`; then the step drops everything as before (entering a user namespace
+//! resets the bounding set and securebits, so all of the drop comes after it).
 
 use std::ffi::CString;
 use std::io::{Read, Write};
@@ -494,16 +504,44 @@ fn init(
     // CLOEXEC: a successful execve closes it (EOF, no bytes); a failure is written to it.
     let (error_read, error_write) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("init", err))?;
+    // `[userns]`: step -> pid 1 "user namespace created", pid 1 -> step "ids mapped".
+    let userns_pipes = match spec.confinement.userns {
+        Some(_) => Some((
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("userns", err))?,
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|err| Failure::new("userns", err))?,
+        )),
+        None => None,
+    };
     let started = Instant::now();
     let step = match sys::fork().map_err(|err| Failure::new("fork step", err))? {
         ForkResult::Child => {
             mark("step", "forked");
             drop(error_read);
-            run_step(spec, &program, &error_write)
+            let userns_sync =
+                userns_pipes.map(|((_, created), (mapped, _))| UsernsSync { created, mapped });
+            run_step(spec, &program, &error_write, userns_sync.as_ref())
         }
         ForkResult::Parent { child } => child,
     };
     drop(error_write);
+    let mut userns_failure = None;
+    if let (Some(userns), Some(((created, created_step), (mapped_step, mapped)))) =
+        (spec.confinement.userns, userns_pipes)
+    {
+        // Only the step holds these ends: a step that fails before the handshake must be seen
+        // as EOF here, not as a wait until the timeout.
+        drop(created_step);
+        drop(mapped_step);
+        // No byte: the step failed before (its report says why). On a failed mapping `mapped`
+        // is closed unsent: the step gives up without running anything.
+        if wait_byte(&created) {
+            match write_id_maps(step, &userns) {
+                Ok(()) => write_all(&mapped, b"1"),
+                Err(err) => userns_failure = Some(setup_failed("userns", err)),
+            }
+            mark("init", "user namespace ids mapped");
+        }
+    }
     let step_report = read_to_end(&error_read);
 
     // As pid 1 we inherit every orphan in the namespace: reap them all while waiting for the step.
@@ -531,7 +569,7 @@ fn init(
             Err(_) => break,
         }
     }
-    let end = match failure {
+    let end = match userns_failure.or(failure) {
         Some(end) => end,
         None => match status {
             WaitStatus::Exited(_, code) => StepEnd::Exited { code },
@@ -547,6 +585,44 @@ fn init(
         landlock,
         ..children_usage()
     })
+}
+
+/// Writes the step's id maps as pid 1 (in the parent user namespace, with CAP_SETUID/CAP_SETGID
+/// there): uid_map, then `deny` to setgroups (the step can never change its supplementary groups,
+/// which it cleared before), then gid_map. Each in one `write`, as the kernel requires.
+fn write_id_maps(step: Pid, userns: &super::confine::UserNamespace) -> Result<(), String> {
+    for (file, contents) in [
+        ("uid_map", userns.uid_map()),
+        ("setgroups", "deny".to_owned()),
+        ("gid_map", userns.gid_map()),
+    ] {
+        let path = format!("/proc/{step}/{file}");
+        let fd = nix::fcntl::open(
+            path.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|err| format!("open {path}: {err}"))?;
+        match nix::unistd::write(&fd, contents.as_bytes()) {
+            Ok(n) if n == contents.len() => {}
+            Ok(n) => {
+                return Err(format!(
+                    "write {path}: short write ({n} of {})",
+                    contents.len()
+                ));
+            }
+            Err(err) => return Err(format!("write {contents:?} to {path}: {err}")),
+        }
+    }
+    Ok(())
+}
+
+/// The step's ends of the `[userns]` handshake with pid 1.
+struct UsernsSync {
+    /// Step -> pid 1: one byte once the user namespace exists.
+    created: OwnedFd,
+    /// Pid 1 -> step: one byte once the ids are mapped; EOF if that failed.
+    mapped: OwnedFd,
 }
 
 /// The step's program, prepared before the fork: C strings and the `PATH` candidates.
@@ -594,8 +670,13 @@ impl Program {
 }
 
 /// The step process: drop everything, exec; on failure report through `error_write` and exit 127.
-fn run_step(spec: &SandboxSpec, program: &Program, error_write: &OwnedFd) -> ! {
-    let failure = match prepare_step(spec, program, error_write) {
+fn run_step(
+    spec: &SandboxSpec,
+    program: &Program,
+    error_write: &OwnedFd,
+    userns: Option<&UsernsSync>,
+) -> ! {
+    let failure = match prepare_step(spec, program, error_write, userns) {
         // The seccomp filter is in place: only what the profile allows from here on (execve,
         // write and exit_group at least).
         Ok(()) => StepReport::Exec(exec(spec, program)),
@@ -611,6 +692,7 @@ fn prepare_step(
     spec: &SandboxSpec,
     program: &Program,
     error_write: &OwnedFd,
+    userns: Option<&UsernsSync>,
 ) -> Result<(), Failure> {
     // A session of its own: no controlling terminal, and job-control signals aimed at the helper's
     // process group do not reach it.
@@ -639,7 +721,7 @@ fn prepare_step(
         .transpose()
         .map_err(|err| Failure::new("landlock", error_chain(&err)))?;
     mark("step", "landlock ruleset prepared");
-    drop_privileges(spec)?;
+    drop_privileges(spec, userns)?;
     mark("step", "privileges dropped and verified");
     // After the drop: the step's user must be allowed to enter its working directory.
     nix::unistd::chdir(&spec.cwd)
@@ -665,30 +747,13 @@ fn prepare_step(
     Ok(())
 }
 
-/// Root with all capabilities → `spec.uid`/`spec.gid` with none, for good: bounding set, locked
-/// securebits, rlimits, ids, capability sets, no_new_privs.
-fn drop_privileges(spec: &SandboxSpec) -> Result<(), Failure> {
+/// Root with all capabilities → `spec.uid`/`spec.gid` with none, for good: rlimits, groups, the
+/// user namespace (`[userns]`), bounding set, locked securebits, ids, capability sets,
+/// no_new_privs.
+fn drop_privileges(spec: &SandboxSpec, userns: Option<&UsernsSync>) -> Result<(), Failure> {
     let fail = |what: &str, err: &dyn std::fmt::Display| {
         Failure::new("privileges", format!("{what}: {err}"))
     };
-    // Bounding set first, while we still hold CAP_SETPCAP: afterwards no execve (setuid-root or
-    // file-capability binaries) can bring a capability back. Numbers past the kernel's last
-    // capability give EINVAL; capabilities unknown to the caps crate are dropped too.
-    for cap in 0..64 {
-        match sys::drop_bounding_cap(cap) {
-            Ok(()) => {}
-            Err(Errno::EINVAL) if cap > 0 => break,
-            Err(err) => {
-                return Err(fail(
-                    &format!("drop capability {cap} from the bounding set"),
-                    &err,
-                ));
-            }
-        }
-    }
-    // Lock the securebits while CAP_SETPCAP is still effective: no later uid change or execve can
-    // make root capabilities come back, and the lock cannot be undone.
-    sys::lock_securebits().map_err(|err| fail("PR_SET_SECUREBITS", &err))?;
     // Limits as both soft and hard value while still privileged (CAP_SYS_RESOURCE may raise a hard
     // limit kilnd inherited); unprivileged, the step can only lower them.
     let rlimits = &spec.confinement.rlimits;
@@ -724,6 +789,35 @@ fn drop_privileges(spec: &SandboxSpec) -> Result<(), Failure> {
     }
     // Root's supplementary groups (disk, adm, …) must not survive.
     nix::unistd::setgroups(&[]).map_err(|err| fail("setgroups", &err))?;
+    // `[userns]`: into the step's own user namespace, now that nothing left needs a host
+    // privilege; pid 1 maps its ids. Entering it gives a full bounding set, all capabilities (in
+    // the new namespace only) and default securebits: the drop below starts from there.
+    if let Some(sync) = userns {
+        nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
+            .map_err(|err| fail("unshare user namespace", &err))?;
+        write_all(&sync.created, b"1");
+        if !wait_byte(&sync.mapped) {
+            return Err(fail("user namespace", &"pid 1 did not map the step's ids"));
+        }
+    }
+    // Bounding set before the ids change, while we still hold CAP_SETPCAP: afterwards no execve (setuid-root or
+    // file-capability binaries) can bring a capability back. Numbers past the kernel's last
+    // capability give EINVAL; capabilities unknown to the caps crate are dropped too.
+    for cap in 0..64 {
+        match sys::drop_bounding_cap(cap) {
+            Ok(()) => {}
+            Err(Errno::EINVAL) if cap > 0 => break,
+            Err(err) => {
+                return Err(fail(
+                    &format!("drop capability {cap} from the bounding set"),
+                    &err,
+                ));
+            }
+        }
+    }
+    // Lock the securebits while CAP_SETPCAP is still effective: no later uid change or execve can
+    // make root capabilities come back, and the lock cannot be undone.
+    sys::lock_securebits().map_err(|err| fail("PR_SET_SECUREBITS", &err))?;
     // gid before uid: once the uid is not 0 the gid can no longer change. All three ids (real,
     // effective, saved), so nothing can switch back.
     let gid = Gid::from_raw(spec.gid);
@@ -763,6 +857,25 @@ fn verify_unprivileged(spec: &SandboxSpec) -> Result<(), Failure> {
         ("Gid", ids(spec.gid)),
         ("Groups", String::new()),
     ];
+    // `[userns]`: the kernel's view of the mapping is the profile's.
+    if let Some(userns) = &spec.confinement.userns {
+        let fields = |map: &str| {
+            map.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        for (file, want) in [("uid_map", userns.uid_map()), ("gid_map", userns.gid_map())] {
+            let got = std::fs::read_to_string(format!("/proc/self/{file}")).map_err(|err| {
+                Failure::new("privileges", format!("read /proc/self/{file}: {err}"))
+            })?;
+            if fields(&got) != fields(&want) {
+                return Err(Failure::new(
+                    "privileges",
+                    format!("user namespace {file} is {got:?}, expected {want:?}"),
+                ));
+            }
+        }
+    }
     match sys::securebits() {
         Ok(bits) if bits == sys::LOCKED_SECUREBITS => {}
         other => {

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use cgroup::{CgroupPaths, LimitHit, Limits};
 pub use confine::{
     Confinement, LandlockAccess, LandlockEnforcement, LandlockPolicy, LandlockRule, Rlimits,
-    SeccompProgram,
+    SeccompProgram, UserNamespace,
 };
 pub use profile::{Profile, ProfileError, load_profiles};
 pub use spec::{Access, SandboxOutcome, SandboxSpec, SpecError, StepEnd, WorkspaceMount};
@@ -352,7 +352,8 @@ async fn forward_log(
 }
 
 /// Creates (if needed) the output workspace directory `path` and hands it to the step's user, so
-/// the unprivileged step can write its outputs there. Refuses a symlink at `path`.
+/// the unprivileged step can write its outputs there (`uid`/`gid` are host ids: with a
+/// `[userns]` profile, [`Profile::host_ids`]). Refuses a symlink at `path`.
 pub fn prepare_output_dir(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     let error = |what: &'static str| {
         move |source| SandboxError::OutputDir {

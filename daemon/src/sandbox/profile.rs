@@ -12,6 +12,7 @@ use toml::Spanned;
 use super::cgroup::{Limits, format_bytes};
 use super::confine::{
     Confinement, LandlockAccess, LandlockPolicy, LandlockRule, Rlimits, SeccompProgram,
+    UserNamespace,
 };
 use super::seccomp::{self, SeccompError, SeccompPolicy, Syscall};
 use super::spec::{Access, WorkspaceMount};
@@ -44,6 +45,9 @@ pub struct Profile {
     pub rlimits: Rlimits,
     /// `[landlock]`; `None` if the profile disables Landlock.
     pub landlock: Option<ProfileLandlock>,
+    /// `[userns]`: the step runs in a user namespace of its own, `uid`/`gid` are ids inside it;
+    /// `None`: no user namespace.
+    pub userns: Option<UserNamespace>,
 }
 
 /// The `[landlock]` paths of a profile; host paths and workspaces are added per step
@@ -61,6 +65,15 @@ pub struct ProfileLandlock {
 }
 
 impl Profile {
+    /// The step's uid and gid as the host sees them (what its output workspace is handed to):
+    /// `uid`/`gid`, or with `[userns]` their mapped host ids.
+    pub fn host_ids(&self) -> (u32, u32) {
+        match &self.userns {
+            Some(userns) => (userns.host_uid_of(self.uid), userns.host_gid_of(self.gid)),
+            None => (self.uid, self.gid),
+        }
+    }
+
     /// The step's [`Confinement`]: the compiled filter, the rlimits, and the Landlock rules — the
     /// profile's host paths read+execute, its `[landlock]` paths, input workspaces read+execute and
     /// output workspaces read-write (at `/workspace/<name>`, as mounted).
@@ -122,6 +135,7 @@ impl Profile {
             seccomp: self.seccomp.clone(),
             rlimits: self.rlimits,
             landlock,
+            userns: self.userns,
         }
     }
 }
@@ -199,6 +213,17 @@ struct ProfileFile {
     seccomp: SeccompFile,
     rlimits: RlimitsFile,
     landlock: LandlockFile,
+    #[serde(default)]
+    userns: Option<Spanned<UserNsFile>>,
+}
+
+/// `[userns]`: all keys required.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserNsFile {
+    host_uid: u32,
+    host_gid: u32,
+    count: u32,
 }
 
 /// `[seccomp]`: a default-deny allowlist.
@@ -369,6 +394,21 @@ pub fn parse_profile(file: &Path, text: &str) -> Result<Profile, ProfileError> {
             ));
         }
     }
+    let userns = match &raw.userns {
+        Some(section) => {
+            let file = section.get_ref();
+            let userns = UserNamespace {
+                host_uid: file.host_uid,
+                host_gid: file.host_gid,
+                count: file.count,
+            };
+            userns
+                .validate(*raw.uid.get_ref(), *raw.gid.get_ref())
+                .map_err(|message| invalid(section.span(), "userns", message))?;
+            Some(userns)
+        }
+        None => None,
+    };
     let tmp_size_bytes = parse_size(raw.tmp_size.get_ref())
         .map_err(|message| invalid(raw.tmp_size.span(), "tmp_size", message))?;
     let mut limits = Limits::default();
@@ -488,6 +528,7 @@ pub fn parse_profile(file: &Path, text: &str) -> Result<Profile, ProfileError> {
         seccomp,
         rlimits,
         landlock,
+        userns,
     })
 }
 
@@ -660,6 +701,49 @@ read_write = ["/tmp"]
         let shown = err.to_string();
         assert!(shown.starts_with("p/x.toml:17:1: "), "{shown}");
         assert!(shown.contains("network"), "{shown}");
+    }
+
+    #[test]
+    fn userns_section_is_parsed_and_checked() {
+        let section = "\n[userns]\nhost_uid = 100000\nhost_gid = 200000\ncount = 65536\n";
+        let profile = parse_profile(Path::new("x.toml"), &format!("{GOOD}{section}")).unwrap();
+        let userns = profile.userns.unwrap();
+        assert_eq!(
+            (userns.host_uid, userns.host_gid, userns.count),
+            (100_000, 200_000, 65536)
+        );
+        assert_eq!(profile.host_ids(), (165_534, 265_534));
+        assert_eq!(profile.confinement(&[]).userns, Some(userns));
+        assert_eq!(
+            parse_profile(Path::new("x.toml"), GOOD).unwrap().userns,
+            None
+        );
+        for (bad, message) in [
+            (
+                "count = 65536",
+                "count = 65534",
+                "uid 65534 is outside the mapped range 0..65534",
+            ),
+            ("host_uid = 100000", "host_uid = 0", "must not be 0"),
+            ("count = 65536", "count = 0", "count must be at least 1"),
+            (
+                "host_gid = 200000",
+                "host_gid = 4294967000",
+                "goes past the largest id",
+            ),
+        ]
+        .map(|(from, to, message)| (section.replace(from, to), message))
+        {
+            let err = parse_profile(Path::new("x.toml"), &format!("{GOOD}{bad}")).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with("x.toml:") && text.contains("userns"),
+                "{text}"
+            );
+            assert!(text.contains(message), "{text}");
+        }
+        let typo = section.replace("count", "cout");
+        assert!(parse_profile(Path::new("x.toml"), &format!("{GOOD}{typo}")).is_err());
     }
 
     #[test]

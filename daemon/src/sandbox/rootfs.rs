@@ -345,6 +345,8 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
     if !spec.secrets.is_empty() {
         let secrets = Path::new(SECRETS_MOUNT);
         plan.dir(secrets);
+        // Host ids (with a user namespace: the step's mapped ids).
+        let (owner, group) = spec.host_ids();
         let page = 4096;
         let size = page
             + spec
@@ -354,7 +356,7 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
                 .sum::<usize>();
         plan.ops.push(MountOp::Tmpfs {
             target: plan.inside(secrets),
-            options: format!("mode=0500,uid={},gid={},size={size}", spec.uid, spec.gid),
+            options: format!("mode=0500,uid={owner},gid={group},size={size}"),
             flags: no_setuid_no_dev | MsFlags::MS_NOEXEC,
         });
         for (name, value) in &spec.secrets {
@@ -362,8 +364,8 @@ pub fn plan_root(spec: &SandboxSpec, host: &impl HostView) -> Result<Vec<MountOp
                 path: plan.inside(&secrets.join(name)),
                 contents: SecretBytes(value.as_bytes().to_vec()),
                 mode: 0o400,
-                uid: spec.uid,
-                gid: spec.gid,
+                uid: owner,
+                gid: group,
             });
         }
         plan.ops.push(MountOp::Restrict {

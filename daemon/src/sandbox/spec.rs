@@ -281,6 +281,12 @@ pub enum SpecError {
         /// The name.
         name: String,
     },
+    /// The user namespace mapping is unusable or does not hold the step's ids.
+    #[error("confinement.userns: {message}")]
+    UserNamespace {
+        /// What is wrong.
+        message: String,
+    },
     /// The secrets do not fit their tmpfs.
     #[error("secrets hold {bytes} bytes, more than the limit of {MAX_SECRETS_BYTES}")]
     SecretsTooLarge {
@@ -290,6 +296,15 @@ pub enum SpecError {
 }
 
 impl SandboxSpec {
+    /// The step's uid and gid as the host sees them: `uid`/`gid` themselves, or mapped through
+    /// the user namespace (`confinement.userns`). Files the step creates belong to these.
+    pub fn host_ids(&self) -> (u32, u32) {
+        match &self.confinement.userns {
+            Some(userns) => (userns.host_uid_of(self.uid), userns.host_gid_of(self.gid)),
+            None => (self.uid, self.gid),
+        }
+    }
+
     /// Checks everything the helper hands to the kernel.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.argv.is_empty() {
@@ -378,6 +393,11 @@ impl SandboxSpec {
         }
         if self.gid == 0 {
             return Err(SpecError::RootId { field: "gid" });
+        }
+        if let Some(userns) = &self.confinement.userns {
+            userns
+                .validate(self.uid, self.gid)
+                .map_err(|message| SpecError::UserNamespace { message })?;
         }
         if let Some(cgroups) = &self.cgroups {
             cgroups.validate()?;
@@ -495,6 +515,7 @@ pub(crate) mod tests {
                     6, 0, 0, 0, 0, 0, 0xff, 0x7f,
                 ])
                 .unwrap(),
+                userns: None,
                 rlimits: crate::sandbox::confine::Rlimits {
                     core_bytes: 0,
                     nofile: 1024,
