@@ -20,7 +20,7 @@ use crate::digest::Digest;
 use crate::dsse::{DsseError, Envelope, envelope_digest};
 use crate::intoto::{DigestSet, ResourceDescriptor, SLSA_PROVENANCE_V1, Statement, StepStatement};
 use crate::keys::PublicKey;
-use crate::verify::Bundle;
+use crate::verify::{Bundle, VerifyError};
 
 /// Predicate type of the in-toto runtime-trace predicate, version 0.1.
 pub const RUNTIME_TRACE_V01: &str = "https://in-toto.io/attestation/runtime-trace/v0.1";
@@ -529,23 +529,10 @@ pub struct TraceVerdict {
 /// Why a chain's traces do not prove a complete observation.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceVerifyError {
-    /// The step's provenance envelope is not in the bundle or does not verify.
-    #[error("step {step:?} attestation: {source}")]
-    StepEnvelope {
-        /// Step.
-        step: String,
-        /// Cause.
-        #[source]
-        source: DsseError,
-    },
-    /// The step statement is not SLSA provenance.
-    #[error("step {step:?} statement predicate type must be {SLSA_PROVENANCE_V1:?}, got {found:?}")]
-    StepPredicateType {
-        /// Step.
-        step: String,
-        /// Found.
-        found: String,
-    },
+    /// The step's provenance envelope does not verify or decode, or is not SLSA provenance
+    /// (the same checks, and errors, as [`crate::verify`]'s).
+    #[error(transparent)]
+    Step(#[from] VerifyError),
     /// The step is missing from the bundle.
     #[error("step {step:?} has no attestation in the bundle")]
     StepMissing {
@@ -639,7 +626,7 @@ fn verify_step_trace(
     trusted: &[PublicKey],
     step: &str,
 ) -> Result<TraceVerdict, TraceVerifyError> {
-    let step_err = |source| TraceVerifyError::StepEnvelope {
+    let step_err = |source| VerifyError::StepEnvelope {
         step: step.to_owned(),
         source,
     };
@@ -655,10 +642,11 @@ fn verify_step_trace(
         .decode_statement()
         .map_err(step_err)?;
     if provenance.predicate_type != SLSA_PROVENANCE_V1 {
-        return Err(TraceVerifyError::StepPredicateType {
+        return Err(VerifyError::StepPredicateType {
             step: step.to_owned(),
             found: provenance.predicate_type,
-        });
+        }
+        .into());
     }
     let byproduct = provenance
         .predicate
