@@ -53,17 +53,6 @@ fn repo() -> PathBuf {
         .to_owned()
 }
 
-struct Swtpm(PathBuf);
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/swtpm"))
-            .args(["stop", "--dir"])
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -92,28 +81,10 @@ async fn main() {
     let bin = PathBuf::from(std::env::var("BIN").unwrap_or_else(|_| "target/release".into()));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = std::env::var("KILN_SWTPM_PORT").unwrap_or_else(|_| "2341".into());
-    let out = Command::new(repo().join("scripts/swtpm"))
-        .args(["start", "--dir"])
-        .arg(d.join("swtpm"))
-        .args(["--port", &port])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "swtpm: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _swtpm = Swtpm(d.join("swtpm"));
-    let text = String::from_utf8(out.stdout).unwrap();
-    let value = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap()
-            .to_owned()
-    };
-    let tcti = value("KILN_TPM_TCTI=");
-    let ca_path = PathBuf::from(value("KILN_TPM_EK_CA="));
+    // The e2e harness's swtpm: private state, free ports, stopped on drop.
+    let swtpm = kiln_e2e::Swtpm::start();
+    let tcti = swtpm.tcti.clone();
+    let ca_path = swtpm.ca_bundle.clone();
     let ca = attest::parse_ca_bundle(&std::fs::read(&ca_path).unwrap()).unwrap();
 
     std::fs::create_dir_all(d.join("profiles")).unwrap();
