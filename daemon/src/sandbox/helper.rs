@@ -122,18 +122,14 @@ pub fn main() -> ExitCode {
             ),
         );
     }
-    let outcome = supervise().unwrap_or_else(|failure| SandboxOutcome {
-        end: StepEnd::SetupFailed {
-            stage: failure.stage,
-            error: failure.error,
-        },
-        wall_ms: millis(start.elapsed()),
-        user_ms: 0,
-        sys_ms: 0,
-        max_rss_kib: 0,
-        limits_hit: Vec::new(),
-        teardown: None,
-        landlock: None,
+    let outcome = supervise().unwrap_or_else(|failure| {
+        SandboxOutcome::without_usage(
+            StepEnd::SetupFailed {
+                stage: failure.stage,
+                error: failure.error,
+            },
+            millis(start.elapsed()),
+        )
     });
     let mut stdout = std::io::stdout().lock();
     let written = serde_json::to_writer(&mut stdout, &outcome)
@@ -347,21 +343,15 @@ fn wait_for_init(
                 ..usage
             }
         }
-        Ok(()) => {
-            serde_json::from_slice::<SandboxOutcome>(&report).unwrap_or_else(|_| SandboxOutcome {
-                end: setup_failed(
+        Ok(()) => serde_json::from_slice::<SandboxOutcome>(&report).unwrap_or_else(|_| {
+            SandboxOutcome::without_usage(
+                setup_failed(
                     "init",
                     format!("namespace init ended without a report ({init_status})"),
                 ),
-                wall_ms: millis(forked.elapsed()),
-                user_ms: 0,
-                sys_ms: 0,
-                max_rss_kib: 0,
-                limits_hit: Vec::new(),
-                teardown: None,
-                landlock: None,
-            })
-        }
+                millis(forked.elapsed()),
+            )
+        }),
     }
 }
 
@@ -421,20 +411,15 @@ fn namespace_init(
     status_write: &OwnedFd,
     root_ready: &OwnedFd,
 ) -> ! {
-    let outcome =
-        init(spec, plan, status_write, root_ready).unwrap_or_else(|failure| SandboxOutcome {
-            end: StepEnd::SetupFailed {
+    let outcome = init(spec, plan, status_write, root_ready).unwrap_or_else(|failure| {
+        SandboxOutcome::without_usage(
+            StepEnd::SetupFailed {
                 stage: failure.stage,
                 error: failure.error,
             },
-            wall_ms: 0,
-            user_ms: 0,
-            sys_ms: 0,
-            max_rss_kib: 0,
-            limits_hit: Vec::new(),
-            teardown: None,
-            landlock: None,
-        });
+            0,
+        )
+    });
     if let Ok(json) = serde_json::to_vec(&outcome) {
         write_all(status_write, &json);
     }

@@ -282,16 +282,10 @@ impl Sandbox {
             }
             Ended::Cancelled => {
                 kill_and_reap(&mut child).await?;
-                Ok(SandboxOutcome {
-                    end: StepEnd::Cancelled,
-                    wall_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    user_ms: 0,
-                    sys_ms: 0,
-                    max_rss_kib: 0,
-                    limits_hit: Vec::new(),
-                    teardown: None,
-                    landlock: None,
-                })
+                Ok(SandboxOutcome::without_usage(
+                    StepEnd::Cancelled,
+                    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ))
             }
             Ended::Hung => {
                 kill_and_reap(&mut child).await?;

@@ -151,6 +151,23 @@ pub struct SandboxOutcome {
     pub landlock: Option<LandlockEnforcement>,
 }
 
+impl SandboxOutcome {
+    /// An outcome with no resource usage: the step never ran, or was killed before it could be
+    /// reaped (setup failures, cancellation); kilnd fills in limits and teardown later.
+    pub fn without_usage(end: StepEnd, wall_ms: u64) -> Self {
+        Self {
+            end,
+            wall_ms,
+            user_ms: 0,
+            sys_ms: 0,
+            max_rss_kib: 0,
+            limits_hit: Vec::new(),
+            teardown: None,
+            landlock: None,
+        }
+    }
+}
+
 /// The end of a step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
