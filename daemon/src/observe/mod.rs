@@ -294,19 +294,14 @@ impl Observer {
         let stream = EventStream::new(ring, config.poll_interval)?;
 
         for &(program, tracepoint) in kiln_ebpf::maps::PROGRAMS {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(ObserveError::Missing {
-                    object: PROCESS_OBJECT,
-                    what: "program",
-                    name: program,
-                })?
-                .try_into()
-                .map_err(|source| ObserveError::ProgramLoad {
-                    program,
-                    tracepoint,
-                    source,
-                })?;
+            let prog: &mut BtfTracePoint =
+                program_mut(&mut ebpf, program)?
+                    .try_into()
+                    .map_err(|source| ObserveError::ProgramLoad {
+                        program,
+                        tracepoint,
+                        source,
+                    })?;
             prog.load(tracepoint, &btf).map_err(|source| match source {
                 // The kernel BTF has no btf_trace_<tracepoint> typedef: no such tracepoint.
                 ProgramError::Btf(_) => ObserveError::Unsupported {
@@ -382,27 +377,19 @@ impl Observer {
                 .iter()
                 .find(|(name, _)| *name == program)
                 .map_or("?", |(_, tracepoint)| *tracepoint);
-            let attached = self
-                .ebpf
-                .program_mut(program)
-                .ok_or(ObserveError::Missing {
-                    object: PROCESS_OBJECT,
-                    what: "program",
-                    name: program,
-                })
-                .and_then(|prog| {
-                    let prog: &mut BtfTracePoint =
-                        prog.try_into().map_err(|source| ObserveError::Attach {
-                            program,
-                            tracepoint,
-                            source,
-                        })?;
-                    prog.attach().map_err(|source| ObserveError::Attach {
+            let attached = program_mut(&mut self.ebpf, program).and_then(|prog| {
+                let prog: &mut BtfTracePoint =
+                    prog.try_into().map_err(|source| ObserveError::Attach {
                         program,
                         tracepoint,
                         source,
-                    })
-                });
+                    })?;
+                prog.attach().map_err(|source| ObserveError::Attach {
+                    program,
+                    tracepoint,
+                    source,
+                })
+            });
             match attached {
                 Ok(link) => self.on_demand.push((program, link)),
                 Err(err) => {
@@ -579,13 +566,7 @@ fn attach_sock_hooks(ebpf: &mut Ebpf, cgroup: &std::path::Path) -> Result<(), Ob
                 source: Box::new(source),
             }
         };
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(program)
-            .ok_or(ObserveError::Missing {
-                object: PROCESS_OBJECT,
-                what: "program",
-                name: program,
-            })?
+        let prog: &mut CgroupSockAddr = program_mut(ebpf, program)?
             .try_into()
             .map_err(err("loading"))?;
         prog.load().map_err(err("loading"))?;
@@ -601,6 +582,17 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Obser
     ebpf.take_map(name).ok_or(ObserveError::Missing {
         object: PROCESS_OBJECT,
         what: "map",
+        name,
+    })
+}
+
+fn program_mut<'e>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+) -> Result<&'e mut aya::programs::Program, ObserveError> {
+    ebpf.program_mut(name).ok_or(ObserveError::Missing {
+        object: PROCESS_OBJECT,
+        what: "program",
         name,
     })
 }
