@@ -5,7 +5,7 @@
 //!    format c`. The programs are CO-RE, so this only has to be close to the target kernel.
 //! 2. `observer.bpf.o`: `clang-19 -g -O2 -target bpf -D__TARGET_ARCH_x86`, embedded by lib.rs.
 //!    One translation unit (observer.bpf.c includes every family's source) so all programs
-//!    share one set of maps.
+//!    share one set of maps. `floor.bpf.o` likewise: the observer benchmark's baseline.
 //! 3. `c_layout.rs`: `src/bpf/layout.c` built for the host and run; it prints sizes, offsets and
 //!    constants of `events.h` for the layout test.
 //!
@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// BPF objects: `src/bpf/<name>.bpf.c` -> `<name>.bpf.o`. `observer` includes the families
-/// (`process.bpf.c`, `syscalls.bpf.c`, `sock.bpf.c`) and `common.bpf.h`.
-const PROGRAMS: &[&str] = &["observer"];
+/// (`process.bpf.c`, `syscalls.bpf.c`, `sock.bpf.c`) and `common.bpf.h`; `floor` is the
+/// benchmark's kernel-floor baseline (one empty sys_exit program, never loaded by kilnd).
+const PROGRAMS: &[&str] = &["observer", "floor"];
 
 /// Headers and sources every output depends on.
 const INPUTS: &[&str] = &[
@@ -35,6 +36,7 @@ const INPUTS: &[&str] = &[
     "src/bpf/process.bpf.c",
     "src/bpf/syscalls.bpf.c",
     "src/bpf/sock.bpf.c",
+    "src/bpf/floor.bpf.c",
 ];
 
 /// Debian/Ubuntu keep `asm/types.h` in the multiarch directory, which clang does not search.

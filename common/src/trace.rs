@@ -200,9 +200,10 @@ pub struct NetRecord {
     pub t: u64,
     /// Process id.
     pub pid: u32,
-    /// `connect`, `bind`, `sendto`.
+    /// `connect`, `bind`, `sendto`, `listen` (with the socket's local address).
     pub op: String,
-    /// `inet`, `inet6`, `unix`, or `af-<n>`.
+    /// `inet`, `inet6`, `unix`, or `af-<n>` (`af-0`: a failed listen, whose fd may not be a
+    /// socket, has no address).
     pub family: String,
     /// IP address (inet/inet6).
     #[serde(default, skip_serializing_if = "Option::is_none")]

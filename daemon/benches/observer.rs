@@ -8,16 +8,29 @@
 //!    - `open`: open+close of /dev/null in a tight C loop (one file record per iteration); this
 //!      VM's kernel itself needs ~2.7 us per iteration, so it cannot pass ~370K iterations/s;
 //!    - `chdir`: chdir("/") in a tight loop in two processes (one per core): cheap syscalls that
-//!      each make a file record (the file path: sys_enter + sys_exit + task storage);
+//!      each make a file record (the file path: one sys_exit program, a cwd walk);
 //!    - `eperm`: setuid(0) as uid 65534 in two processes: each call one `denied` record, the
 //!      cheapest event, to measure the transport (ring + wakeups + consumer) itself;
-//! 3. the open storm outside any observed cgroup while the observer is loaded AND a step's
-//!    cgroup is observed (what every other process on the host pays), vs bare; and again once
-//!    no step has been observed for a while (the syscall programs are then detached).
+//! 3. what every other process on the host pays while a step is observed (target <= 1.05):
+//!    - the open storm outside any observed cgroup, bare; with only the kernel floor attached
+//!      (`kiln_ebpf::FLOOR_BPF`: one empty tp_btf/sys_exit program, since any program on the
+//!      raw syscall tracepoint puts every task's syscalls on the kernel's slow path); and with
+//!      the observer loaded AND a step's cgroup observed: ratios floor/bare, kiln/bare and
+//!      kiln/floor (what kiln's own program adds). This is the worst case: a process that does
+//!      nothing but syscalls. Again once no step has been observed for a while (the syscall
+//!      programs are then detached);
+//!    - the realistic case: the same C build (`make -j2`) on the host, outside any observed
+//!      cgroup, while a step runs a modest workload (a loop of short processes opening a file)
+//!      in its own cgroup: bare (the step runs too, nothing loaded) vs the observer loaded and
+//!      the step observed (its events delivered, so the syscall programs are attached and busy);
+//!      each round builds bare, observed, observed, bare (or the reverse), and the line shows
+//!      each round's ratio of its means.
 //!
-//! Rounds are interleaved (bare, observed, strace, …) and the median is reported, to damp
-//! drift. Environment: `BENCH_BUILD_FILES` (default 160), `BENCH_RUNS` (default 3),
-//! `BENCH_STORM` (open+close iterations, default 1000000).
+//! Rounds are interleaved and the median is reported, to damp drift; the build's bare and
+//! observed runs, and the host comparisons' variants, run back to back in an order swapped or
+//! rotated each round (whichever runs first measured up to 13% slower). Environment:
+//! `BENCH_BUILD_FILES` (default 160), `BENCH_RUNS` (default 3), `BENCH_STORM` (open+close
+//! iterations, default 1000000).
 
 #![allow(
     clippy::unwrap_used,
@@ -80,6 +93,70 @@ impl BenchCgroup {
             }
         }
         cmd
+    }
+}
+
+impl BenchCgroup {
+    /// Kills every process in the cgroup and waits until it is empty.
+    async fn kill_all(&self) {
+        std::fs::write(self.path.join("cgroup.kill"), "1").unwrap();
+        for _ in 0..500 {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap();
+            if procs.trim().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{}: processes left after cgroup.kill", self.path.display());
+    }
+}
+
+/// A step's modest workload, in its cgroup until killed: short processes, each opening a file
+/// (~20 execs/s; little CPU, so the host build it runs beside competes with it only a little,
+/// and equally in both variants).
+const STEP_WORKLOAD: &str = "while :; do cat /etc/os-release >/dev/null; sleep 0.05; done";
+
+/// The kernel floor of the syscall tracepoint kiln attaches while a step is observed:
+/// `kiln_ebpf::FLOOR_BPF`'s empty program, loaded once, attached only between [`Floor::attach`]
+/// and [`Floor::detach`].
+struct Floor {
+    ebpf: aya::Ebpf,
+    link: Option<aya::programs::tp_btf::BtfTracePointLinkId>,
+}
+
+impl Floor {
+    fn load() -> Self {
+        assert!(
+            !kiln_ebpf::FLOOR_BPF.is_empty(),
+            "kiln-ebpf was built with KILN_SKIP_BPF=1: no floor object to load"
+        );
+        let btf = aya::Btf::from_sys_fs().unwrap();
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(kiln_ebpf::FLOOR_BPF)
+            .unwrap();
+        let (program, tracepoint) = kiln_ebpf::FLOOR_PROGRAM;
+        let prog: &mut aya::programs::BtfTracePoint =
+            ebpf.program_mut(program).unwrap().try_into().unwrap();
+        prog.load(tracepoint, &btf).unwrap();
+        Self { ebpf, link: None }
+    }
+
+    fn program(&mut self) -> &mut aya::programs::BtfTracePoint {
+        self.ebpf
+            .program_mut(kiln_ebpf::FLOOR_PROGRAM.0)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    fn attach(&mut self) {
+        self.link = Some(self.program().attach().unwrap());
+    }
+
+    fn detach(&mut self) {
+        let link = self.link.take().unwrap();
+        self.program().detach(link).unwrap();
     }
 }
 
@@ -212,6 +289,8 @@ async fn main() {
     let cgroup = BenchCgroup::new();
     // A second step's cgroup, observed (idle) while the host storm runs.
     let idle_step = BenchCgroup::new();
+    // A third step's cgroup, running STEP_WORKLOAD beside a build on the host.
+    let busy_step = BenchCgroup::new();
     let make = |join: bool| cgroup.command("make", &["-s", "-j2", "-B", "all"], dir.path(), join);
     let storm_arg = storm.to_string();
     let chdir_arg = (storm / 2).to_string();
@@ -237,11 +316,27 @@ async fn main() {
     let mut eperm_runs = StormRuns::default();
     let mut storm_on_host = Vec::new();
     let mut storm_on_idle_node = Vec::new();
+    let mut storm_on_floor = Vec::new();
+    let mut storm_on_host_bare = Vec::new();
+    let (mut host_build_bare, mut host_build_observed) = (Vec::new(), Vec::new());
+    let mut busy_step_events = 0;
+    let mut floor = Floor::load();
     let mut build_events = 0;
-    for _ in 0..runs {
-        // Nothing loaded.
+    for round in 0..runs {
+        // The build bare (nothing loaded) and observed back to back, the order swapped every
+        // round (whichever build runs first in a round measured up to 13% slower); then strace.
         if build {
-            bare.push(run(make(false)).await);
+            for observe in [round % 2 == 1, round % 2 == 0] {
+                if observe {
+                    let service = ObserverService::start(&ObserverConfig::default()).unwrap();
+                    let (wall, events, lost) = run_observed(&service, &cgroup, make(true)).await;
+                    assert_eq!(lost, 0, "the build lost events");
+                    observed.push(wall);
+                    build_events = events;
+                } else {
+                    bare.push(run(make(false)).await);
+                }
+            }
             let mut strace = Command::new("strace");
             strace
                 .args(["-f", "-o", "/dev/null", "make", "-s", "-j2", "-B", "all"])
@@ -254,25 +349,59 @@ async fn main() {
         chdir_runs.bare.push(run(chdir_storm(false)).await);
         eperm_runs.bare.push(run(eperm_storm(false)).await);
 
-        // Loaded: observed build and storms, then the storm on the host (not observed) while
-        // another step's cgroup is observed.
+        // Loaded: observed storms, then the storm on the host once no step has been
+        // observed for a while.
         let service = ObserverService::start(&ObserverConfig::default()).unwrap();
-        if build {
-            let (wall, events, lost) = run_observed(&service, &cgroup, make(true)).await;
-            assert_eq!(lost, 0, "the build lost events");
-            observed.push(wall);
-            build_events = events;
-        }
         open_runs.observe(run_observed(&service, &cgroup, open_storm(true)).await);
         chdir_runs.observe(run_observed(&service, &cgroup, chdir_storm(true)).await);
         eperm_runs.observe(run_observed(&service, &cgroup, eperm_storm(true)).await);
-        let idle = service.attach(idle_step.id).unwrap();
-        storm_on_host.push(run(open_storm(false)).await);
-        idle.finish().await.unwrap();
         // No step observed for a while: the syscall programs are detached.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         storm_on_idle_node.push(run(open_storm(false)).await);
         drop(service);
+
+        // The host (nothing it runs is observed): each comparison's variants back to back, in
+        // an order rotated every round, so neither side always follows the same neighbour.
+        let mut storm_variants = [Host::Bare, Host::Floor, Host::Kiln];
+        storm_variants.rotate_left(round % 3);
+        for variant in storm_variants {
+            match variant {
+                Host::Bare => storm_on_host_bare.push(run(open_storm(false)).await),
+                Host::Floor => {
+                    floor.attach();
+                    storm_on_floor.push(run(open_storm(false)).await);
+                    floor.detach();
+                }
+                Host::Kiln => {
+                    // Another step's cgroup observed (idle): the syscall programs attached.
+                    let service = ObserverService::start(&ObserverConfig::default()).unwrap();
+                    let idle = service.attach(idle_step.id).unwrap();
+                    storm_on_host.push(run(open_storm(false)).await);
+                    idle.finish().await.unwrap();
+                }
+            }
+        }
+        if build {
+            // A + B + B + A (and B + A + A + B the next round): the first build of a series
+            // measured up to ~10% slower than the next here, whichever variant it was.
+            let mut build_variants = [Host::Bare, Host::Kiln, Host::Kiln, Host::Bare];
+            build_variants.rotate_left(round % 2);
+            let (mut bare_sum, mut observed_sum) = (Duration::ZERO, Duration::ZERO);
+            for variant in build_variants {
+                let service = (variant == Host::Kiln)
+                    .then(|| ObserverService::start(&ObserverConfig::default()).unwrap());
+                let (wall, events) =
+                    build_beside_step(make(false), &busy_step, dir.path(), service.as_ref()).await;
+                if service.is_some() {
+                    observed_sum += wall;
+                    busy_step_events = events;
+                } else {
+                    bare_sum += wall;
+                }
+            }
+            host_build_bare.push(bare_sum / 2);
+            host_build_observed.push(observed_sum / 2);
+        }
     }
     if build {
         let (bare, observed, straced) = (median(bare), median(observed), median(straced));
@@ -288,20 +417,79 @@ async fn main() {
             kiln_extra / strace_extra
         );
     }
-    let open_bare = median(open_runs.bare.clone());
     open_runs.report("storm    open+close /dev/null, 1 process ");
     chdir_runs.report("storm    chdir(\"/\"), 2 processes        ");
     eperm_runs.report("storm    setuid(0) EPERM, 2 processes    ");
+    let host_bare = median(storm_on_host_bare);
+    let storm_floor = median(storm_on_floor);
+    println!(
+        "host     the open storm unobserved, bare {host_bare:.2?}  with only an empty sys_exit program attached (kernel floor) {storm_floor:.2?} ({:.3}x bare)",
+        ratio(storm_floor, host_bare)
+    );
     let storm_host = median(storm_on_host);
     println!(
-        "host     the open storm unobserved while the observer is loaded and a step observed: {storm_host:.2?} ({:.3}x bare; target <= 1.05)",
-        ratio(storm_host, open_bare)
+        "host     the open storm unobserved while the observer is loaded and a step observed: {storm_host:.2?} ({:.3}x bare, {:.3}x the floor; target <= 1.05)",
+        ratio(storm_host, host_bare),
+        ratio(storm_host, storm_floor)
     );
     let storm_idle = median(storm_on_idle_node);
     println!(
         "host     the same with the observer loaded and no step observed (idle node): {storm_idle:.2?} ({:.3}x bare)",
-        ratio(storm_idle, open_bare)
+        ratio(storm_idle, host_bare)
     );
+    if build {
+        // The variants of a round ran back to back: their ratio shows the noise.
+        let per_round: Vec<String> = host_build_observed
+            .iter()
+            .zip(&host_build_bare)
+            .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
+            .collect();
+        let (bare, observed) = (median(host_build_bare), median(host_build_observed));
+        println!(
+            "host     build (make -j2) unobserved beside a busy step, bare {bare:.2?}  the step observed {observed:.2?} ({:.3}x, per round {}; target <= 1.05; step: {busy_step_events} events)",
+            ratio(observed, bare),
+            per_round.join(" ")
+        );
+    }
+}
+
+/// Runs `make` on the host (no observed cgroup) while `step` runs [`STEP_WORKLOAD`], observed
+/// by `service` if given; returns the build's wall time and the step's event count.
+async fn build_beside_step(
+    make: Command,
+    step: &BenchCgroup,
+    dir: &Path,
+    service: Option<&std::sync::Arc<ObserverService>>,
+) -> (Duration, usize) {
+    let observation = service.map(|service| service.attach(step.id).unwrap());
+    let mut workload = step
+        .command("sh", &["-c", STEP_WORKLOAD], dir, true)
+        .spawn()
+        .unwrap();
+    let wall = run(make).await;
+    step.kill_all().await;
+    workload.wait().await.unwrap();
+    let Some(observation) = observation else {
+        return (wall, 0);
+    };
+    let collected = observation.finish().await.unwrap();
+    assert_eq!(collected.lost, 0, "the busy step lost events");
+    assert!(
+        !collected.events.is_empty(),
+        "the busy step was observed but delivered no events"
+    );
+    (wall, collected.events.len())
+}
+
+/// What runs beside a host workload in the host comparisons.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Host {
+    /// Nothing loaded.
+    Bare,
+    /// Only [`Floor`]'s empty sys_exit program attached.
+    Floor,
+    /// kilnd's observer loaded and a step's cgroup observed.
+    Kiln,
 }
 
 /// One storm's rounds.

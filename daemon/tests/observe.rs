@@ -506,7 +506,7 @@ async fn limits_are_flagged_not_silent() {
 // ---------------------------------------------------------------------------------------------
 // The node's shared observer (routing), trace assembly, file events, and completeness vs strace.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use kiln_common::trace::{FileRecord, TraceRecord};
@@ -736,10 +736,169 @@ async fn file_paths_resolve_relative_dotdot_symlink_chdir_rename_and_dirfd() {
     assert_eq!(writes[0].bytes, 2);
 }
 
-/// `strace -f` lines of `execve` and `openat`: (pid, syscall, first path arg, flags, result).
-fn parse_strace(text: &str) -> Vec<(u32, String, String, String, i64)> {
-    let mut unfinished: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
-    let mut calls = Vec::new();
+// Completeness against `strace -f`: one command, run once under strace inside an observed
+// cgroup, seen by both. Paths are compared as the program named them, resolved lexically
+// against the directory they are relative to, and as the file actually opened.
+//
+// How the strace side learns that directory: `-y` makes strace decode every fd argument and
+// result with its path (read from /proc while the tracee is stopped in the syscall), so
+// `openat(AT_FDCWD</w/sub>, "a", …) = 3</w/sub/a>` carries the cwd (or the dirfd's directory)
+// at that moment and the opened file. open(2) and creat(2) have no dirfd to decode: for them
+// the cwd is tracked per pid from the log (the last decoded AT_FDCWD, chdir, fchdir, and a
+// forked child inheriting its parent's at the fork). Calls are taken in the order they were
+// entered, so a child's first call always comes after its parent's fork.
+// (Threads sharing a cwd through CLONE_FS are tracked as separate pids: fine for openat,
+// whose decoded AT_FDCWD is read fresh; the commands here run no threads that chdir.)
+
+/// What strace records: the compared syscalls, plus the ones the per-pid cwd needs.
+const STRACE_TRACE: &str =
+    "trace=execve,open,openat,openat2,creat,chdir,fchdir,clone,clone3,fork,vfork";
+
+/// What a run executed and opened, as kiln or as strace saw it.
+#[derive(Debug, Default)]
+struct Accesses {
+    /// Successful `execve`s, by the path as passed.
+    execs: BTreeSet<String>,
+    /// Successful opens for reading, by path argument resolved against its directory.
+    read: BTreeSet<String>,
+    /// Successful opens for writing (write-only, read-write, `O_CREAT`, `O_TRUNC`, creat).
+    written: BTreeSet<String>,
+    /// The files actually opened for reading (symlinks resolved).
+    read_real: BTreeSet<String>,
+    /// The files actually opened for writing.
+    written_real: BTreeSet<String>,
+    /// Failed opens (`-errno`): the probes of search paths, by resolved path.
+    failed: BTreeSet<String>,
+    /// Successful opens as "syscall path" (open, creat, openat, openat2).
+    by_syscall: BTreeSet<String>,
+}
+
+impl Accesses {
+    /// Files one open touched: `path` resolved, `real` the opened file. `O_PATH` opens neither
+    /// read nor write data and are left out on both sides.
+    fn add_open(
+        &mut self,
+        syscall: &str,
+        flags: u32,
+        ok: bool,
+        path: String,
+        real: Option<String>,
+    ) {
+        let access = kilnd::observe::syscalls::open_access(flags);
+        if access == "path" {
+            return;
+        }
+        if !ok {
+            self.failed.insert(path);
+            return;
+        }
+        self.by_syscall.insert(format!("{syscall} {path}"));
+        let (by_path, by_real) = if access == "read" {
+            (&mut self.read, &mut self.read_real)
+        } else {
+            (&mut self.written, &mut self.written_real)
+        };
+        by_path.insert(path);
+        by_real.insert(real.unwrap_or_else(|| "<no real path>".to_owned()));
+    }
+}
+
+/// kiln's view of a run, without the tracer's own process (`skip_tgid`, not part of the run).
+fn kiln_accesses(events: &[Event], skip_tgid: u32) -> Accesses {
+    let mut seen = Accesses::default();
+    for event in events {
+        if event.header().tgid == skip_tgid {
+            continue;
+        }
+        match event {
+            Event::Exec(exec) => {
+                seen.execs.insert(exec.filename.display().to_string());
+            }
+            Event::File(FileOp {
+                nr: nr @ (2 | 85 | 257 | 437),
+                result,
+                path,
+                base,
+                flags,
+                real,
+                ..
+            }) => {
+                let path = path.to_string_lossy();
+                // kiln records no base for an absolute path. No base for a relative path would
+                // be an observer defect: it is kept as given, so it shows up as a difference.
+                let resolved = match base.as_deref() {
+                    Some(base) => lexical(base, &path),
+                    None if path.starts_with('/') => lexical(Path::new("/"), &path),
+                    None => path.clone().into_owned(),
+                };
+                assert!(
+                    *result < 0 || real.is_some(),
+                    "a successful open has its real path: {resolved}"
+                );
+                let syscall = kilnd::observe::syscalls::name(*nr).unwrap_or("?");
+                let real = real.as_ref().map(|r| r.display().to_string());
+                seen.add_open(syscall, *flags, *result >= 0, resolved, real);
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// One syscall of a `strace -f -y` log, its unfinished and resumed halves joined.
+#[derive(Debug)]
+struct StraceCall {
+    pid: u32,
+    name: String,
+    /// The text between the parentheses.
+    args: String,
+    /// The text after ` = `: the result, its decoded path, the errno.
+    ret: String,
+}
+
+impl StraceCall {
+    /// The result as a number (`-1` for a failure; `None` for `?`).
+    fn result(&self) -> Option<i64> {
+        let digits: String = self
+            .ret
+            .chars()
+            .take_while(|c| *c == '-' || c.is_ascii_digit())
+            .collect();
+        digits.parse().ok()
+    }
+
+    /// The first quoted string argument (the path), as printed.
+    fn path(&self) -> &str {
+        self.args.split('"').nth(1).unwrap_or_default()
+    }
+
+    /// The text after the first quoted argument (flags, mode, `struct open_how`).
+    fn after_path(&self) -> &str {
+        self.args.split('"').nth(2).unwrap_or_default()
+    }
+
+    /// The path `-y` decoded for the first argument (a dirfd, or fchdir's fd).
+    fn first_fd_path(&self) -> Option<&str> {
+        let head = self.args.split('"').next().unwrap_or_default();
+        fd_path(head.split(',').next().unwrap_or_default())
+    }
+
+    /// The path `-y` decoded for the returned fd.
+    fn ret_fd_path(&self) -> Option<&str> {
+        fd_path(self.ret.split_whitespace().next().unwrap_or_default())
+    }
+}
+
+/// `3</a/b>` or `AT_FDCWD</a/b>` → `/a/b`.
+fn fd_path(decoded: &str) -> Option<&str> {
+    let (_, rest) = decoded.split_once('<')?;
+    rest.trim_end().strip_suffix('>')
+}
+
+/// Parses a `strace -f` log into calls, in the order they were entered.
+fn parse_strace(text: &str) -> Vec<StraceCall> {
+    let mut calls: Vec<StraceCall> = Vec::new();
+    let mut unfinished: HashMap<u32, usize> = HashMap::new();
     for line in text.lines() {
         let Some((pid, rest)) = line.split_once(' ') else {
             continue;
@@ -748,38 +907,110 @@ fn parse_strace(text: &str) -> Vec<(u32, String, String, String, i64)> {
             continue;
         };
         let rest = rest.trim_start();
-        let full = if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
-            unfinished.insert(pid, head.to_owned());
-            continue;
-        } else if let Some(tail) = rest.strip_prefix("<... ") {
-            let Some(head) = unfinished.remove(&pid) else {
+        if rest.starts_with("---") || rest.starts_with("+++") {
+            continue; // signals, exits
+        }
+        if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
+            let Some((name, args)) = head.split_once('(') else {
                 continue;
             };
-            let tail = tail.split_once("resumed>").map_or("", |(_, t)| t);
-            format!("{head}{tail}")
-        } else {
-            rest.to_owned()
-        };
-        let Some((name, args)) = full.split_once('(') else {
-            continue;
-        };
-        if name != "execve" && name != "openat" {
+            unfinished.insert(pid, calls.len());
+            calls.push(StraceCall {
+                pid,
+                name: name.to_owned(),
+                args: args.to_owned(),
+                ret: String::new(),
+            });
             continue;
         }
-        let Some((args, result)) = args.rsplit_once(") = ") else {
+        // The result follows the last " = " (strace pads short lines before it).
+        let Some((call, result)) = rest.rsplit_once(" = ") else {
             continue;
         };
-        let result: i64 = result
-            .split_whitespace()
-            .next()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(-1);
-        let quoted: Vec<&str> = args.split('"').collect();
-        let path = quoted.get(1).copied().unwrap_or_default().to_owned();
-        let flags = quoted.get(2).copied().unwrap_or_default().to_owned();
-        calls.push((pid, name.to_owned(), path, flags, result));
+        let call = call.trim_end();
+        if let Some(resumed) = call.strip_prefix("<... ") {
+            let Some(index) = unfinished.remove(&pid) else {
+                continue;
+            };
+            let tail = resumed.split_once("resumed>").map_or("", |(_, t)| t);
+            let entry = &mut calls[index];
+            entry.args.push_str(tail.strip_suffix(')').unwrap_or(tail));
+            result.clone_into(&mut entry.ret);
+        } else if let Some((name, args)) = call.split_once('(') {
+            calls.push(StraceCall {
+                pid,
+                name: name.to_owned(),
+                args: args.strip_suffix(')').unwrap_or(args).to_owned(),
+                ret: result.to_owned(),
+            });
+        }
     }
     calls
+}
+
+/// Numeric open flags from strace's symbolic ones (only the bits `open_access` looks at).
+fn strace_open_flags(text: &str) -> u32 {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map(|flag| match flag {
+            "O_WRONLY" => 0o1,
+            "O_RDWR" => 0o2,
+            "O_CREAT" => 0o100,
+            "O_TRUNC" => 0o1000,
+            "O_PATH" => 0o10_000_000,
+            _ => 0,
+        })
+        .fold(0, |all, bit| all | bit)
+}
+
+/// strace's view of a run started in `cwd`.
+fn strace_accesses(calls: &[StraceCall], cwd: &Path) -> Accesses {
+    let mut seen = Accesses::default();
+    let mut cwds: HashMap<u32, PathBuf> = HashMap::new();
+    for call in calls {
+        // Unknown pid: the command strace started, in `cwd`; every later one was forked.
+        let here = cwds
+            .entry(call.pid)
+            .or_insert_with(|| cwd.to_owned())
+            .clone();
+        let result = call.result();
+        let ok = result.is_some_and(|r| r >= 0);
+        let (flags, base) = match call.name.as_str() {
+            "execve" if ok => {
+                seen.execs.insert(call.path().to_owned());
+                continue;
+            }
+            "chdir" if ok => {
+                cwds.insert(call.pid, PathBuf::from(lexical(&here, call.path())));
+                continue;
+            }
+            "fchdir" if ok => {
+                let dir = call.first_fd_path().expect("fchdir's fd decoded by -y");
+                cwds.insert(call.pid, PathBuf::from(dir));
+                continue;
+            }
+            "clone" | "clone3" | "fork" | "vfork" => {
+                if let Some(child) = result.and_then(|r| u32::try_from(r).ok()) {
+                    cwds.insert(child, here);
+                }
+                continue;
+            }
+            "open" => (strace_open_flags(call.after_path()), here),
+            "creat" => (0o1 | 0o100 | 0o1000, here),
+            "openat" | "openat2" => {
+                let dir = call
+                    .first_fd_path()
+                    .unwrap_or_else(|| panic!("dirfd not decoded by -y: {call:?}"));
+                if call.args.starts_with("AT_FDCWD<") {
+                    cwds.insert(call.pid, PathBuf::from(dir));
+                }
+                (strace_open_flags(call.after_path()), PathBuf::from(dir))
+            }
+            _ => continue,
+        };
+        let real = call.ret_fd_path().map(str::to_owned);
+        seen.add_open(&call.name, flags, ok, lexical(&base, call.path()), real);
+    }
+    seen
 }
 
 fn lexical(cwd: &Path, path: &str) -> String {
@@ -797,137 +1028,210 @@ fn lexical(cwd: &Path, path: &str) -> String {
     out.display().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compile_matches_strace_execs_and_files() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
-        return;
-    }
+/// Equal sets, or a panic naming what only one side has.
+fn assert_same(what: &str, kiln: &BTreeSet<String>, strace: &BTreeSet<String>) {
+    let only_kiln: Vec<&String> = kiln.difference(strace).collect();
+    let only_strace: Vec<&String> = strace.difference(kiln).collect();
+    assert!(
+        only_kiln.is_empty() && only_strace.is_empty(),
+        "{what} differ:\n  only kiln: {only_kiln:#?}\n  only strace: {only_strace:#?}"
+    );
+}
+
+/// Whether strace is installed; prints why not, and fails under CI=true.
+fn strace_available() -> bool {
     if std::process::Command::new("strace")
         .arg("-V")
         .output()
-        .is_err()
+        .is_ok()
     {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "strace is missing (apt-get install strace) and CI=true forbids skipping"
-        );
-        eprintln!("skipping: strace not installed");
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "strace is missing (apt-get install strace) and CI=true forbids skipping"
+    );
+    eprintln!("skipping: strace not installed");
+    false
+}
+
+/// Runs `argv` in `cwd` under `strace -f` inside a freshly observed cgroup and asserts that
+/// kiln and strace saw the same executed binaries and the same files opened (for reading,
+/// for writing, failed; by path as named, by file actually opened, and per open syscall).
+/// At least `min_execs` distinct binaries must have run, so an observer that sees nothing
+/// cannot pass. Returns kiln's view for the caller's own checks.
+///
+/// The only difference allowed: strace's own process (its exec, its log file) is not part of
+/// the run and is left out of kiln's side; strace records nothing of itself.
+async fn assert_matches_strace(argv: &[&str], cwd: &Path, min_execs: usize) -> Accesses {
+    let (mut observer, mut stream, cgroup) = observe_new_cgroup(&ObserverConfig::default());
+    let log_dir = tempfile::tempdir().expect("tempdir for the strace log");
+    let log = log_dir.path().join("strace.out");
+    let log_arg = log.display().to_string();
+    let mut strace_args = vec![
+        "-f",
+        "-qq",
+        "-y",
+        "-s",
+        "4096",
+        "-e",
+        STRACE_TRACE,
+        "-o",
+        &log_arg,
+    ];
+    strace_args.extend_from_slice(argv);
+    let mut cmd = cgroup.command("/usr/bin/strace", &strace_args);
+    // A fixed environment: the same binaries and PATH probes on every machine, C locale.
+    cmd.current_dir(cwd)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LC_ALL", "C");
+    let strace_pid = {
+        let child = cmd.spawn().expect("spawn strace");
+        let pid = child.id().expect("pid");
+        assert!(wait(child).await.success(), "{argv:?} under strace failed");
+        pid
+    };
+    let events = collect_until_quiet(&mut stream).await;
+    assert_eq!(observer.lost().expect("lost"), 0, "kiln lost events");
+    assert_eq!(observer.unobserve_cgroup(cgroup.id).expect("unobserve"), 0);
+
+    let kiln = kiln_accesses(&events, strace_pid);
+    let text = std::fs::read_to_string(&log).expect("strace log");
+    let strace = strace_accesses(&parse_strace(&text), cwd);
+    eprintln!(
+        "{:?} vs strace: {} execs, {} files written, {} read, {} failed opens, {} opens",
+        argv.first(),
+        kiln.execs.len(),
+        kiln.written.len(),
+        kiln.read.len(),
+        kiln.failed.len(),
+        kiln.by_syscall.len(),
+    );
+    assert!(
+        kiln.execs.len() >= min_execs,
+        "expected at least {min_execs} distinct execs: {:?}",
+        kiln.execs
+    );
+    assert_same("executed binaries", &kiln.execs, &strace.execs);
+    assert_same("files opened for writing", &kiln.written, &strace.written);
+    assert_same("files opened for reading", &kiln.read, &strace.read);
+    assert_same(
+        "real files written",
+        &kiln.written_real,
+        &strace.written_real,
+    );
+    assert_same("real files read", &kiln.read_real, &strace.read_real);
+    assert_same("failed opens", &kiln.failed, &strace.failed);
+    assert_same("opens per syscall", &kiln.by_syscall, &strace.by_syscall);
+    kiln
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compile_matches_strace_execs_and_files() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() || !strace_available() {
         return;
     }
-    let (mut observer, mut stream, cgroup) = observe_new_cgroup(&ObserverConfig::default());
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-c/src");
     let work = tempfile::tempdir().expect("tempdir");
     let cwd = work.path().canonicalize().expect("canonical");
     std::fs::copy(src.join("hello.c"), cwd.join("hello.c")).expect("copy hello.c");
-    let log = cwd.join("strace.out");
-    // The hello-c compile command (examples/hello-c/pipeline.toml), under strace, observed.
-    let log_arg = log.display().to_string();
-    let mut cmd = cgroup.command(
-        "/usr/bin/strace",
-        &[
-            "-f",
-            "-qq",
-            "-s",
-            "4096",
-            "-e",
-            "trace=execve,openat",
-            "-o",
-            &log_arg,
-            "cc",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-std=c11",
-            "-DGREETING=\"hello, kiln\"",
-            "-o",
-            "hello",
-            "hello.c",
-        ],
-    );
-    cmd.current_dir(&cwd);
-    let strace_pid = {
-        let child = cmd.spawn().expect("spawn strace");
-        let pid = child.id().expect("pid");
-        assert!(wait(child).await.success(), "compile under strace failed");
-        pid
-    };
-    let events = collect_until_quiet(&mut stream).await;
-    assert_eq!(observer.unobserve_cgroup(cgroup.id).expect("unobserve"), 0);
+    // The hello-c compile command (examples/hello-c/pipeline.toml).
+    let compile = [
+        "cc",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-std=c11",
+        "-DGREETING=\"hello, kiln\"",
+        "-o",
+        "hello",
+        "hello.c",
+    ];
+    let kiln = assert_matches_strace(&compile, &cwd, 4).await;
+    let d = cwd.display();
+    assert!(kiln.read.contains(&format!("{d}/hello.c")), "{kiln:#?}");
+    assert!(kiln.written.contains(&format!("{d}/hello")), "{kiln:#?}");
+}
 
-    // kiln's view, without strace's own process (it is not part of the build).
-    let mut kiln_execs = BTreeSet::new();
-    let mut kiln_written = BTreeSet::new();
-    let mut kiln_read = BTreeSet::new();
-    for event in &events {
-        if event.header().tgid == strace_pid {
-            continue;
-        }
-        match event {
-            Event::Exec(exec) => {
-                kiln_execs.insert(exec.filename.display().to_string());
-            }
-            Event::File(FileOp {
-                nr: 257,
-                result,
-                path,
-                base,
-                flags,
-                real,
-                ..
-            }) if *result >= 0 => {
-                let base = base.as_deref().unwrap_or(Path::new("/"));
-                let resolved = lexical(base, &path.to_string_lossy());
-                assert!(
-                    real.is_some(),
-                    "a successful open has its real path: {resolved}"
-                );
-                if kilnd::observe::syscalls::open_access(*flags) == "read" {
-                    kiln_read.insert(resolved);
-                } else {
-                    kiln_written.insert(resolved);
-                }
-            }
-            _ => {}
-        }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_pipeline_matches_strace_execs_and_files() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() || !strace_available() {
+        return;
     }
-    // strace's view.
-    let text = std::fs::read_to_string(&log).expect("strace log");
-    let mut strace_execs = BTreeSet::new();
-    let mut strace_written = BTreeSet::new();
-    let mut strace_read = BTreeSet::new();
-    for (_pid, name, path, flags, result) in parse_strace(&text) {
-        if result < 0 {
-            continue;
-        }
-        if name == "execve" {
-            strace_execs.insert(path);
-        } else if flags.contains("O_WRONLY")
-            || flags.contains("O_RDWR")
-            || flags.contains("O_CREAT")
-        {
-            strace_written.insert(lexical(&cwd, &path));
-        } else if !flags.contains("O_PATH") {
-            strace_read.insert(lexical(&cwd, &path));
-        }
-    }
-    // Allowed difference: strace opens its own output file before the tracee starts; kiln
-    // sees that open in strace's process, which is excluded above.
-    strace_written.remove(&log.display().to_string());
-    eprintln!(
-        "vs strace: {} execs, {} files written, {} files read",
-        kiln_execs.len(),
-        kiln_written.len(),
-        kiln_read.len()
+    let work = tempfile::tempdir().expect("tempdir");
+    let cwd = work.path().canonicalize().expect("canonical");
+    std::fs::write(cwd.join("in.txt"), "b\na\nb\nc\n").expect("write in.txt");
+    std::fs::create_dir(cwd.join("sub")).expect("mkdir sub");
+    std::fs::write(cwd.join("sub/a.txt"), "alpha\n").expect("write a.txt");
+    std::fs::write(cwd.join("sub/b.txt"), "beta\n").expect("write b.txt");
+    std::os::unix::fs::symlink("a.txt", cwd.join("sub/link.txt")).expect("symlink");
+    // open(2), creat(2) and openat2(2) directly (libc and the shell use openat), relative to a
+    // cwd the process chdir'ed to: the cases without a dirfd for strace to decode.
+    let raw = "import ctypes, os\n\
+               libc = ctypes.CDLL(None, use_errno=True)\n\
+               L = ctypes.c_long\n\
+               def ok(fd):\n\
+               \x20   assert fd >= 0, os.strerror(ctypes.get_errno())\n\
+               \x20   os.close(fd)\n\
+               os.chdir('sub')\n\
+               ok(libc.syscall(L(2), b'link.txt', L(os.O_RDONLY)))\n\
+               ok(libc.syscall(L(85), b'created.txt', L(0o644)))\n\
+               how = (ctypes.c_uint64 * 3)(os.O_RDONLY, 0, 0)\n\
+               ok(libc.syscall(L(437), L(-100), b'../in.txt', how, L(24)))\n\
+               how = (ctypes.c_uint64 * 3)(os.O_WRONLY | os.O_CREAT, 0o644, 0)\n\
+               ok(libc.syscall(L(437), L(-100), b'../via-openat2.txt', how, L(24)))\n\
+               assert libc.syscall(L(2), b'missing.txt', L(os.O_RDONLY)) < 0\n";
+    // Pipes, a subshell that changes directory, xargs, redirections that create, truncate and
+    // append, relative paths and `..`.
+    let script = format!(
+        "set -e\n\
+         cat in.txt | sort | uniq -c > counts.txt\n\
+         ls sub | wc -l > n.txt\n\
+         (cd sub && cat a.txt b.txt ../in.txt) | tr a-z A-Z >> counts.txt\n\
+         find sub -name '*.txt' | sort | xargs cat > all.txt\n\
+         /usr/bin/python3 -c \"{raw}\"\n"
     );
+    let kiln = assert_matches_strace(&["/bin/sh", "-c", &script], &cwd, 10).await;
+    let d = cwd.display();
+    for read in [
+        format!("{d}/in.txt"),
+        format!("{d}/sub/a.txt"),
+        format!("{d}/sub/link.txt"),
+    ] {
+        assert!(kiln.read.contains(&read), "{read} not read: {kiln:#?}");
+    }
+    for written in [
+        "counts.txt",
+        "n.txt",
+        "all.txt",
+        "sub/created.txt",
+        "via-openat2.txt",
+    ] {
+        let path = format!("{d}/{written}");
+        assert!(
+            kiln.written.contains(&path),
+            "{path} not written: {kiln:#?}"
+        );
+    }
+    for (syscall, path) in [
+        ("open", "sub/link.txt"),
+        ("creat", "sub/created.txt"),
+        ("openat2", "in.txt"),
+    ] {
+        let key = format!("{syscall} {d}/{path}");
+        assert!(kiln.by_syscall.contains(&key), "no {key}: {kiln:#?}");
+    }
+    assert!(kiln.read_real.contains(&format!("{d}/sub/a.txt")));
+    assert!(kiln.failed.contains(&format!("{d}/sub/missing.txt")));
     assert!(
-        kiln_execs.len() >= 4,
-        "cc, cc1, as, collect2, ld: {kiln_execs:?}"
+        std::fs::read_to_string(cwd.join("counts.txt"))
+            .expect("counts.txt")
+            .contains("ALPHA")
     );
-    assert_eq!(kiln_execs, strace_execs, "executed binaries");
-    assert_eq!(kiln_written, strace_written, "files opened for writing");
-    assert_eq!(kiln_read, strace_read, "files opened for reading");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -967,12 +1271,24 @@ async fn connect_and_udp_destinations_are_recorded_and_allowed() {
     let host_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind host listener");
     let host_port = host_listener.local_addr().expect("addr").port();
     let host = std::thread::spawn(move || std::net::TcpStream::connect(("127.0.0.1", host_port)));
-    // TCP connect (connect4), UDP connect (connect4), unconnected UDP send (sendmsg6).
+    // A port for the step's own listener (free a moment ago).
+    let listen_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // TCP connect (connect4), UDP connect (connect4), unconnected UDP send (sendmsg6); a bound
+    // listener, a listen on an unbound socket (the kernel picks the address), and a listen on
+    // a UDP socket (fails: EOPNOTSUPP).
     let script = format!(
         "python3 -c 'import socket as S\n\
          t = S.create_connection((\"127.0.0.1\", {port})); t.close()\n\
          u = S.socket(S.AF_INET, S.SOCK_DGRAM); u.connect((\"127.0.0.1\", 9))\n\
-         v = S.socket(S.AF_INET6, S.SOCK_DGRAM); v.sendto(b\"x\", (\"::1\", 9))'"
+         v = S.socket(S.AF_INET6, S.SOCK_DGRAM); v.sendto(b\"x\", (\"::1\", 9))\n\
+         l = S.socket(); l.bind((\"127.0.0.1\", {listen_port})); l.listen(1)\n\
+         a = S.socket(S.AF_INET6); a.listen(1)\n\
+         d = S.socket(S.AF_INET, S.SOCK_DGRAM)\n\
+         try: d.listen(1)\n\
+         except OSError: pass'"
     );
     let (records, lost) = traced_script(&service, &script).await;
     assert!(
@@ -999,9 +1315,79 @@ async fn connect_and_udp_destinations_are_recorded_and_allowed() {
         !seen.iter().any(|s| s.2 == host_port),
         "a host process's connect leaked into the step's trace: {seen:?}"
     );
+    // listen: the socket's local address from the kernel, and the result.
+    let listens: Vec<(&str, Option<&str>, Option<u16>, i64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Net(n) if n.op == "listen" => {
+                Some((n.family.as_str(), n.ip.as_deref(), n.port, n.result))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(listens.len(), 3, "{listens:?}");
+    assert!(
+        listens.contains(&("inet", Some("127.0.0.1"), Some(listen_port), 0)),
+        "{listens:?}"
+    );
+    assert!(
+        listens.iter().any(|l| l.0 == "inet6"
+            && l.1 == Some("::")
+            && l.2.is_some_and(|p| p != 0)
+            && l.3 == 0),
+        "an unbound listener is auto-bound to a port: {listens:?}"
+    );
+    assert!(
+        listens.contains(&("af-0", None, None, -i64::from(libc::EOPNOTSUPP))),
+        "{listens:?}"
+    );
     let summary = summary_of(&records);
     assert_eq!(summary.events.sock, socks.len() as u64);
     assert!(summary.complete);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_and_never_closed_are_counted_and_named() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    // Written in three calls and never closed: the kernel closes it at
+    // exit, without a close syscall, so only the end-of-step sweep can report it. Plus a file
+    // closed normally, and a dup2 over a written fd (which closes it).
+    let script = format!(
+        "cd {d} && python3 -c 'import os\n\
+         k = os.open(\"kept.txt\", os.O_WRONLY | os.O_CREAT, 0o600)\n\
+         for _ in range(3): os.write(k, b\"abcd\")\n\
+         c = os.open(\"closed.txt\", os.O_WRONLY | os.O_CREAT, 0o600); os.write(c, b\"xy\"); os.close(c)\n\
+         r = os.open(\"replaced.txt\", os.O_WRONLY | os.O_CREAT, 0o600); os.write(r, b\"z\")\n\
+         n = os.open(\"/dev/null\", os.O_WRONLY); os.dup2(n, r)\n\
+         os._exit(0)'",
+        d = d.display()
+    );
+    let (records, lost) = traced_script(&service, &script).await;
+    assert_eq!(lost, 0);
+    let written: Vec<(Option<&str>, u64, u64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Write(w) => Some((w.path.as_deref(), w.bytes, w.writes)),
+            _ => None,
+        })
+        .collect();
+    for (name, bytes, writes) in [
+        ("kept.txt", 12, 3),
+        ("closed.txt", 2, 1),
+        ("replaced.txt", 1, 1),
+    ] {
+        let path = format!("{}/{name}", d.display());
+        assert!(
+            written.contains(&(Some(path.as_str()), bytes, writes)),
+            "{name}: {written:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

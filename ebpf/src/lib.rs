@@ -5,6 +5,7 @@
 //!   fork, exit) and `syscalls` (file operations, writes, sockets, EPERM), compiled together
 //!   (`observer.bpf.c`, sharing `common.bpf.h`'s maps) and embedded as [`OBSERVER_BPF`] by
 //!   `build.rs` (`KILN_SKIP_BPF=1` embeds an empty object instead, see [`BPF_BUILT`]);
+//!   `floor.bpf.c`, a separate object ([`FLOOR_BPF`]), is the benchmark's baseline only;
 //! - `src/bpf/events.h`: the one definition of every ring-buffer record; this file mirrors it
 //!   (keep in sync with events.h) and a test compares sizes, offsets and constants with what
 //!   the C compiler reports;
@@ -22,6 +23,20 @@ pub static OBSERVER_BPF: &[u8] = &OBSERVER_OBJECT.bytes;
 static OBSERVER_OBJECT: &AlignedObject<[u8]> = &AlignedObject {
     _align: [],
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/observer.bpf.o")),
+};
+
+/// Benchmark baseline only, never loaded by kilnd: the object of `src/bpf/floor.bpf.c`, one
+/// [`FLOOR_PROGRAM`] on tp_btf `sys_exit` that returns at once: the kernel's own cost of the
+/// syscall tracepoint kiln attaches while a step is observed, which the observer benchmark
+/// measures kiln against. Empty when [`BPF_BUILT`] is false.
+pub static FLOOR_BPF: &[u8] = &FLOOR_OBJECT.bytes;
+
+/// The program in [`FLOOR_BPF`] and its tp_btf tracepoint.
+pub const FLOOR_PROGRAM: (&str, &str) = ("kiln_floor_sys_exit", "sys_exit");
+
+static FLOOR_OBJECT: &AlignedObject<[u8]> = &AlignedObject {
+    _align: [],
+    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/floor.bpf.o")),
 };
 
 /// ELF parsers read headers in place: keep an embedded object 8-byte aligned.
@@ -46,7 +61,7 @@ pub mod maps {
     /// `BPF_MAP_TYPE_PERCPU_ARRAY`, one u64: events lost on each CPU, all cgroups.
     pub const LOST_EVENTS: &str = "lost_events";
     /// `BPF_MAP_TYPE_HASH` [`super::WriteKey`] -> [`super::WriteTotal`]: bytes written per open
-    /// fd not yet emitted by a close.
+    /// fd not yet emitted by a close, and the file's path.
     pub const WRITE_TOTALS: &str = "write_totals";
     /// Read-only globals the loader sets: bytes of unread data that force a wakeup, and the
     /// longest time between forced wakeups while events flow.
@@ -57,13 +72,14 @@ pub mod maps {
         ("kiln_exec", "sched_process_exec"),
         ("kiln_fork", "sched_process_fork"),
         ("kiln_exit", "sched_process_exit"),
-        ("kiln_sys_enter", "sys_enter"),
         ("kiln_sys_exit", "sys_exit"),
     ];
-    /// The programs of [`PROGRAMS`] attached only while at least one cgroup is observed: the raw
-    /// syscall tracepoints put every syscall of every task on the host on the kernel's slow path
-    /// (the measured floor of their cost), so an idle node does not keep them.
-    pub const ON_DEMAND: &[&str] = &["kiln_sys_enter", "kiln_sys_exit"];
+    /// The programs of [`PROGRAMS`] attached only while at least one cgroup is observed: a
+    /// syscall tracepoint puts every syscall of every task on the host on the kernel's slow path
+    /// (the measured floor of its cost), so an idle node does not keep it. One program at
+    /// sys_exit, not a sys_enter/sys_exit pair: each attached program is one more dispatch per
+    /// syscall for every task.
+    pub const ON_DEMAND: &[&str] = &["kiln_sys_exit"];
     /// cgroup socket-address programs (observe only, they always allow), attached as
     /// bpf_links to the cgroup v2 root: `(program, hook)`.
     pub const SOCK_PROGRAMS: &[(&str, &str)] = &[
@@ -72,8 +88,6 @@ pub mod maps {
         ("kiln_sendmsg4", "sendmsg4"),
         ("kiln_sendmsg6", "sendmsg6"),
     ];
-    /// `BPF_MAP_TYPE_TASK_STORAGE`: each observed thread's file syscall in flight.
-    pub const PENDING_FILES: &str = "pending_files";
 }
 
 // Keep in sync with events.h: constants.
@@ -261,10 +275,24 @@ pub struct WriteKey {
 
 /// Value of the `write_totals` map (struct kiln_write_total; keep in sync with events.h).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteTotal {
     pub bytes: u64,
     pub writes: u64,
+    pub path_len: u16,
+    /// `FILE_HAS_REAL` / `FILE_REAL_TRUNCATED` for `path`.
+    pub wflags: u16,
+    /// Explicit padding (`_pad0` in C).
+    pub pad0: u32,
+    /// Leaf-first components of the file, walked from the fd at the first write.
+    pub path: [u8; PATH_MAX],
+}
+
+impl WriteTotal {
+    /// Leaf-first components of the file written (empty when it could not be named).
+    pub fn path(&self) -> &[u8] {
+        clamp(&self.path, self.path_len)
+    }
 }
 
 /// A socket address syscall (struct kiln_net_event; keep in sync with events.h).
@@ -466,7 +494,8 @@ unsafe impl Record for DeniedEvent {
 unsafe impl Record for WriteKey {
     const KIND: Option<u32> = None;
 }
-// SAFETY: repr(C), integer fields only, no padding (layout test). The `write_totals` value.
+// SAFETY: repr(C), integer and u8-array fields only, explicit padding (layout test). The
+// `write_totals` value.
 unsafe impl Record for WriteTotal {
     const KIND: Option<u32> = None;
 }
@@ -539,7 +568,10 @@ mod tests {
             mirror!("kiln_write_key", WriteKey {
                 "cgroup_id" => cgroup_id, "tgid" => tgid, "fd" => fd,
             }),
-            mirror!("kiln_write_total", WriteTotal { "bytes" => bytes, "writes" => writes }),
+            mirror!("kiln_write_total", WriteTotal {
+                "bytes" => bytes, "writes" => writes, "path_len" => path_len,
+                "wflags" => wflags, "_pad0" => pad0, "path" => path,
+            }),
             mirror!("kiln_net_event", NetEvent {
                 "hdr" => hdr, "result" => result, "nr" => nr, "family" => family, "port" => port,
                 "addr" => addr, "addrlen" => addrlen, "path_len" => path_len, "_pad0" => pad0,
@@ -674,6 +706,16 @@ mod tests {
             assert_eq!(super::OBSERVER_BPF.as_ptr().align_offset(8), 0);
         } else {
             assert!(super::OBSERVER_BPF.is_empty());
+        }
+    }
+
+    #[test]
+    fn floor_object_is_embedded_unless_skipped() {
+        if super::BPF_BUILT {
+            assert_eq!(&super::FLOOR_BPF[..4], b"\x7fELF");
+            assert_eq!(super::FLOOR_BPF.as_ptr().align_offset(8), 0);
+        } else {
+            assert!(super::FLOOR_BPF.is_empty());
         }
     }
 

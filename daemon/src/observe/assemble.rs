@@ -259,7 +259,7 @@ pub fn statement(
                 monitor_type: trace::KILN_MONITOR_TYPE.into(),
                 trace_policy: serde_json::json!({
                     "programs": ["tp_btf/sched_process_exec", "tp_btf/sched_process_fork",
-                                 "tp_btf/sched_process_exit", "tp_btf/sys_enter", "tp_btf/sys_exit",
+                                 "tp_btf/sched_process_exit", "tp_btf/sys_exit",
                                  "cgroup/connect4", "cgroup/connect6", "cgroup/sendmsg4",
                                  "cgroup/sendmsg6"],
                     "filter": "cgroup v2 id of the step",
@@ -486,8 +486,9 @@ fn file_record(file: &FileOp) -> FileRecord {
     let is_open = op == "open";
     let arg = file.path.to_string_lossy().into_owned();
     let path = match (&file.real, op) {
-        // The opened file itself, symlinks resolved, as the kernel sees it.
-        (Some(real), "open") if file.result >= 0 => real.to_string_lossy().into_owned(),
+        // The opened file itself, symlinks resolved, as the kernel sees it; for a chdir that
+        // succeeded, the new cwd (walked at sys_exit, when the old one is gone).
+        (Some(real), "open" | "chdir") if file.result >= 0 => real.to_string_lossy().into_owned(),
         // fchdir: the directory open as the fd.
         _ if file.nr == 81 => file
             .base

@@ -258,9 +258,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 fd: write.fd,
                 bytes: write.bytes,
                 writes: write.writes,
-                path: (write.wflags & kiln_ebpf::FILE_HAS_REAL != 0).then(|| {
-                    leaf_first_path(path, write.wflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0)
-                }),
+                path: written_path(path, write.wflags),
             }))
         }
         kiln_ebpf::EVENT_SOCK => {
@@ -404,7 +402,8 @@ fn decode_net(net: &NetEvent) -> Net {
         AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(net.addr))),
         _ => None,
     };
-    let unix_path = (net.family == AF_UNIX).then(|| {
+    // No path at all (a listen on a unix socket: its local address is not read): none.
+    let unix_path = (net.family == AF_UNIX && net.path_len > 0).then(|| {
         let path = net.unix_path();
         // A pathname socket is NUL-terminated within sun_path; an abstract one starts with NUL.
         match path.first() {
@@ -421,6 +420,17 @@ fn decode_net(net: &NetEvent) -> Net {
         ip,
         unix_path,
     }
+}
+
+/// The path of a written file (a write record's, or a `write_totals` entry's), if it was named.
+fn written_path(leaf_first: &[u8], wflags: u16) -> Option<PathBuf> {
+    (wflags & kiln_ebpf::FILE_HAS_REAL != 0)
+        .then(|| leaf_first_path(leaf_first, wflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0))
+}
+
+/// The path of the file a `write_totals` entry counts (see [`written_path`]).
+pub(super) fn write_total_path(total: &kiln_ebpf::WriteTotal) -> Option<PathBuf> {
+    written_path(total.path(), total.wflags)
 }
 
 /// Rebuilds a path from its components leaf first, each NUL-terminated (events.h). A cut walk

@@ -254,9 +254,6 @@ impl Observer {
         let interval_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
-            // pending_files is a BPF_MAP_TYPE_TASK_STORAGE, which aya 0.14 creates but has no
-            // userspace type for (userspace never touches it).
-            .allow_unsupported_maps()
             .map_max_entries(kiln_ebpf::maps::EVENTS, config.ring_bytes)
             .override_global(kiln_ebpf::maps::WAKEUP_THRESHOLD, &threshold, true)
             .override_global(kiln_ebpf::maps::WAKEUP_INTERVAL_NS, &interval_ns, true)
@@ -329,7 +326,7 @@ impl Observer {
             ring_bytes = config.ring_bytes,
             wakeup_threshold_bytes = threshold,
             sock_cgroup = %config.sock_cgroup.display(),
-            "observer attached (tp_btf sched_process_exec/fork/exit, sys_enter/sys_exit while a step is observed; cgroup connect4/6, sendmsg4/6)"
+            "observer attached (tp_btf sched_process_exec/fork/exit, sys_exit while a step is observed; cgroup connect4/6, sendmsg4/6)"
         );
         Ok((
             Self {
@@ -467,7 +464,8 @@ impl Observer {
     }
 
     /// Takes the kernel's per-file write totals of cgroup `id` that no close has emitted yet
-    /// (files still open when the step's processes exited), as events.
+    /// (files still open when the step's processes exited), as events, each naming its file as
+    /// it was at the first write.
     pub fn take_pending_writes(&mut self, id: CgroupId) -> Vec<Event> {
         let now = sys::monotonic_ns();
         let keys: Vec<WriteKeyPod> = self
@@ -489,7 +487,7 @@ impl Observer {
                     fd: key.0.fd,
                     bytes: total.0.bytes,
                     writes: total.0.writes,
-                    path: None,
+                    path: event::write_total_path(&total.0),
                 }));
             }
             let _ = self.write_totals.remove(&key);

@@ -131,7 +131,7 @@ static __always_inline void *reserve_event(__u32 type, __u32 size, __u64 cgroup_
 
 /*
  * Variable-size records (events.h: a fixed part, then data[]) are built in a buffer of
- * KILN_RECORD_BYTES: a per-CPU scratch, or a task's pending file syscall. Strings are appended
+ * KILN_RECORD_BYTES, a per-CPU scratch (record_scratch). Strings are appended
  * at offsets masked with KILN_DATA_OFF_MASK, which the verifier can bound (every real offset is
  * below it: the fields' limits add up to less), and the buffer has room for the longest write
  * (KILN_ARGV_MAX) past the largest masked offset.
@@ -296,7 +296,8 @@ static __always_inline __u32 walk_path(struct dentry *dentry, struct vfsmount *v
 	return w.off;
 }
 
-/* Copies a walked path (at most KILN_PATH_MAX bytes) from scratch into a record. */
+/* Copies a walked path (at most KILN_PATH_MAX bytes, kernel memory: a scratch buffer or a map
+ * value) into a record. */
 static __always_inline __u16 copy_path(char *dst, const char *scratch, __u32 len)
 {
 	if (len == 0 || len > KILN_PATH_MAX)

@@ -146,18 +146,19 @@ struct kiln_exit_event {
 #define KILN_FILE_HAS_REAL (1U << 8)
 
 /*
- * A path-based file syscall (sys_enter + sys_exit): open, openat, openat2, creat, rename*,
+ * A path-based file syscall (one record at sys_exit): open, openat, openat2, creat, rename*,
  * unlink*, rmdir, mkdir*, link*, symlink*, chmod/fchmodat*, chown/lchown/fchownat,
  * truncate, chdir, fchdir.
  *
  * - path, path2: the path arguments exactly as passed (NUL-terminated, *_len bytes without
- *   the NUL), read at sys_enter. path2 is the second path of rename/link/symlink; for symlink,
+ *   the NUL), read from user memory at sys_exit. path2 is the second path of rename/link/symlink; for symlink,
  *   path is the link's target text and path2 the new link.
  * - base, base2: the directory path and path2 are relative to, when they are relative: the
  *   task's cwd (dirfd == AT_FDCWD) or the directory open as dirfd, walked in the kernel at
- *   sys_enter; leaf-first components as in kiln_exec_event.exe. For fchdir, base is the fd's path.
+ *   sys_exit; leaf-first components as in kiln_exec_event.exe. For fchdir, base is the fd's
+ *   path. A chdir that succeeded has no base (the cwd it was relative to is gone) but real.
  * - real: for an open that returned an fd, the opened file's path (symlinks resolved), walked
- *   from the fd at sys_exit.
+ *   from the fd; for a chdir that succeeded, the new cwd.
  * - result: the syscall's return value (>= 0, or -errno).
  * data[] holds, in this order: path, path2, base, base2, real (each *_len bytes, no NUL).
  */
@@ -180,12 +181,12 @@ struct kiln_file_event {
 
 /*
  * Bytes written to one fd of one process, summed in the kernel (write, pwrite64, writev,
- * pwritev, pwritev2 that returned > 0) and emitted when the process closes the fd, or when
- * dup2/dup3 replaces it. data[]: the file's path (path_len bytes) walked from the fd at that
- * moment (leaf-first,
- * as kiln_file_event.real; wflags has KILN_FILE_HAS_REAL / KILN_FILE_REAL_TRUNCATED). Totals of
- * fds never closed explicitly stay in the `write_totals` map (key struct kiln_write_key, value
- * struct kiln_write_total) until userspace sweeps them, without a path, when the step ends.
+ * pwritev, pwritev2 that returned > 0) and emitted at the exit of the close of the fd, or of
+ * the dup2/dup3 that replaced it. data[]: the file's path (path_len bytes) walked from the fd
+ * at the process's first write to it (leaf-first, as kiln_file_event.real; wflags has
+ * KILN_FILE_HAS_REAL / KILN_FILE_REAL_TRUNCATED). Totals of fds never closed explicitly stay in
+ * the `write_totals` map (key struct kiln_write_key, value struct kiln_write_total, which
+ * carries the same path) until userspace sweeps them when the step ends.
  */
 struct kiln_write_event {
 	struct kiln_event_header hdr;
@@ -206,6 +207,10 @@ struct kiln_write_key {
 struct kiln_write_total {
 	__u64 bytes;
 	__u64 writes;
+	__u16 path_len;
+	__u16 wflags; /* as kiln_write_event.wflags */
+	__u32 _pad0;
+	char path[KILN_PATH_MAX]; /* leaf-first, path_len bytes */
 };
 
 /*
@@ -276,7 +281,8 @@ _Static_assert(sizeof(struct kiln_net_event) == 72 + KILN_UNIX_PATH_MAX,
 	       "kiln_net_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_denied_event) == 48, "kiln_denied_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_sock_event) == 64, "kiln_sock_event size: update lib.rs");
-_Static_assert(sizeof(struct kiln_write_key) == 16 && sizeof(struct kiln_write_total) == 16,
+_Static_assert(sizeof(struct kiln_write_key) == 16 &&
+		       sizeof(struct kiln_write_total) == 24 + KILN_PATH_MAX,
 	       "write_totals key/value: update lib.rs");
 _Static_assert(sizeof(struct kiln_file_event) % 8 == 0 && sizeof(struct kiln_net_event) % 8 == 0,
 	       "records are 8-byte aligned");

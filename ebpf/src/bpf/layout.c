@@ -101,6 +101,10 @@ int main(void)
 	STRUCT_BEGIN(kiln_write_total);
 	FIELD(kiln_write_total, bytes);
 	FIELD(kiln_write_total, writes);
+	FIELD(kiln_write_total, path_len);
+	FIELD(kiln_write_total, wflags);
+	FIELD(kiln_write_total, _pad0);
+	FIELD(kiln_write_total, path);
 	STRUCT_END();
 
 	STRUCT_BEGIN(kiln_net_event);

@@ -1,22 +1,30 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * syscalls.bpf.c: the observer's syscall family (tp_btf/sys_enter + tp_btf/sys_exit), compiled
- * as part of observer.bpf.c. For tasks in an observed cgroup only:
+ * syscalls.bpf.c: the observer's syscall family, ONE program on tp_btf/sys_exit, compiled as
+ * part of observer.bpf.c. For tasks in an observed cgroup only:
  *
- * - path-based file syscalls: the path arguments are read at sys_enter (before the kernel acts
- *   on them), with the directory they are relative to walked in the kernel (cwd or dirfd), and
- *   kept in the thread's task storage (`pending_files`); sys_exit adds the result (and, for an
- *   open that returned an fd, the opened file's real path) and emits one variable-size struct
- *   kiln_file_event;
- * - writes: bytes per (process, fd) summed in `write_totals`, emitted at close: a build that
- *   writes a file in 4 KiB chunks costs one record, not thousands;
- * - connect/bind/sendto: address and result at sys_exit (steps run in an empty network
- *   namespace, so attempts fail: they are evidence);
+ * - path-based file syscalls: one record at sys_exit with the path arguments (read from the
+ *   process's memory, which the kernel has just read too, so the pages are present), the
+ *   directory they are relative to (cwd or dirfd) walked in the kernel, the result, and for an
+ *   open that returned an fd the opened file's real path. A successful chdir's record carries
+ *   the new cwd as `real` (its old cwd, which a relative argument was relative to, is gone);
+ * - writes: bytes per (process, fd) summed in `write_totals`, whose entry names the file (walked
+ *   from the fd at the first write), emitted at close or when dup2/dup3 replaces the fd: a build
+ *   that writes a file in 4 KiB chunks costs one record, not thousands;
+ * - connect/bind/sendto: address and result; listen: the socket's local address and result
+ *   (steps run in an empty network namespace, so attempts fail: they are evidence);
  * - any other syscall that returned -EPERM (the seccomp profile's errno).
  *
+ * Why sys_exit only: the syscall arguments are still in pt_regs at exit, and every attached
+ * syscall tracepoint program costs every task on the host one more BPF dispatch per syscall
+ * (the tracepoints put all tasks on the syscall slow path; fentry/kprobes do not load here).
+ * One program instead of an enter/exit pair took the host's open+close storm from ~1.12x to
+ * ~1.05x of bare (empty programs, measured on this kernel).
+ *
  * x86_64 syscall numbers below; keep in sync with daemon/src/observe/syscalls.rs (names).
- * Unobserved tasks pay, per syscall entry and exit, a switch on the syscall number, and only
- * for the numbers traced here one cgroup id read and one prefilter bit test (common.bpf.h).
+ * Unobserved tasks pay, per syscall exit, a test of the result and a switch on the syscall
+ * number, and only for the numbers traced here one cgroup id read and one prefilter bit test
+ * (common.bpf.h).
  */
 
 #define NR_WRITE 1
@@ -28,6 +36,7 @@
 #define NR_CONNECT 42
 #define NR_SENDTO 44
 #define NR_BIND 49
+#define NR_LISTEN 50
 #define NR_TRUNCATE 76
 #define NR_CHDIR 80
 #define NR_FCHDIR 81
@@ -65,31 +74,25 @@
 #define KILN_CREAT_FLAGS (0100 | 01 | 01000)
 
 /*
- * A thread's file syscall in flight: built at sys_enter (the record's fixed part and the first
- * strings of its data[]), completed and emitted at sys_exit. Task-local storage: created on the
- * first traced file syscall of an observed thread (only observed threads ever get one), written
- * in place (no copy of a whole record per syscall, as a hash map update would be), freed by the
- * kernel with the thread. No storage (allocation failed) -> counted lost.
+ * (cgroup, process, fd) -> bytes written so far and the file's path; see struct
+ * kiln_write_total. Entries are allocated on a process's first write to an fd (no
+ * preallocation: 16384 entries of half a KiB would pin 9 MiB for nothing).
  */
-struct file_pending {
-	__u32 nr;  /* syscall number in flight; 0 = none (read(2) is not a file syscall) */
-	__u32 off; /* data[] bytes written so far */
-	struct record_buf rec; /* struct kiln_file_event, then data[] */
-};
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct file_pending);
-} pending_files SEC(".maps");
-
-/* (cgroup, process, fd) -> bytes written so far; see struct kiln_write_event. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct kiln_write_key);
 	__type(value, struct kiln_write_total);
 } write_totals SEC(".maps");
+
+/* A fresh write_totals value is built here (it is larger than the BPF stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kiln_write_total);
+} write_scratch SEC(".maps");
 
 /* The arguments of a path-based file syscall. */
 struct file_args {
@@ -328,7 +331,27 @@ static __always_inline bool is_relative(const char *path, __u16 len)
 	return len == 0 || path[0] != '/';
 }
 
-static __always_inline void close_fd(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd)
+/* Walks the path of `file` (from the task's root) into `dst` (room for KILN_PATH_MAX bytes);
+ * returns its length and sets *truncated. */
+static __always_inline __u16 walk_file(struct task_struct *task, struct file *file, char *dst,
+				       bool *truncated)
+{
+	__u32 zero = 0;
+	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
+	struct fs_struct *fs = BPF_CORE_READ(task, fs);
+
+	if (!scratch)
+		return 0;
+	__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry), BPF_CORE_READ(file, f_path.mnt),
+			      BPF_CORE_READ(fs, root.dentry), BPF_CORE_READ(fs, root.mnt),
+			      scratch->buf, truncated);
+	return copy_path(dst, scratch->buf, len);
+}
+
+/* Emits and forgets the write total of `fd` of the current process, if it wrote to it: at the
+ * exit of close, or of a dup2/dup3 that replaced it. The fd is gone by then; the entry names
+ * the file as it was at the first write. */
+static __always_inline void emit_write_total(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd)
 {
 	struct kiln_write_key key = {
 		.cgroup_id = cgroup_id,
@@ -341,29 +364,15 @@ static __always_inline void close_fd(__u64 cgroup_id, __u64 *cgroup_lost, __s32 
 		return;
 	__u32 zero = 0;
 	struct kiln_write_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
-	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
 
-	if (ev && scratch) {
-		struct task_struct *task = bpf_get_current_task_btf();
-		struct file *file = fd_file(task, fd);
+	if (ev) {
 		__u64 now = bpf_ktime_get_ns();
 
 		ev->fd = fd;
 		ev->bytes = total->bytes;
 		ev->writes = total->writes;
-		ev->path_len = 0;
-		ev->wflags = 0;
-		/* The fd is still open at sys_enter of close/dup2: name the file it writes. */
-		if (file) {
-			struct fs_struct *fs = BPF_CORE_READ(task, fs);
-			bool truncated = false;
-			__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry),
-					      BPF_CORE_READ(file, f_path.mnt),
-					      BPF_CORE_READ(fs, root.dentry),
-					      BPF_CORE_READ(fs, root.mnt), scratch->buf, &truncated);
-			ev->path_len = copy_path(data_at(ev, sizeof(*ev), 0), scratch->buf, len);
-			ev->wflags = KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
-		}
+		ev->wflags = total->wflags;
+		ev->path_len = copy_path(data_at(ev, sizeof(*ev), 0), total->path, total->path_len);
 		output_event(ev, KILN_EVENT_WRITE, sizeof(*ev) + ev->path_len, cgroup_id,
 			     cgroup_lost, now, wakeup_flags(now));
 	} else {
@@ -372,60 +381,83 @@ static __always_inline void close_fd(__u64 cgroup_id, __u64 *cgroup_lost, __s32 
 	bpf_map_delete_elem(&write_totals, &key);
 }
 
-SEC("tp_btf/sys_enter")
-int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
+static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes)
 {
-	/* Every syscall on the host comes here: filter on the number first (free), the cgroup
-	 * second (a pointer chase and a hash lookup). */
-	if (id != NR_CLOSE && id != NR_DUP2 && id != NR_DUP3 && !is_file_nr(id))
-		return 0;
-	__u64 cgroup_id = bpf_get_current_cgroup_id();
-	__u64 *cgroup_lost = observed(cgroup_id);
+	struct kiln_write_key key = {
+		.cgroup_id = cgroup_id,
+		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.fd = fd,
+	};
+	struct kiln_write_total *total = bpf_map_lookup_elem(&write_totals, &key);
 
-	if (!cgroup_lost)
-		return 0;
-	if (id == NR_CLOSE) {
-		close_fd(cgroup_id, cgroup_lost, regs->di);
-		return 0;
-	}
-	if (id == NR_DUP2 || id == NR_DUP3) {
-		/* dup2(old, new) closes `new` first: its write total ends here. */
-		__s32 oldfd = regs->di;
-		__s32 newfd = regs->si;
+	if (!total) {
+		/* The first write to this fd: name the file while the fd is certainly open. */
+		__u32 zero = 0;
+		struct kiln_write_total *fresh = bpf_map_lookup_elem(&write_scratch, &zero);
 
-		if (oldfd != newfd)
-			close_fd(cgroup_id, cgroup_lost, newfd);
-		return 0;
+		if (!fresh) {
+			count_lost(cgroup_lost);
+			return;
+		}
+		struct task_struct *task = bpf_get_current_task_btf();
+		struct file *file = fd_file(task, fd);
+		bool truncated = false;
+
+		fresh->bytes = 0;
+		fresh->writes = 0;
+		fresh->path_len = 0;
+		fresh->wflags = 0;
+		fresh->_pad0 = 0;
+		if (file) {
+			fresh->path_len = walk_file(task, file, fresh->path, &truncated);
+			fresh->wflags =
+				KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
+		}
+		bpf_map_update_elem(&write_totals, &key, fresh, BPF_NOEXIST);
+		total = bpf_map_lookup_elem(&write_totals, &key);
+		if (!total) {
+			count_lost(cgroup_lost);
+			return;
+		}
 	}
+	__sync_fetch_and_add(&total->bytes, bytes);
+	__sync_fetch_and_add(&total->writes, 1);
+}
+
+/*
+ * One record for a path-based file syscall `id` that returned `ret`, built in the per-CPU
+ * record scratch from the arguments still in `regs`.
+ */
+static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long id,
+				      struct pt_regs *regs, long ret)
+{
 	struct file_args a;
+	__u32 zero = 0;
+	struct kiln_file_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
 
 	if (!file_args(id, regs, &a))
-		return 0;
-
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct file_pending *pending = bpf_task_storage_get(&pending_files, task, NULL,
-							    BPF_LOCAL_STORAGE_GET_F_CREATE);
-
-	if (!pending) {
+		return;
+	if (!ev) {
 		count_lost(cgroup_lost);
-		return 0;
+		return;
 	}
-	struct kiln_file_event *ev = (void *)&pending->rec;
+	struct task_struct *task = bpf_get_current_task_btf();
 	const __u32 fixed = sizeof(*ev);
+	__u64 now = bpf_ktime_get_ns();
 	__u16 evflags = 0;
 	bool truncated = false;
 	__u32 off = 0;
 
 	ev->nr = id;
+	ev->result = ret;
 	ev->flags = a.flags;
 	ev->mode = a.mode;
 	ev->dirfd = a.dirfd;
 	ev->dirfd2 = a.dirfd2;
-	ev->result = 0;
 	ev->real_len = 0;
 	ev->base_len = 0;
 	ev->base2_len = 0;
-	/* data[]: path, path2, base, base2 here; real at sys_exit (events.h). */
+	/* data[]: path, path2, base, base2, real (events.h). */
 	char *path = data_at(ev, fixed, off);
 
 	ev->path_len = read_arg(path, a.path, &evflags, KILN_FILE_PATH_TRUNCATED);
@@ -436,9 +468,11 @@ int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
 	/* Whether each path is relative, before the next string overwrites its NUL/first byte. */
 	bool rel = !a.path_is_text && a.path && is_relative(path, ev->path_len);
 	bool rel2 = a.path2 && is_relative(path2, ev->path2_len);
+	/* A chdir that succeeded moved the cwd: its record names the new one (real) instead. */
+	bool moved = id == NR_CHDIR && ret == 0;
 
 	off += ev->path2_len;
-	if (a.fd_only || rel) {
+	if (a.fd_only || (rel && !moved)) {
 		ev->base_len = walk_dir(task, a.dirfd, data_at(ev, fixed, off), &truncated);
 		off += ev->base_len;
 		evflags |= KILN_FILE_HAS_BASE;
@@ -452,33 +486,23 @@ int BPF_PROG(kiln_sys_enter, struct pt_regs *regs, long id)
 		if (truncated)
 			evflags |= KILN_FILE_BASE2_TRUNCATED;
 	}
-	ev->evflags = evflags;
-	pending->off = off;
-	pending->nr = id;
-	return 0;
-}
+	bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 || id == NR_CREAT;
+	struct file *file = is_open && ret >= 0 ? fd_file(task, ret) : NULL;
 
-static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes)
-{
-	struct kiln_write_key key = {
-		.cgroup_id = cgroup_id,
-		.tgid = bpf_get_current_pid_tgid() >> 32,
-		.fd = fd,
-	};
-	struct kiln_write_total *total = bpf_map_lookup_elem(&write_totals, &key);
+	if (file || moved) {
+		char *real = data_at(ev, fixed, off);
 
-	if (!total) {
-		struct kiln_write_total fresh = { .bytes = 0, .writes = 0 };
-
-		bpf_map_update_elem(&write_totals, &key, &fresh, BPF_NOEXIST);
-		total = bpf_map_lookup_elem(&write_totals, &key);
-		if (!total) {
-			count_lost(cgroup_lost);
-			return;
-		}
+		truncated = false;
+		ev->real_len = file ? walk_file(task, file, real, &truncated)
+				    : walk_dir(task, KILN_AT_FDCWD, real, &truncated);
+		off += ev->real_len;
+		evflags |= KILN_FILE_HAS_REAL;
+		if (truncated)
+			evflags |= KILN_FILE_REAL_TRUNCATED;
 	}
-	__sync_fetch_and_add(&total->bytes, bytes);
-	__sync_fetch_and_add(&total->writes, 1);
+	ev->evflags = evflags;
+	output_event(ev, KILN_EVENT_FILE, fixed + off, cgroup_id, cgroup_lost, now,
+		     wakeup_flags(now));
 }
 
 static __always_inline void emit_net(__u64 cgroup_id, __u64 *cgroup_lost, long id, long ret,
@@ -521,14 +545,56 @@ static __always_inline void emit_net(__u64 cgroup_id, __u64 *cgroup_lost, long i
 	bpf_ringbuf_submit(ev, wakeup_flags(now));
 }
 
+/*
+ * listen(fd): the socket's local address (it is bound by now, explicitly or by listen itself)
+ * and the result. Only a listen that succeeded proves fd is a socket; a failed one is recorded
+ * with its result and no address.
+ */
+static __always_inline void emit_listen(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long ret)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct kiln_net_event *ev =
+		reserve_event_in(KILN_EVENT_NET, sizeof(*ev), cgroup_id, cgroup_lost, now);
+
+	if (!ev)
+		return;
+	ev->result = ret;
+	ev->nr = NR_LISTEN;
+	ev->family = 0;
+	ev->port = 0;
+	ev->addrlen = 0;
+	ev->path_len = 0;
+	ev->_pad0 = 0;
+	__builtin_memset(ev->addr, 0, sizeof(ev->addr));
+	if (ret == 0) {
+		struct file *file = fd_file(bpf_get_current_task_btf(), fd);
+		struct socket *sock = file ? BPF_CORE_READ(file, private_data) : NULL;
+		struct sock *sk = sock ? BPF_CORE_READ(sock, sk) : NULL;
+
+		if (sk) {
+			__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+			ev->family = family;
+			ev->port = BPF_CORE_READ(sk, __sk_common.skc_num);
+			if (family == KILN_AF_INET)
+				BPF_CORE_READ_INTO(&ev->addr, sk, __sk_common.skc_rcv_saddr);
+			else if (family == KILN_AF_INET6)
+				BPF_CORE_READ_INTO(&ev->addr, sk, __sk_common.skc_v6_rcv_saddr);
+		}
+	}
+	bpf_ringbuf_submit(ev, wakeup_flags(now));
+}
+
 SEC("tp_btf/sys_exit")
 int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 {
-	/* A direct load, not a probe-read helper call: this line runs for every syscall on the
-	 * host. Then the number (and result), and the cgroup only for candidates. */
+	/* Every syscall on the host comes here. A direct load, not a probe-read helper call, then
+	 * the number (and result): free; the cgroup (a pointer chase and a prefilter bit) only for
+	 * candidates. The arguments are still in regs at exit (pt_regs are the caller's). */
 	long id = regs->orig_ax;
 
-	if (ret != -KILN_EPERM && !is_write_nr(id) && id != NR_CONNECT && id != NR_BIND &&
+	if (ret != -KILN_EPERM && !is_write_nr(id) && id != NR_CLOSE && id != NR_DUP2 &&
+	    id != NR_DUP3 && id != NR_CONNECT && id != NR_BIND && id != NR_LISTEN &&
 	    id != NR_SENDTO && !is_file_nr(id))
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
@@ -546,9 +612,25 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 		if (ret > 0)
 			add_write(cgroup_id, cgroup_lost, regs->di, ret);
 		return 0;
+	case NR_CLOSE:
+		emit_write_total(cgroup_id, cgroup_lost, regs->di);
+		return 0;
+	case NR_DUP2:
+	case NR_DUP3: {
+		/* dup2(old, new) closed `new` (when it succeeded and old != new): its total ends. */
+		__s32 oldfd = regs->di;
+		__s32 newfd = regs->si;
+
+		if (ret >= 0 && oldfd != newfd)
+			emit_write_total(cgroup_id, cgroup_lost, newfd);
+		return 0;
+	}
 	case NR_CONNECT:
 	case NR_BIND:
 		emit_net(cgroup_id, cgroup_lost, id, ret, (const void *)regs->si, regs->dx);
+		return 0;
+	case NR_LISTEN:
+		emit_listen(cgroup_id, cgroup_lost, regs->di, ret);
 		return 0;
 	case NR_SENDTO: {
 		const void *addr = (const void *)regs->r8;
@@ -560,50 +642,8 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	default:
 		break;
 	}
-
-	struct task_struct *task = bpf_get_current_task_btf();
-	/* Only a file syscall can have a record in flight (an EPERM of another syscall skips the
-	 * storage lookup). */
-	struct file_pending *pending =
-		is_file_nr(id) ? bpf_task_storage_get(&pending_files, task, NULL, 0) : NULL;
-
-	if (pending && pending->nr != 0) {
-		if (pending->nr == id) {
-			struct kiln_file_event *ev = (void *)&pending->rec;
-			const __u32 fixed = sizeof(*ev);
-			__u32 off = pending->off;
-			__u64 now = bpf_ktime_get_ns();
-			bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 ||
-				       id == NR_CREAT;
-
-			ev->result = ret;
-			ev->real_len = 0;
-			if (is_open && ret >= 0) {
-				__u32 zero = 0;
-				struct path_scratch *scratch =
-					bpf_map_lookup_elem(&path_scratch, &zero);
-				struct file *file = fd_file(task, ret);
-
-				if (scratch && file) {
-					struct fs_struct *fs = BPF_CORE_READ(task, fs);
-					bool truncated = false;
-					__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry),
-							      BPF_CORE_READ(file, f_path.mnt),
-							      BPF_CORE_READ(fs, root.dentry),
-							      BPF_CORE_READ(fs, root.mnt),
-							      scratch->buf, &truncated);
-					ev->real_len = copy_path(data_at(ev, fixed, off),
-								 scratch->buf, len);
-					off += ev->real_len;
-					ev->evflags |= KILN_FILE_HAS_REAL;
-					if (truncated)
-						ev->evflags |= KILN_FILE_REAL_TRUNCATED;
-				}
-			}
-			output_event(ev, KILN_EVENT_FILE, fixed + off, cgroup_id, cgroup_lost, now,
-				     wakeup_flags(now));
-		}
-		pending->nr = 0;
+	if (is_file_nr(id)) {
+		emit_file(cgroup_id, cgroup_lost, id, regs, ret);
 		return 0;
 	}
 	if (ret == -KILN_EPERM) {
