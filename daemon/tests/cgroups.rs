@@ -12,14 +12,14 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use support::{have_root, host_processes_with};
+use support::{
+    assert_exited, have_root, hermetic, host_processes_with, marker, output_dir, run, run_refused,
+    run_with, step_spec, workspace,
+};
 
 use kilnd::sandbox::cgroup::{self, CgroupPaths, Controller, LimitHit, Limits};
 use kilnd::sandbox::teardown::processes_in;
-use kilnd::sandbox::{
-    Access, Sandbox, SandboxOutcome, SandboxSpec, StepEnd, WorkspaceMount, load_profiles,
-    prepare_output_dir,
-};
+use kilnd::sandbox::{Access, SandboxOutcome, SandboxSpec, StepEnd};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
@@ -40,40 +40,18 @@ fn job_id() -> String {
     )
 }
 
+/// A hermetic step running `sh -c script` with one workspace, `out`, in fresh step cgroups with
+/// `limits`.
 fn fixture(script: &str, limits: Limits) -> Fixture {
-    let profiles =
-        load_profiles(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
-    let hermetic = &profiles["hermetic"];
+    let profile = hermetic();
     let root = TempDir::new().unwrap();
-    let output = TempDir::new().unwrap();
-    prepare_output_dir(output.path(), hermetic.uid, hermetic.gid).unwrap();
+    let output = output_dir((profile.uid, profile.gid));
     std::fs::set_permissions(output.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cgroups = cgroup::create_step(&job_id(), "step", &limits).unwrap();
-    let workspaces = vec![WorkspaceMount {
-        name: "out".into(),
-        host_path: output.path().to_owned(),
-        access: Access::ReadWrite,
-    }];
-    let spec = SandboxSpec {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![
-            ("PATH".into(), hermetic.path_env.clone()),
-            ("HOME".into(), "/tmp".into()),
-        ],
-        cwd: "/workspace/out".into(),
-        hostname: "kiln-step".into(),
-        root_dir: root.path().to_owned(),
-        host_paths: hermetic.host_paths.clone(),
-        image_root: None,
-        confinement: hermetic.confinement(&workspaces),
-        secrets: Vec::new(),
-        workspaces,
-        timeout_ms: 30_000,
-        uid: hermetic.uid,
-        gid: hermetic.gid,
-        tmp_size_bytes: hermetic.tmp_size_bytes,
-        cgroups: Some(cgroups.clone()),
-    };
+    let workspaces = vec![workspace("out", output.path(), Access::ReadWrite)];
+    let mut spec = step_spec(&profile, root.path(), &["sh", "-c", script], workspaces);
+    spec.timeout_ms = 30_000;
+    spec.cgroups = Some(cgroups.clone());
     Fixture {
         _root: root,
         output,
@@ -97,23 +75,6 @@ impl Drop for Fixture {
     }
 }
 
-async fn run(spec: &SandboxSpec, cancel: CancellationToken) -> (SandboxOutcome, String) {
-    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let collector = tokio::spawn(async move {
-        let mut log = Vec::new();
-        while let Some(chunk) = log_rx.recv().await {
-            log.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&log).into_owned()
-    });
-    let outcome = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-        .run(spec, log_tx, cancel)
-        .await
-        .unwrap();
-    let log = collector.await.unwrap();
-    (outcome, log)
-}
-
 /// The teardown was verified and removed every cgroup directory of the step (and its v2 job
 /// directory); no process is left in them.
 fn assert_torn_down(outcome: &SandboxOutcome, cgroups: &CgroupPaths, log: &str) {
@@ -131,8 +92,8 @@ fn assert_torn_down(outcome: &SandboxOutcome, cgroups: &CgroupPaths, log: &str) 
 }
 
 /// A sleep duration unique to this test run, used to find leftover processes on the host.
-fn marker(salt: u32) -> String {
-    format!("2000.{}{salt:03}", std::process::id())
+fn sleep_marker(salt: u32) -> String {
+    marker(2000, salt)
 }
 
 fn limits(memory_bytes: u64, pids: u64, cpu_millicores: u64) -> Limits {
@@ -152,8 +113,8 @@ async fn normal_step_is_torn_down_and_verified() {
         "echo built > /workspace/out/result; exit 0",
         Limits::default(),
     );
-    let (outcome, log) = run(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 0, &log);
     assert_eq!(outcome.limits_hit, Vec::new());
     assert_torn_down(&outcome, &f.cgroups, &log);
     assert_eq!(
@@ -174,7 +135,7 @@ async fn step_processes_are_in_the_step_cgroups_while_running() {
         std::fs::metadata(&f.cgroups.unified).unwrap().ino()
     );
     let spec = f.spec.clone();
-    let running = tokio::spawn(async move { run(&spec, CancellationToken::new()).await });
+    let running = tokio::spawn(async move { run(&spec).await });
     // The helper, the namespace's pid 1, and the step's `sleep` (once it has exec'd).
     let procs_file = f.cgroups.unified.join("cgroup.procs");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -232,7 +193,7 @@ async fn step_processes_are_in_the_step_cgroups_while_running() {
         .unwrap();
     assert!(pids_current >= 3, "pids.current = {pids_current}");
     let (outcome, log) = running.await.unwrap();
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    assert_exited(&outcome, 0, &log);
     assert_torn_down(&outcome, &f.cgroups, &log);
 }
 
@@ -241,13 +202,13 @@ async fn fork_bomb_hits_the_pids_limit_and_the_host_is_fine() {
     if !have_root("cgroup") {
         return;
     }
-    let mark = marker(1);
+    let mark = sleep_marker(1);
     // The classic bomb with a plain name (dash does not let a function be called `:`); it churns
     // until the step's main shell ends, which ends the namespace.
     let script = format!("b(){{ b|b& }}; b; sleep 1; echo after-bomb {mark}; exit 0");
     let f = fixture(&script, limits(256 << 20, 64, 1000));
     let started = Instant::now();
-    let (outcome, log) = run(&f.spec, CancellationToken::new()).await;
+    let (outcome, log) = run(&f.spec).await;
     let hit = outcome
         .limits_hit
         .iter()
@@ -282,7 +243,7 @@ async fn memory_bomb_is_oom_killed_inside_the_step_only() {
     }
     // A host process that must survive the bomb.
     let mut canary = std::process::Command::new("sleep")
-        .arg(marker(2))
+        .arg(sleep_marker(2))
         .spawn()
         .unwrap();
     // tail buffers everything until the first newline: /dev/zero has none.
@@ -290,8 +251,8 @@ async fn memory_bomb_is_oom_killed_inside_the_step_only() {
         "head -c 3G /dev/zero | tail > /dev/null; echo bomb-rc=$?; exit 1",
         limits(64 << 20, 512, 2000),
     );
-    let (outcome, log) = run(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 1 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 1, &log);
     assert!(log.contains("bomb-rc=137"), "tail was SIGKILLed: {log}");
     assert_eq!(
         outcome.limits_hit,
@@ -319,13 +280,13 @@ async fn daemons_do_not_survive_the_step() {
     if !have_root("cgroup") {
         return;
     }
-    let (setsid, double_fork, nohup) = (marker(3), marker(4), marker(5));
+    let (setsid, double_fork, nohup) = (sleep_marker(3), sleep_marker(4), sleep_marker(5));
     let script = format!(
         "(setsid sleep {setsid} &); sh -c '(sleep {double_fork} &) &'; nohup sleep {nohup} >/dev/null 2>&1 & sleep 0.2; exit 0"
     );
     let f = fixture(&script, Limits::default());
-    let (outcome, log) = run(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 0, &log);
     assert_torn_down(&outcome, &f.cgroups, &log);
     for mark in [setsid, double_fork, nohup] {
         assert_eq!(host_processes_with(&mark), Vec::<String>::new());
@@ -346,7 +307,7 @@ async fn cpu_quota_caps_busy_loops() {
     let cancel = CancellationToken::new();
     let running = {
         let cancel = cancel.clone();
-        tokio::spawn(async move { run(&spec, cancel).await })
+        tokio::spawn(async move { run_with(&spec, cancel).await })
     };
     let usage = || -> u64 {
         let stat = std::fs::read_to_string(f.cgroups.unified.join("cpu.stat")).unwrap();
@@ -379,11 +340,7 @@ async fn cgroup_paths_outside_kiln_are_refused() {
     let step_cgroups = f.cgroups.clone();
     // The helper must never join (nor kilnd kill) kilnd's own cgroup.
     f.spec.cgroups.as_mut().unwrap().unified = Controller::Unified.mount();
-    let (log_tx, _log_rx) = tokio::sync::mpsc::channel(1);
-    let err = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-        .run(&f.spec, log_tx, CancellationToken::new())
-        .await
-        .unwrap_err();
+    let err = run_refused(&f.spec).await;
     assert!(err.to_string().contains("invalid sandbox spec"), "{err}");
     assert!(Controller::Unified.mount().exists());
     // The real step cgroups were created by the fixture; remove them (no process ever joined).
@@ -396,8 +353,8 @@ async fn step_sees_only_its_own_cgroup_namespace() {
         return;
     }
     let f = fixture("cat /proc/self/cgroup", Limits::default());
-    let (outcome, log) = run(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 0, &log);
     // Outside the namespace the step's cgroups are .../kiln/<job>/<step>; inside, every hierarchy
     // it was joined to is the namespace root, so no host cgroup path leaks.
     let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
@@ -428,7 +385,7 @@ async fn sweep_kills_and_removes_only_the_interrupted_job_s_cgroups() {
     let spawn_into = |job: &str| {
         let paths = cgroup::create_step(job, "step", &limits(64 << 20, 16, 500)).unwrap();
         let child = std::process::Command::new("sleep")
-            .arg(marker(7))
+            .arg(sleep_marker(7))
             .spawn()
             .unwrap();
         for (_, dir) in paths.all() {

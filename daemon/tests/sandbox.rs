@@ -1,124 +1,42 @@
 //! Real sandbox tests: run steps through the `kiln-sandbox` helper as root and try to defeat each
 //! control. Outside CI they skip (with a printed reason) when not root; under `CI=true` they fail.
-#![expect(
-    clippy::unwrap_used,
-    reason = "test helpers outside #[test] fns: a failed setup is a failed test"
-)]
 
 mod support;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use support::{have_root, host_processes_with};
-
-use kilnd::sandbox::{
-    Access, Sandbox, SandboxOutcome, SandboxSpec, StepEnd, WorkspaceMount, load_profiles,
-    prepare_output_dir,
+use support::{
+    Step, assert_exited, assert_unprivileged, have_root, hermetic, host_processes_with, marker,
+    mount_options, run, run_with,
 };
-use tempfile::TempDir;
+
+use kilnd::sandbox::{SandboxOutcome, StepEnd};
 use tokio_util::sync::CancellationToken;
 
 const NOBODY: u32 = 65534;
 
-struct Fixture {
-    _root: TempDir,
-    input: TempDir,
-    output: TempDir,
-    spec: SandboxSpec,
+/// A hermetic step running `argv` (`in` and `out` workspaces), with one more variable whose value
+/// has spaces and `=`. The profile's seccomp filter, rlimits and Landlock rules apply
+/// (tests/seccomp.rs tries to defeat them); cgroups, limits and teardown are tested in
+/// tests/cgroups.rs.
+fn fixture(argv: &[&str]) -> Step {
+    let mut step = Step::new(&hermetic(), argv);
+    step.spec.env.push((
+        "KILN_TEST_SECRET".into(),
+        "value with spaces=and equals".into(),
+    ));
+    step
 }
 
-fn fixture(argv: &[&str]) -> Fixture {
-    let profiles =
-        load_profiles(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
-    let hermetic = &profiles["hermetic"];
-    let root = TempDir::new().unwrap();
-    let input = TempDir::new().unwrap();
-    std::fs::set_permissions(input.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(input.path().join("input.txt"), "input data\n").unwrap();
-    let output = TempDir::new().unwrap();
-    prepare_output_dir(output.path(), hermetic.uid, hermetic.gid).unwrap();
-    let workspaces = vec![
-        WorkspaceMount {
-            name: "in".into(),
-            host_path: input.path().to_owned(),
-            access: Access::ReadOnly,
-        },
-        WorkspaceMount {
-            name: "out".into(),
-            host_path: output.path().to_owned(),
-            access: Access::ReadWrite,
-        },
-    ];
-    let spec = SandboxSpec {
-        argv: argv.iter().map(ToString::to_string).collect(),
-        env: vec![
-            ("PATH".into(), hermetic.path_env.clone()),
-            ("HOME".into(), "/tmp".into()),
-            (
-                "KILN_TEST_SECRET".into(),
-                "value with spaces=and equals".into(),
-            ),
-        ],
-        cwd: "/workspace/out".into(),
-        hostname: "kiln-step".into(),
-        root_dir: root.path().to_owned(),
-        host_paths: hermetic.host_paths.clone(),
-        image_root: None,
-        // The hermetic profile's seccomp filter, rlimits and Landlock rules (tests/seccomp.rs
-        // tries to defeat them).
-        confinement: hermetic.confinement(&workspaces),
-        secrets: Vec::new(),
-        workspaces,
-        timeout_ms: 20_000,
-        uid: hermetic.uid,
-        gid: hermetic.gid,
-        tmp_size_bytes: hermetic.tmp_size_bytes,
-        // Cgroups, limits and teardown are tested in tests/cgroups.rs.
-        cgroups: None,
-    };
-    Fixture {
-        _root: root,
-        input,
-        output,
-        spec,
-    }
-}
-
-fn sandbox() -> Sandbox {
-    Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-}
-
-async fn run_with(spec: &SandboxSpec, cancel: CancellationToken) -> (SandboxOutcome, String) {
-    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let collector = tokio::spawn(async move {
-        let mut log = Vec::new();
-        while let Some(chunk) = log_rx.recv().await {
-            log.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&log).into_owned()
-    });
-    let outcome = sandbox().run(spec, log_tx, cancel).await.unwrap();
-    let log = collector.await.unwrap();
-    (outcome, log)
-}
-
-async fn run(spec: &SandboxSpec) -> (SandboxOutcome, String) {
-    run_with(spec, CancellationToken::new()).await
-}
-
-async fn run_sh(script: &str) -> (SandboxOutcome, String, Fixture) {
+async fn run_sh(script: &str) -> (SandboxOutcome, String, Step) {
     let fixture = fixture(&["sh", "-c", script]);
     let (outcome, log) = run(&fixture.spec).await;
     (outcome, log, fixture)
 }
 
-fn assert_exited(outcome: &SandboxOutcome, code: i32, log: &str) {
-    assert_eq!(outcome.end, StepEnd::Exited { code }, "log:\n{log}");
-}
-
 /// A sleep duration unique to this test run, used to find leftover processes on the host.
-fn marker(salt: u32) -> String {
-    format!("1000.{}{salt:03}", std::process::id())
+fn sleep_marker(salt: u32) -> String {
+    marker(1000, salt)
 }
 
 #[tokio::test]
@@ -147,26 +65,7 @@ async fn step_is_unprivileged_even_via_setuid_binaries() {
         run_sh("cat /proc/self/status; id -u; id -G; mount -t tmpfs none /tmp; echo mount-rc=$?")
             .await;
     assert_exited(&outcome, 0, &log);
-    for (field, want) in [
-        ("Uid:", "65534\t65534\t65534\t65534"),
-        ("Gid:", "65534\t65534\t65534\t65534"),
-        ("CapInh:", "0000000000000000"),
-        ("CapPrm:", "0000000000000000"),
-        ("CapEff:", "0000000000000000"),
-        ("CapBnd:", "0000000000000000"),
-        ("CapAmb:", "0000000000000000"),
-        ("NoNewPrivs:", "1"),
-    ] {
-        let line = log
-            .lines()
-            .find(|line| line.starts_with(field))
-            .unwrap_or_default();
-        assert_eq!(
-            line.trim_start_matches(field).trim(),
-            want,
-            "{field} in log:\n{log}"
-        );
-    }
+    assert_unprivileged(&log, NOBODY);
     assert!(
         log.contains("\n65534\n65534\n"),
         "uid and groups are nobody only: {log}"
@@ -299,14 +198,13 @@ async fn workspaces_input_read_only_output_writable() {
     let result = fixture.output.path().join("result.txt");
     assert_eq!(std::fs::read_to_string(&result).unwrap(), "result\n");
     assert_eq!(std::fs::metadata(&result).unwrap().uid(), NOBODY);
-    let mount_line = |name: &str| {
-        log.lines()
-            .find(|l| l.contains(&format!(" /workspace/{name} ")))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    assert!(mount_line("in").contains(" ro,nosuid,nodev"), "{log}");
-    assert!(mount_line("out").contains(" rw,nosuid,nodev"), "{log}");
+    for (workspace, options) in [("in", "ro,nosuid,nodev"), ("out", "rw,nosuid,nodev")] {
+        assert!(
+            mount_options(&log, &format!("/workspace/{workspace}"))
+                .is_some_and(|o| o.starts_with(options)),
+            "/workspace/{workspace}: {log}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -324,13 +222,7 @@ async fn system_paths_and_root_are_read_only() {
     assert_exited(&outcome, 0, &log);
     assert!(!log.contains("WROTE"), "{log}");
     assert!(!Path::new("/usr/kiln-x").exists());
-    let opts = |mount_point: &str| {
-        log.lines()
-            .find(|l| l.split(' ').nth(4) == Some(mount_point))
-            .and_then(|l| l.split(' ').nth(5))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let opts = |mount_point: &str| mount_options(&log, mount_point).unwrap_or_default();
     assert!(opts("/").starts_with("ro,nosuid,nodev"), "root: {log}");
     assert!(opts("/usr").starts_with("ro,nosuid,nodev"), "/usr: {log}");
     assert!(
@@ -376,7 +268,7 @@ async fn timeout_kills_the_step_and_its_daemons() {
     if !have_root("sandbox") {
         return;
     }
-    let (daemon, step) = (marker(1), marker(2));
+    let (daemon, step) = (sleep_marker(1), sleep_marker(2));
     let mut fixture = fixture(&[
         "sh",
         "-c",
@@ -398,7 +290,7 @@ async fn daemons_die_when_the_step_exits() {
     if !have_root("sandbox") {
         return;
     }
-    let daemon = marker(3);
+    let daemon = sleep_marker(3);
     let (outcome, log, _f) = run_sh(&format!("(setsid sleep {daemon} &); sleep 0.1; exit 3")).await;
     assert_exited(&outcome, 3, &log);
     assert_eq!(host_processes_with(&daemon), Vec::<String>::new());
@@ -409,7 +301,7 @@ async fn cancel_kills_the_namespace() {
     if !have_root("sandbox") {
         return;
     }
-    let step = marker(4);
+    let step = sleep_marker(4);
     let fixture = fixture(&[
         "sh",
         "-c",

@@ -10,94 +10,20 @@
 
 mod support;
 use std::io::Write as _;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 
-use kilnd::sandbox::{
-    Access, Sandbox, SandboxOutcome, SandboxSpec, StepEnd, WorkspaceMount, load_profiles,
-    prepare_output_dir,
-};
-use support::have_root;
-use tempfile::TempDir;
-use tokio_util::sync::CancellationToken;
+use kilnd::sandbox::{SandboxOutcome, SandboxSpec, StepEnd};
+use support::{Step, assert_exited, have_root, hermetic, mount_options, run};
 
-struct Fixture {
-    _root: TempDir,
-    input: TempDir,
-    _output: TempDir,
-    spec: SandboxSpec,
-}
-
-/// A hermetic-profile spec running `sh -c script`, input workspace read-only, output writable.
-fn fixture(script: &str) -> Fixture {
-    let profiles =
-        load_profiles(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
-    let hermetic = &profiles["hermetic"];
-    let root = TempDir::new().unwrap();
-    let input = TempDir::new().unwrap();
-    std::fs::set_permissions(input.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let output = TempDir::new().unwrap();
-    prepare_output_dir(output.path(), hermetic.uid, hermetic.gid).unwrap();
-    let workspaces = vec![
-        WorkspaceMount {
-            name: "in".into(),
-            host_path: input.path().to_owned(),
-            access: Access::ReadOnly,
-        },
-        WorkspaceMount {
-            name: "out".into(),
-            host_path: output.path().to_owned(),
-            access: Access::ReadWrite,
-        },
-    ];
-    let spec = SandboxSpec {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![("PATH".into(), hermetic.path_env.clone())],
-        cwd: "/".into(),
-        hostname: "kiln-setup".into(),
-        root_dir: root.path().to_owned(),
-        host_paths: hermetic.host_paths.clone(),
-        image_root: None,
-        confinement: hermetic.confinement(&workspaces),
-        secrets: Vec::new(),
-        workspaces,
-        timeout_ms: 20_000,
-        uid: hermetic.uid,
-        gid: hermetic.gid,
-        tmp_size_bytes: hermetic.tmp_size_bytes,
-        cgroups: None,
-    };
-    Fixture {
-        _root: root,
-        input,
-        _output: output,
-        spec,
-    }
-}
-
-async fn run(spec: &SandboxSpec) -> (SandboxOutcome, String) {
-    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let collector = tokio::spawn(async move {
-        let mut log = Vec::new();
-        while let Some(chunk) = log_rx.recv().await {
-            log.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&log).into_owned()
-    });
-    let outcome = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-        .run(spec, log_tx, CancellationToken::new())
-        .await
-        .unwrap();
-    (outcome, collector.await.unwrap())
-}
-
-/// Options field (6th) of the mountinfo line whose mount point is `mount_point`.
-fn mount_options<'a>(mountinfo: &'a str, mount_point: &str) -> Option<&'a str> {
-    mountinfo
-        .lines()
-        .find(|line| line.split(' ').nth(4) == Some(mount_point))
-        .and_then(|line| line.split(' ').nth(5))
+/// A hermetic step running `sh -c script` with the `in` (read-only) and `out` workspaces, in `/`,
+/// with only `PATH` set and its own hostname.
+fn fixture(script: &str) -> Step {
+    let mut step = Step::new(&hermetic(), &["sh", "-c", script]);
+    step.spec.env.retain(|(name, _)| name == "PATH");
+    step.spec.cwd = "/".into();
+    step.spec.hostname = "kiln-setup".into();
+    step
 }
 
 /// A tmpfs mounted on the host (kilnd's namespace) for the test's duration.
@@ -117,14 +43,14 @@ async fn step_gets_a_fresh_network_namespace_never_the_host_s() {
     let host = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
     let single = fixture("stat -L -c %i /proc/self/ns/net");
     let (outcome, log) = run(&single.spec).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{log}");
+    assert_exited(&outcome, 0, &log);
     let step: u64 = log.trim().parse().unwrap();
     assert_ne!(step, host, "the step runs in the host's network namespace");
     // Two steps alive at once never share one (a finished step's inode number may be reused).
     let both = fixture("stat -L -c %i /proc/self/ns/net; sleep 0.3");
     let (a, b) = tokio::join!(run(&both.spec), run(&single.spec));
-    assert_eq!(a.0.end, StepEnd::Exited { code: 0 }, "{}", a.1);
-    assert_eq!(b.0.end, StepEnd::Exited { code: 0 }, "{}", b.1);
+    assert_exited(&a.0, 0, &a.1);
+    assert_exited(&b.0, 0, &b.1);
     let (a, b): (u64, u64) = (a.1.trim().parse().unwrap(), b.1.trim().parse().unwrap());
     assert!(
         a != host && b != host && a != b,
@@ -155,7 +81,7 @@ async fn submounts_of_a_read_only_bind_are_read_only_too() {
     .unwrap();
     let _mounted = HostMount(nested.clone());
     let (outcome, log) = run(&fixture.spec).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "{log}");
+    assert_exited(&outcome, 0, &log);
     let nested_options = mount_options(&log, "/workspace/in/nested")
         .unwrap_or_else(|| panic!("the nested mount is missing in the sandbox: {log}"));
     assert!(

@@ -13,27 +13,20 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use support::have_root;
+use support::{
+    assert_exited, have_root, hermetic, output_dir, readable_dir, run, step_spec, workspace,
+};
 
 use kilnd::sandbox::{
-    Access, LandlockEnforcement, Profile, Sandbox, SandboxOutcome, SandboxSpec, StepEnd,
-    WorkspaceMount, load_profiles, prepare_output_dir,
+    Access, LandlockEnforcement, Profile, SandboxOutcome, SandboxSpec, WorkspaceMount,
 };
 use tempfile::TempDir;
-use tokio_util::sync::CancellationToken;
-
-fn hermetic() -> Profile {
-    let profiles =
-        load_profiles(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
-    profiles["hermetic"].clone()
-}
 
 /// The attack program, compiled once on the host into a directory the step can read.
 fn attack_dir() -> &'static Path {
     static DIR: OnceLock<TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = TempDir::new().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = readable_dir();
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seccomp/attack.c");
         let status = std::process::Command::new("cc")
             .args(["-Wall", "-Wextra", "-Werror", "-O1", "-o"])
@@ -58,19 +51,10 @@ struct Fixture {
 fn fixture(argv: &[&str]) -> Fixture {
     let profile = hermetic();
     let root = TempDir::new().unwrap();
-    let output = TempDir::new().unwrap();
-    prepare_output_dir(output.path(), profile.uid, profile.gid).unwrap();
+    let output = output_dir((profile.uid, profile.gid));
     let workspaces = vec![
-        WorkspaceMount {
-            name: "tools".into(),
-            host_path: attack_dir().to_owned(),
-            access: Access::ReadOnly,
-        },
-        WorkspaceMount {
-            name: "out".into(),
-            host_path: output.path().to_owned(),
-            access: Access::ReadWrite,
-        },
+        workspace("tools", attack_dir(), Access::ReadOnly),
+        workspace("out", output.path(), Access::ReadWrite),
     ];
     let spec = spec_for(&profile, &root, argv, workspaces, "/workspace/out");
     Fixture {
@@ -80,6 +64,8 @@ fn fixture(argv: &[&str]) -> Fixture {
     }
 }
 
+/// The shared step spec with `TMPDIR=/tmp` too, the working directory `cwd` and a 60 s timeout (a
+/// whole C build runs in one).
 fn spec_for(
     profile: &Profile,
     root: &TempDir,
@@ -87,54 +73,16 @@ fn spec_for(
     workspaces: Vec<WorkspaceMount>,
     cwd: &str,
 ) -> SandboxSpec {
-    SandboxSpec {
-        argv: argv.iter().map(ToString::to_string).collect(),
-        env: vec![
-            ("PATH".into(), profile.path_env.clone()),
-            ("HOME".into(), "/tmp".into()),
-            ("TMPDIR".into(), "/tmp".into()),
-        ],
-        cwd: cwd.into(),
-        hostname: "kiln-step".into(),
-        root_dir: root.path().to_owned(),
-        host_paths: profile.host_paths.clone(),
-        image_root: None,
-        confinement: profile.confinement(&workspaces),
-        secrets: Vec::new(),
-        workspaces,
-        timeout_ms: 60_000,
-        uid: profile.uid,
-        gid: profile.gid,
-        tmp_size_bytes: profile.tmp_size_bytes,
-        // Cgroups are tested in tests/cgroups.rs.
-        cgroups: None,
-    }
-}
-
-async fn run(spec: &SandboxSpec) -> (SandboxOutcome, String) {
-    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let collector = tokio::spawn(async move {
-        let mut log = Vec::new();
-        while let Some(chunk) = log_rx.recv().await {
-            log.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&log).into_owned()
-    });
-    let outcome = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-        .run(spec, log_tx, CancellationToken::new())
-        .await
-        .unwrap();
-    let log = collector.await.unwrap();
-    (outcome, log)
+    let mut spec = step_spec(profile, root.path(), argv, workspaces);
+    spec.env.push(("TMPDIR".into(), "/tmp".into()));
+    spec.cwd = cwd.into();
+    spec.timeout_ms = 60_000;
+    spec
 }
 
 async fn run_sh(script: &str) -> (SandboxOutcome, String) {
     let fixture = fixture(&["sh", "-c", script]);
     run(&fixture.spec).await
-}
-
-fn assert_exited(outcome: &SandboxOutcome, code: i32, log: &str) {
-    assert_eq!(outcome.end, StepEnd::Exited { code }, "log:\n{log}");
 }
 
 /// Runs the attack program with `attempts` and returns `name -> result` ("ok" or an errno name).
@@ -507,8 +455,7 @@ async fn hello_c_example_builds_tests_and_packages_under_hermetic() {
     let script = |index: usize| steps[index]["script"].as_str().unwrap().to_owned();
 
     let profile = hermetic();
-    let src = TempDir::new().unwrap();
-    std::fs::set_permissions(src.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let src = readable_dir();
     std::fs::copy(
         repo.join("examples/hello-c/src/hello.c"),
         src.path().join("hello.c"),
@@ -519,36 +466,28 @@ async fn hello_c_example_builds_tests_and_packages_under_hermetic() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let build = TempDir::new().unwrap();
-    let dist = TempDir::new().unwrap();
-    for dir in [&build, &dist] {
-        prepare_output_dir(dir.path(), profile.uid, profile.gid).unwrap();
-    }
-    let workspace = |name: &str, dir: &TempDir, access| WorkspaceMount {
-        name: name.into(),
-        host_path: dir.path().to_owned(),
-        access,
-    };
+    let build = output_dir((profile.uid, profile.gid));
+    let dist = output_dir((profile.uid, profile.gid));
     let plan = [
         (
             script(0),
             vec![
-                workspace("src", &src, Access::ReadOnly),
-                workspace("build", &build, Access::ReadWrite),
+                workspace("src", src.path(), Access::ReadOnly),
+                workspace("build", build.path(), Access::ReadWrite),
             ],
             "/workspace/src",
         ),
         (
             script(1),
-            vec![workspace("build", &build, Access::ReadOnly)],
+            vec![workspace("build", build.path(), Access::ReadOnly)],
             "/",
         ),
         (
             script(2),
             vec![
-                workspace("build", &build, Access::ReadOnly),
-                workspace("src", &src, Access::ReadOnly),
-                workspace("dist", &dist, Access::ReadWrite),
+                workspace("build", build.path(), Access::ReadOnly),
+                workspace("src", src.path(), Access::ReadOnly),
+                workspace("dist", dist.path(), Access::ReadWrite),
             ],
             "/",
         ),

@@ -8,15 +8,15 @@
 )]
 
 mod support;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
-use support::have_root;
-
-use kilnd::sandbox::{
-    Access, LandlockEnforcement, Profile, Sandbox, SandboxOutcome, SandboxSpec, StepEnd,
-    UserNamespace, WorkspaceMount, load_profiles, prepare_output_dir,
+use support::{
+    Step, assert_exited, assert_unprivileged, have_root, hermetic, marker, run, run_refused,
+    run_with, status_field,
 };
+
+use kilnd::sandbox::{Access, LandlockEnforcement, Profile, StepEnd, UserNamespace};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +28,7 @@ const COUNT: u32 = 65536;
 
 /// The shipped hermetic profile with a `[userns]` section and ids 1000/1000 inside.
 fn userns_profile() -> Profile {
-    let profiles =
-        load_profiles(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles")).unwrap();
-    let mut profile = profiles["hermetic"].clone();
+    let mut profile = hermetic();
     assert!(
         profile.userns.is_none(),
         "shipped profiles have no [userns]"
@@ -45,86 +43,17 @@ fn userns_profile() -> Profile {
     profile
 }
 
-struct Fixture {
-    _root: TempDir,
-    input: TempDir,
-    output: TempDir,
-    spec: SandboxSpec,
-}
-
-fn fixture(script: &str) -> Fixture {
+/// A `[userns]` step running `sh -c script` with the `in` and `out` workspaces (the output
+/// belongs to the step's mapped host ids) and one secret, `TOKEN`.
+fn fixture(script: &str) -> Step {
     let profile = userns_profile();
-    let root = TempDir::new().unwrap();
-    let input = TempDir::new().unwrap();
-    std::fs::set_permissions(input.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(input.path().join("input.txt"), "input data\n").unwrap();
-    let output = TempDir::new().unwrap();
-    // What kilnd does (pipeline/mod.rs): the output belongs to the step's host ids.
-    let (owner, group) = profile.host_ids();
-    assert_eq!((owner, group), (HOST_UID + INSIDE_ID, HOST_GID + INSIDE_ID));
-    prepare_output_dir(output.path(), owner, group).unwrap();
-    let workspaces = vec![
-        WorkspaceMount {
-            name: "in".into(),
-            host_path: input.path().to_owned(),
-            access: Access::ReadOnly,
-        },
-        WorkspaceMount {
-            name: "out".into(),
-            host_path: output.path().to_owned(),
-            access: Access::ReadWrite,
-        },
-    ];
-    let spec = SandboxSpec {
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec![
-            ("PATH".into(), profile.path_env.clone()),
-            ("HOME".into(), "/tmp".into()),
-        ],
-        cwd: "/workspace/out".into(),
-        hostname: "kiln-step".into(),
-        root_dir: root.path().to_owned(),
-        host_paths: profile.host_paths.clone(),
-        image_root: None,
-        confinement: profile.confinement(&workspaces),
-        secrets: vec![("TOKEN".into(), "s3cret".into())],
-        workspaces,
-        timeout_ms: 20_000,
-        uid: profile.uid,
-        gid: profile.gid,
-        tmp_size_bytes: profile.tmp_size_bytes,
-        cgroups: None,
-    };
-    Fixture {
-        _root: root,
-        input,
-        output,
-        spec,
-    }
-}
-
-async fn run_with(spec: &SandboxSpec, cancel: CancellationToken) -> (SandboxOutcome, String) {
-    let (log_tx, mut log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let collector = tokio::spawn(async move {
-        let mut log = Vec::new();
-        while let Some(chunk) = log_rx.recv().await {
-            log.extend_from_slice(&chunk);
-        }
-        String::from_utf8_lossy(&log).into_owned()
-    });
-    let outcome = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-        .run(spec, log_tx, cancel)
-        .await
-        .unwrap();
-    let log = collector.await.unwrap();
-    (outcome, log)
-}
-
-fn status_field<'a>(log: &'a str, field: &str) -> &'a str {
-    log.lines()
-        .find_map(|line| line.strip_prefix(field))
-        .unwrap_or_default()
-        .trim()
+    assert_eq!(
+        profile.host_ids(),
+        (HOST_UID + INSIDE_ID, HOST_GID + INSIDE_ID)
+    );
+    let mut step = Step::new(&profile, &["sh", "-c", script]);
+    step.spec.secrets = vec![("TOKEN".into(), "s3cret".into())];
+    step
 }
 
 #[tokio::test]
@@ -140,8 +69,8 @@ async fn step_runs_with_the_profile_ids_inside_and_mapped_ids_outside() {
          echo secret=$(cat /run/secrets/TOKEN); \
          echo in=$(cat /workspace/in/input.txt)",
     );
-    let (outcome, log) = run_with(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 0, &log);
     assert!(
         log.contains("uid=1000 gid=1000 groups=1000\n"),
         "ids inside are the profile's, no other group: {log}"
@@ -175,7 +104,7 @@ async fn step_processes_are_the_mapped_uid_on_the_host() {
     if !have_root("userns") {
         return;
     }
-    let marker = format!("4242.{}", std::process::id());
+    let marker = marker(4242, 0);
     let f = fixture(&format!("exec sleep {marker}"));
     let cancel = CancellationToken::new();
     let run = tokio::spawn({
@@ -237,8 +166,8 @@ async fn step_cannot_become_root_or_regain_capabilities() {
          echo y > /workspace/in/new; echo input-write-rc=$?; \
          cat /proc/self/status; echo uid-after=$(id -u)",
     );
-    let (outcome, log) = run_with(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 0, &log);
     for forbidden in [
         "unshare-rc=0",
         "setuid-ok",
@@ -255,19 +184,8 @@ async fn step_cannot_become_root_or_regain_capabilities() {
         log.contains("setuid-failed Operation not permitted"),
         "setuid(0) refused: {log}"
     );
-    for (field, want) in [
-        ("Uid:", "1000\t1000\t1000\t1000"),
-        ("Gid:", "1000\t1000\t1000\t1000"),
-        ("Groups:", ""),
-        ("CapInh:", "0000000000000000"),
-        ("CapPrm:", "0000000000000000"),
-        ("CapEff:", "0000000000000000"),
-        ("CapBnd:", "0000000000000000"),
-        ("CapAmb:", "0000000000000000"),
-        ("NoNewPrivs:", "1"),
-    ] {
-        assert_eq!(status_field(&log, field), want, "{field} in log:\n{log}");
-    }
+    assert_unprivileged(&log, INSIDE_ID);
+    assert_eq!(status_field(&log, "Groups:"), "", "Groups: in log:\n{log}");
     assert!(log.contains("uid-after=1000\n"), "{log}");
     assert!(!Path::new("/usr/kiln-userns-test").exists());
     assert!(!f.input.path().join("new").exists());
@@ -280,11 +198,7 @@ async fn ids_outside_the_mapped_range_are_refused() {
     }
     let mut f = fixture("true");
     f.spec.uid = COUNT; // one past the range: would be an unmapped id
-    let (log_tx, _log_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
-    let err = Sandbox::new(env!("CARGO_BIN_EXE_kiln-sandbox"))
-        .run(&f.spec, log_tx, CancellationToken::new())
-        .await
-        .unwrap_err();
+    let err = run_refused(&f.spec).await;
     let mut message = err.to_string();
     let mut source = std::error::Error::source(&err);
     while let Some(cause) = source {
@@ -330,8 +244,8 @@ async fn kilnd_output_path_works_for_mapped_ids() {
             mount.host_path = workspace.dir();
         }
     }
-    let (outcome, log) = run_with(&f.spec, CancellationToken::new()).await;
-    assert_eq!(outcome.end, StepEnd::Exited { code: 0 }, "log:\n{log}");
+    let (outcome, log) = run(&f.spec).await;
+    assert_exited(&outcome, 0, &log);
     assert_eq!(workspace.full(), None);
     let collected = kilnd::pipeline::workspace::collect(&workspace.dir(), None).unwrap();
     assert_eq!(collected.entries.len(), 1, "{:?}", collected.entries);
