@@ -91,7 +91,11 @@ fn render(records: &[TraceRecord], out: &mut impl Write) -> anyhow::Result<bool>
     let mut written = BTreeSet::new();
     let mut connections = Vec::new();
     let mut denied = 0;
+    let mut shared = 0;
     for record in records {
+        if let TraceRecord::File(f) = record {
+            shared += usize::from(f.args_shared);
+        }
         match record {
             TraceRecord::File(f) if f.result >= 0 && f.op == "open" => match f.access.as_deref() {
                 Some("read") => {
@@ -137,6 +141,12 @@ fn render(records: &[TraceRecord], out: &mut impl Write) -> anyhow::Result<bool>
     }
     if denied > 0 {
         writeln!(out, "denied      {denied} syscalls returned EPERM")?;
+    }
+    if shared > 0 {
+        writeln!(
+            out,
+            "unverified  {shared} file records with arguments another thread could rewrite (argsShared; docs/trace.md)"
+        )?;
     }
     if !summary.materials.is_empty() || summary.materials_omitted > 0 {
         writeln!(

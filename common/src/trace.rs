@@ -166,11 +166,18 @@ pub struct FileRecord {
     /// open flags (O_*), when the operation has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flags: Option<u32>,
-    /// `read`, `write` or `read-write` for opens.
+    /// `read`, `write`, `read-write` or `path` for opens: for an open that succeeded, the
+    /// access mode the kernel opened the file with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<String>,
     /// Return value: >= 0 success (an fd for opens), < 0 is -errno.
     pub result: i64,
+    /// The process shared its memory, cwd or (with a dirfd) fd table with another task during
+    /// the syscall, which could have rewritten the path arguments after the kernel read them:
+    /// `arg`, `path2` and, except for an open's real path, `path` are then the process's word,
+    /// not the kernel's (docs/trace.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub args_shared: bool,
 }
 
 /// Bytes written to one file descriptor.

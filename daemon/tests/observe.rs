@@ -1355,9 +1355,10 @@ async fn files_written_and_never_closed_are_counted_and_named() {
     let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
-    // Written in three calls and never closed: the kernel closes it at
-    // exit, without a close syscall, so only the end-of-step sweep can report it. Plus a file
-    // closed normally, and a dup2 over a written fd (which closes it).
+    // Written in three calls and never closed: the kernel closes it at exit, without a close
+    // syscall, so only the end-of-step sweep can report it. Plus a file closed normally, a
+    // dup2 over a written fd (which closes it), and a written fd closed by close_range (no
+    // close syscall) whose number the next open reuses: each file keeps its own bytes.
     let script = format!(
         "cd {d} && python3 -c 'import os\n\
          k = os.open(\"kept.txt\", os.O_WRONLY | os.O_CREAT, 0o600)\n\
@@ -1365,6 +1366,11 @@ async fn files_written_and_never_closed_are_counted_and_named() {
          c = os.open(\"closed.txt\", os.O_WRONLY | os.O_CREAT, 0o600); os.write(c, b\"xy\"); os.close(c)\n\
          r = os.open(\"replaced.txt\", os.O_WRONLY | os.O_CREAT, 0o600); os.write(r, b\"z\")\n\
          n = os.open(\"/dev/null\", os.O_WRONLY); os.dup2(n, r)\n\
+         import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n\
+         a = os.open(\"ranged.txt\", os.O_WRONLY | os.O_CREAT, 0o600); os.write(a, b\"aaa\")\n\
+         assert libc.syscall(436, a, a, 0) == 0, ctypes.get_errno()\n\
+         b = os.open(\"reused.txt\", os.O_WRONLY | os.O_CREAT, 0o600); assert b == a\n\
+         os.write(b, b\"bbbbb\"); os.close(b)\n\
          os._exit(0)'",
         d = d.display()
     );
@@ -1381,6 +1387,8 @@ async fn files_written_and_never_closed_are_counted_and_named() {
         ("kept.txt", 12, 3),
         ("closed.txt", 2, 1),
         ("replaced.txt", 1, 1),
+        ("ranged.txt", 3, 1),
+        ("reused.txt", 5, 1),
     ] {
         let path = format!("{}/{name}", d.display());
         assert!(
@@ -1388,6 +1396,126 @@ async fn files_written_and_never_closed_are_counted_and_named() {
             "{name}: {written:?}"
         );
     }
+}
+
+/// A step thread that rewrites `openat2`'s arguments while the call runs (the kernel has read
+/// them at the start): O_RDWR on `target` becomes O_PATH on `decoy` in the process's memory
+/// before sys_exit. Prints how many opens the kernel made O_RDWR on target while the argument
+/// already read otherwise. Then an unlink from the same (multi-threaded) process.
+const ARG_RACER_C: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+static struct open_how how;
+static char path[4096];
+static atomic_int gen, done;
+static _Atomic long flipped_at;
+static long now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000L + t.tv_nsec; }
+static void *flip(void *unused) {
+    int seen = 0;
+    for (;;) {
+        int g;
+        while ((g = atomic_load(&gen)) == seen) {}
+        seen = g;
+        if (g < 0) return unused;
+        long s = now();
+        while (now() - s < 5000) {}
+        how.flags = O_PATH;
+        memcpy(path, "decoy", 6);
+        atomic_store(&flipped_at, now());
+        atomic_store(&done, g);
+    }
+}
+int main(void) {
+    int rewritten = 0, n = 200;
+    pthread_t t;
+    pthread_create(&t, 0, flip, 0);
+    for (int i = 1; i <= n; i++) {
+        char *p = path;
+        for (int k = 0; k < 1990; k++) { *p++ = '.'; *p++ = '/'; }
+        strcpy(p, "target");
+        how.flags = O_RDWR;
+        atomic_store(&gen, i);
+        int fd = syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+        long returned = now();
+        while (atomic_load(&done) != i) {}
+        /* Rewritten before the syscall returned, hence before its sys_exit. */
+        if (fd >= 0 && (fcntl(fd, F_GETFL) & O_ACCMODE) == O_RDWR && atomic_load(&flipped_at) < returned) rewritten++;
+        if (fd >= 0) close(fd);
+    }
+    unlink("threaded.txt");
+    printf("%d\n", rewritten);
+    return 0;
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_arguments_cannot_forge_access_and_are_flagged() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    std::fs::write(d.join("racer.c"), ARG_RACER_C).expect("write racer.c");
+    let cc = std::process::Command::new("cc")
+        .args(["-O2", "-pthread", "-o", "racer", "racer.c"])
+        .current_dir(&d)
+        .status()
+        .expect("cc");
+    assert!(cc.success(), "compile the racer");
+    for name in ["target", "threaded.txt", "single.txt"] {
+        std::fs::write(d.join(name), b"x").expect("fixture");
+    }
+    let out = d.join("rewritten");
+    let script = format!(
+        "cd {d} && ./racer > {out} && rm single.txt",
+        d = d.display(),
+        out = out.display()
+    );
+    let (records, lost) = traced_script(&service, &script).await;
+    assert_eq!(lost, 0);
+    let rewritten: u32 = std::fs::read_to_string(&out)
+        .expect("racer output")
+        .trim()
+        .parse()
+        .expect("a count");
+    // The attack worked on the process's memory (else this test proves nothing)...
+    assert!(rewritten > 0, "the racer never rewrote an argument in time");
+    let target = format!("{}/target", d.display());
+    let opens: Vec<&FileRecord> = file_records(&records)
+        .into_iter()
+        .filter(|f| f.syscall == "openat2" && f.result >= 0)
+        .collect();
+    assert_eq!(
+        opens.len(),
+        200,
+        "every open of target succeeded and was recorded"
+    );
+    for open in &opens {
+        // ...but the trace has the kernel's file and access mode, and says the arguments are
+        // the process's word.
+        assert_eq!(open.path, target, "{open:?}");
+        assert_eq!(open.access.as_deref(), Some("read-write"), "{open:?}");
+        assert!(open.args_shared, "{open:?}");
+    }
+    let unlink = |name: &str| {
+        file_records(&records)
+            .into_iter()
+            .find(|f| f.op == "unlink" && f.arg.ends_with(name))
+            .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
+    };
+    assert!(unlink("threaded.txt").args_shared, "a threaded process");
+    assert!(!unlink("single.txt").args_shared, "rm is single-threaded");
+    eprintln!("racer rewrote {rewritten}/200 arguments before sys_exit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -136,6 +136,11 @@ pub const FILE_PATH_FAULT: u16 = 1 << 5;
 pub const FILE_HAS_BASE: u16 = 1 << 6;
 pub const FILE_HAS_BASE2: u16 = 1 << 7;
 pub const FILE_HAS_REAL: u16 = 1 << 8;
+/// The arguments could have been rewritten by another task while the syscall ran (shared memory,
+/// cwd or, for a dirfd, fd table).
+pub const FILE_ARGS_SHARED: u16 = 1 << 9;
+/// `flags`' access mode and `O_PATH` are the opened file's, from the kernel.
+pub const FILE_FLAGS_KERNEL: u16 = 1 << 10;
 
 /// `kiln_exec_event.flags` bits.
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 0;
@@ -279,6 +284,10 @@ pub struct WriteKey {
 pub struct WriteTotal {
     pub bytes: u64,
     pub writes: u64,
+    /// Kernel address of the counted file's struct file (identity only; never emitted).
+    pub file: u64,
+    /// Kernel address of its inode (identity only; never emitted).
+    pub inode: u64,
     pub path_len: u16,
     /// `FILE_HAS_REAL` / `FILE_REAL_TRUNCATED` for `path`.
     pub wflags: u16,
@@ -569,7 +578,8 @@ mod tests {
                 "cgroup_id" => cgroup_id, "tgid" => tgid, "fd" => fd,
             }),
             mirror!("kiln_write_total", WriteTotal {
-                "bytes" => bytes, "writes" => writes, "path_len" => path_len,
+                "bytes" => bytes, "writes" => writes, "file" => file, "inode" => inode,
+                "path_len" => path_len,
                 "wflags" => wflags, "_pad0" => pad0, "path" => path,
             }),
             mirror!("kiln_net_event", NetEvent {
@@ -629,6 +639,8 @@ mod tests {
             ("KILN_FILE_HAS_BASE", u32::from(FILE_HAS_BASE)),
             ("KILN_FILE_HAS_BASE2", u32::from(FILE_HAS_BASE2)),
             ("KILN_FILE_HAS_REAL", u32::from(FILE_HAS_REAL)),
+            ("KILN_FILE_ARGS_SHARED", u32::from(FILE_ARGS_SHARED)),
+            ("KILN_FILE_FLAGS_KERNEL", u32::from(FILE_FLAGS_KERNEL)),
         ];
         usize_constants
             .into_iter()

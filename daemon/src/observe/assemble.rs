@@ -513,6 +513,7 @@ fn file_record(file: &FileOp) -> FileRecord {
         flags: is_open.then_some(file.flags),
         access: is_open.then(|| syscalls::open_access(file.flags).to_owned()),
         result: file.result,
+        args_shared: file.evflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
     }
 }
 

@@ -144,6 +144,12 @@ struct kiln_exit_event {
 #define KILN_FILE_HAS_BASE (1U << 6)
 #define KILN_FILE_HAS_BASE2 (1U << 7)
 #define KILN_FILE_HAS_REAL (1U << 8)
+/* The arguments could have been rewritten by someone else while the syscall ran: the process
+ * shares its memory (threads, CLONE_VM), its cwd (CLONE_FS) or, for a dirfd, its fd table
+ * (CLONE_FILES) with another task. Path arguments are read from user memory at sys_exit. */
+#define KILN_FILE_ARGS_SHARED (1U << 9)
+/* flags' access mode and O_PATH are the kernel's (the opened file's f_flags), not the argument's. */
+#define KILN_FILE_FLAGS_KERNEL (1U << 10)
 
 /*
  * A path-based file syscall (one record at sys_exit): open, openat, openat2, creat, rename*,
@@ -207,6 +213,10 @@ struct kiln_write_key {
 struct kiln_write_total {
 	__u64 bytes;
 	__u64 writes;
+	/* Identity of the open file counted (kernel addresses of its struct file and inode: never
+	 * emitted): a write through the same fd number to another file starts a new total. */
+	__u64 file;
+	__u64 inode;
 	__u16 path_len;
 	__u16 wflags; /* as kiln_write_event.wflags */
 	__u32 _pad0;
@@ -282,7 +292,7 @@ _Static_assert(sizeof(struct kiln_net_event) == 72 + KILN_UNIX_PATH_MAX,
 _Static_assert(sizeof(struct kiln_denied_event) == 48, "kiln_denied_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_sock_event) == 64, "kiln_sock_event size: update lib.rs");
 _Static_assert(sizeof(struct kiln_write_key) == 16 &&
-		       sizeof(struct kiln_write_total) == 24 + KILN_PATH_MAX,
+		       sizeof(struct kiln_write_total) == 40 + KILN_PATH_MAX,
 	       "write_totals key/value: update lib.rs");
 _Static_assert(sizeof(struct kiln_file_event) % 8 == 0 && sizeof(struct kiln_net_event) % 8 == 0,
 	       "records are 8-byte aligned");

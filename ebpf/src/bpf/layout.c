@@ -101,6 +101,8 @@ int main(void)
 	STRUCT_BEGIN(kiln_write_total);
 	FIELD(kiln_write_total, bytes);
 	FIELD(kiln_write_total, writes);
+	FIELD(kiln_write_total, file);
+	FIELD(kiln_write_total, inode);
 	FIELD(kiln_write_total, path_len);
 	FIELD(kiln_write_total, wflags);
 	FIELD(kiln_write_total, _pad0);
@@ -175,6 +177,8 @@ int main(void)
 	CONSTANT(KILN_FILE_HAS_BASE);
 	CONSTANT(KILN_FILE_HAS_BASE2);
 	CONSTANT(KILN_FILE_HAS_REAL);
+	CONSTANT(KILN_FILE_ARGS_SHARED);
+	CONSTANT(KILN_FILE_FLAGS_KERNEL);
 	printf("];\n");
 	return 0;
 }

@@ -70,8 +70,12 @@
 #define KILN_AF_UNIX 1
 #define KILN_AF_INET 2
 #define KILN_AF_INET6 10
+#define KILN_S_IFMT 0170000
+#define KILN_S_IFSOCK 0140000
 /* creat(2) is open(O_CREAT | O_WRONLY | O_TRUNC). */
 #define KILN_CREAT_FLAGS (0100 | 01 | 01000)
+/* O_ACCMODE | O_PATH: the open flags taken from the kernel's file. */
+#define KILN_O_ACCESS (03 | 010000000)
 
 /*
  * (cgroup, process, fd) -> bytes written so far and the file's path; see struct
@@ -280,9 +284,10 @@ static __always_inline struct file *fd_file(struct task_struct *task, int fd)
 /*
  * Walks the directory a path argument is relative to (the cwd for AT_FDCWD, else the file
  * open as dirfd) into `dst` (room for KILN_PATH_MAX bytes); returns its length and sets
- * *truncated.
+ * *truncated, or -1 when there is no such directory (dirfd not open: closed by another thread
+ * meanwhile): never an empty walk, which would read as "/".
  */
-static __always_inline __u16 walk_dir(struct task_struct *task, __s32 dirfd, char *dst,
+static __always_inline int walk_dir(struct task_struct *task, __s32 dirfd, char *dst,
 				      bool *truncated)
 {
 	__u32 zero = 0;
@@ -292,7 +297,7 @@ static __always_inline __u16 walk_dir(struct task_struct *task, __s32 dirfd, cha
 	struct vfsmount *mnt;
 
 	if (!scratch)
-		return 0;
+		return -1;
 	if (dirfd == KILN_AT_FDCWD) {
 		dentry = BPF_CORE_READ(fs, pwd.dentry);
 		mnt = BPF_CORE_READ(fs, pwd.mnt);
@@ -300,7 +305,7 @@ static __always_inline __u16 walk_dir(struct task_struct *task, __s32 dirfd, cha
 		struct file *file = fd_file(task, dirfd);
 
 		if (!file)
-			return 0;
+			return -1;
 		dentry = BPF_CORE_READ(file, f_path.dentry);
 		mnt = BPF_CORE_READ(file, f_path.mnt);
 	}
@@ -389,9 +394,19 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 		.fd = fd,
 	};
 	struct kiln_write_total *total = bpf_map_lookup_elem(&write_totals, &key);
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct file *file = fd_file(task, fd);
+	__u64 inode = file ? (__u64)BPF_CORE_READ(file, f_inode) : 0;
 
+	/* The fd now names another file than the one counted (the old one was closed without a
+	 * close or dup2 of this process: close_range, exec's O_CLOEXEC, a CLONE_FILES sibling):
+	 * the old total ends here, under the old file's name. */
+	if (total && (total->file != (__u64)file || total->inode != inode)) {
+		emit_write_total(cgroup_id, cgroup_lost, fd);
+		total = NULL;
+	}
 	if (!total) {
-		/* The first write to this fd: name the file while the fd is certainly open. */
+		/* The first write to this file through this fd: name it while the fd is open. */
 		__u32 zero = 0;
 		struct kiln_write_total *fresh = bpf_map_lookup_elem(&write_scratch, &zero);
 
@@ -399,12 +414,12 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 			count_lost(cgroup_lost);
 			return;
 		}
-		struct task_struct *task = bpf_get_current_task_btf();
-		struct file *file = fd_file(task, fd);
 		bool truncated = false;
 
 		fresh->bytes = 0;
 		fresh->writes = 0;
+		fresh->file = (__u64)file;
+		fresh->inode = inode;
 		fresh->path_len = 0;
 		fresh->wflags = 0;
 		fresh->_pad0 = 0;
@@ -422,6 +437,18 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 	}
 	__sync_fetch_and_add(&total->bytes, bytes);
 	__sync_fetch_and_add(&total->writes, 1);
+}
+
+/*
+ * Whether another task could have rewritten this syscall's arguments while it ran: the process
+ * shares its memory (threads), its cwd (CLONE_FS), or, when a dirfd was used, its fd table.
+ * Conservative: a transient reference (a /proc reader holding the mm) also counts.
+ */
+static __always_inline bool args_shared(struct task_struct *task, bool uses_dirfd)
+{
+	if (BPF_CORE_READ(task, mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
+		return true;
+	return uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1;
 }
 
 /*
@@ -472,29 +499,51 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 	bool moved = id == NR_CHDIR && ret == 0;
 
 	off += ev->path2_len;
+	/* No base when the directory is gone: the path stays relative (unresolved), never "/". */
 	if (a.fd_only || (rel && !moved)) {
-		ev->base_len = walk_dir(task, a.dirfd, data_at(ev, fixed, off), &truncated);
-		off += ev->base_len;
-		evflags |= KILN_FILE_HAS_BASE;
-		if (truncated)
-			evflags |= KILN_FILE_BASE_TRUNCATED;
+		int n = walk_dir(task, a.dirfd, data_at(ev, fixed, off), &truncated);
+
+		if (n >= 0) {
+			ev->base_len = n & (KILN_PATH_MAX * 2 - 1);
+			off += ev->base_len;
+			evflags |= KILN_FILE_HAS_BASE;
+			if (truncated)
+				evflags |= KILN_FILE_BASE_TRUNCATED;
+		}
 	}
 	if (rel2) {
-		ev->base2_len = walk_dir(task, a.dirfd2, data_at(ev, fixed, off), &truncated);
-		off += ev->base2_len;
-		evflags |= KILN_FILE_HAS_BASE2;
-		if (truncated)
-			evflags |= KILN_FILE_BASE2_TRUNCATED;
+		int n = walk_dir(task, a.dirfd2, data_at(ev, fixed, off), &truncated);
+
+		if (n >= 0) {
+			ev->base2_len = n & (KILN_PATH_MAX * 2 - 1);
+			off += ev->base2_len;
+			evflags |= KILN_FILE_HAS_BASE2;
+			if (truncated)
+				evflags |= KILN_FILE_BASE2_TRUNCATED;
+		}
 	}
+	if (args_shared(task, a.dirfd != KILN_AT_FDCWD || a.dirfd2 != KILN_AT_FDCWD))
+		evflags |= KILN_FILE_ARGS_SHARED;
 	bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 || id == NR_CREAT;
 	struct file *file = is_open && ret >= 0 ? fd_file(task, ret) : NULL;
 
+	if (file) {
+		/* The access mode the kernel opened the file with, not the argument's (which
+		 * another thread may have rewritten by now). The kernel clears O_CREAT/O_TRUNC
+		 * from f_flags: those stay as passed. */
+		__u32 kflags = BPF_CORE_READ(file, f_flags);
+
+		ev->flags = (ev->flags & ~KILN_O_ACCESS) | (kflags & KILN_O_ACCESS);
+		evflags |= KILN_FILE_FLAGS_KERNEL;
+	}
 	if (file || moved) {
 		char *real = data_at(ev, fixed, off);
+		int n;
 
 		truncated = false;
-		ev->real_len = file ? walk_file(task, file, real, &truncated)
-				    : walk_dir(task, KILN_AT_FDCWD, real, &truncated);
+		n = file ? walk_file(task, file, real, &truncated)
+			 : walk_dir(task, KILN_AT_FDCWD, real, &truncated);
+		ev->real_len = n > 0 ? n & (KILN_PATH_MAX * 2 - 1) : 0;
 		off += ev->real_len;
 		evflags |= KILN_FILE_HAS_REAL;
 		if (truncated)
@@ -568,7 +617,11 @@ static __always_inline void emit_listen(__u64 cgroup_id, __u64 *cgroup_lost, __s
 	__builtin_memset(ev->addr, 0, sizeof(ev->addr));
 	if (ret == 0) {
 		struct file *file = fd_file(bpf_get_current_task_btf(), fd);
-		struct socket *sock = file ? BPF_CORE_READ(file, private_data) : NULL;
+		/* Another thread may have dup2'ed something else onto fd since: private_data is a
+		 * struct socket only for a socket inode. */
+		bool is_sock = file && (BPF_CORE_READ(file, f_inode, i_mode) & KILN_S_IFMT) ==
+					       KILN_S_IFSOCK;
+		struct socket *sock = is_sock ? BPF_CORE_READ(file, private_data) : NULL;
 		struct sock *sk = sock ? BPF_CORE_READ(sock, sk) : NULL;
 
 		if (sk) {
