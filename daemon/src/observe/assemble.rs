@@ -191,7 +191,7 @@ pub fn assemble(
             depth: depth as u32,
             pid: node.pid,
             ppid: node.ppid,
-            exe: exec.map(|e| e.exe.to_string_lossy().into_owned()),
+            exe: exec.map(|e| trace::redact(&e.exe.to_string_lossy(), ctx.secrets)),
             argv: exec
                 .map(|e| {
                     e.argv
@@ -378,9 +378,10 @@ impl FileAccessSummary {
     }
 }
 
-/// One kernel event as a trace record (arguments redacted).
+/// One kernel event as a trace record: every string the step chose (arguments, paths, socket
+/// paths) with declared secrets redacted.
 fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
-    let lossy = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let lossy = |p: &std::path::Path| trace::redact(&p.to_string_lossy(), secrets);
     match event {
         Event::Exec(exec) => {
             let flag_names = [
@@ -423,15 +424,12 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
             code: exit.code,
             signal: exit.signal,
         }),
-        Event::File(file) => TraceRecord::File(file_record(file)),
+        Event::File(file) => TraceRecord::File(file_record(file, secrets)),
         Event::Write(write) => TraceRecord::Write(WriteRecord {
             t: write.header.ktime_ns,
             pid: write.header.tgid,
             fd: write.fd,
-            path: write
-                .path
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
+            path: write.path.as_deref().map(lossy),
             bytes: write.bytes,
             writes: write.writes,
         }),
@@ -447,9 +445,12 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
             },
             ip: net.ip.map(|ip| ip.to_string()),
             port: net.ip.map(|_| net.port),
-            path: net.unix_path.as_ref().map(|p| match p.split_first() {
-                Some((0, name)) => format!("@{}", String::from_utf8_lossy(name)),
-                _ => String::from_utf8_lossy(p).into_owned(),
+            path: net.unix_path.as_ref().map(|p| {
+                let text = match p.split_first() {
+                    Some((0, name)) => format!("@{}", String::from_utf8_lossy(name)),
+                    _ => String::from_utf8_lossy(p).into_owned(),
+                };
+                trace::redact(&text, secrets)
             }),
             result: net.result,
         }),
@@ -481,10 +482,11 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
     }
 }
 
-fn file_record(file: &FileOp) -> FileRecord {
+fn file_record(file: &FileOp, secrets: &[String]) -> FileRecord {
     let op = syscalls::file_op(file.nr, file.flags);
     let is_open = op == "open";
     let arg = file.path.to_string_lossy().into_owned();
+    let redact = |text: String| trace::redact(&text, secrets);
     let path = match (&file.real, op) {
         // The opened file itself, symlinks resolved, as the kernel sees it; for a chdir that
         // succeeded, the new cwd (walked at sys_exit, when the old one is gone).
@@ -504,12 +506,12 @@ fn file_record(file: &FileOp) -> FileRecord {
         pid: file.header.tgid,
         op: op.to_owned(),
         syscall: syscalls::name(file.nr).map_or_else(|| format!("nr-{}", file.nr), str::to_owned),
-        path,
-        arg,
+        path: redact(path),
+        arg: redact(arg),
         path2: file
             .path2
             .as_ref()
-            .map(|p| resolve(p, file.base2.as_deref())),
+            .map(|p| redact(resolve(p, file.base2.as_deref()))),
         flags: is_open.then_some(file.flags),
         access: is_open.then(|| syscalls::open_access(file.flags).to_owned()),
         result: file.result,
@@ -547,7 +549,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::observe::event::{Exec, Exit, Header};
+    use crate::observe::event::{Exec, Exit, Header, Write};
 
     fn header(t: u64, pid: u32) -> Header {
         Header {
@@ -639,6 +641,33 @@ mod tests {
         );
         assert!(json.contains("\"monitoredProcess\":{\"hostID\""));
         assert!(json.contains("\"kilnTrace\":{\"trace\""));
+    }
+
+    #[test]
+    fn secrets_in_paths_are_redacted_too() {
+        let secrets = vec!["hunter2".to_owned()];
+        let mut events = events();
+        if let Event::Exec(exec) = &mut events[0] {
+            exec.cwd = PathBuf::from("/workspace/hunter2");
+        }
+        events.push(open(12, 5, "/tmp/hunter2/key"));
+        events.push(Event::Write(Write {
+            header: header(13, 5),
+            fd: 3,
+            bytes: 1,
+            writes: 1,
+            path: Some(PathBuf::from("/workspace/out/hunter2.txt")),
+        }));
+        let assembled = assemble(&events, 0, &ctx(&secrets)).unwrap();
+        let text = String::from_utf8(decompress(&assembled.blob).unwrap()).unwrap();
+        assert!(!text.contains("hunter2"), "{text}");
+        for redacted in [
+            "/tmp/[REDACTED]/key",
+            "/workspace/out/[REDACTED].txt",
+            "/workspace/[REDACTED]",
+        ] {
+            assert!(text.contains(redacted), "{redacted}: {text}");
+        }
     }
 
     #[test]
