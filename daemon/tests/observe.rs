@@ -1396,6 +1396,24 @@ async fn files_written_and_never_closed_are_counted_and_named() {
             "{name}: {written:?}"
         );
     }
+    // The never-closed total is ended by its process's exit (before the kernel closes the
+    // files), not left in the kernel map until the step ends: its record precedes the exit.
+    let kept = format!("{}/kept.txt", d.display());
+    let (kept_t, kept_pid) = records
+        .iter()
+        .find_map(|r| match r {
+            TraceRecord::Write(w) if w.path.as_deref() == Some(kept.as_str()) => Some((w.t, w.pid)),
+            _ => None,
+        })
+        .expect("kept.txt write");
+    let exit_t = records
+        .iter()
+        .find_map(|r| match r {
+            TraceRecord::Exit(x) if x.pid == kept_pid => Some(x.t),
+            _ => None,
+        })
+        .expect("python's exit");
+    assert!(kept_t <= exit_t, "write at {kept_t}, exit at {exit_t}");
 }
 
 /// A step thread that rewrites `openat2`'s arguments while the call runs (the kernel has read

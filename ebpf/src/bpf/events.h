@@ -190,9 +190,10 @@ struct kiln_file_event {
  * pwritev, pwritev2 that returned > 0) and emitted at the exit of the close of the fd, or of
  * the dup2/dup3 that replaced it. data[]: the file's path (path_len bytes) walked from the fd
  * at the process's first write to it (leaf-first, as kiln_file_event.real; wflags has
- * KILN_FILE_HAS_REAL / KILN_FILE_REAL_TRUNCATED). Totals of fds never closed explicitly stay in
- * the `write_totals` map (key struct kiln_write_key, value struct kiln_write_total, which
- * carries the same path) until userspace sweeps them when the step ends.
+ * KILN_FILE_HAS_REAL / KILN_FILE_REAL_TRUNCATED). Totals of fds never closed explicitly are
+ * emitted when their process exits (sched_process_exit, fds below 4096); what is left in the
+ * `write_totals` map (key struct kiln_write_key, value struct kiln_write_total, which carries the
+ * same path) userspace sweeps when the step ends.
  */
 struct kiln_write_event {
 	struct kiln_event_header hdr;

@@ -16,6 +16,7 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-#include "process.bpf.c"
+/* syscalls first: process.bpf.c's exit program ends the exiting process's write totals. */
 #include "syscalls.bpf.c"
+#include "process.bpf.c"
 #include "sock.bpf.c"

@@ -125,9 +125,17 @@ int BPF_PROG(kiln_exit, struct task_struct *task)
 	if (BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
 
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 *cgroup_lost = observed(cgroup_id);
+
+	if (!cgroup_lost)
+		return 0;
+	/* Its write totals first (syscalls.bpf.c): their records precede the exit record. */
+	flush_write_totals(task, cgroup_id);
+
 	__u64 now = bpf_ktime_get_ns();
-	struct kiln_exit_event *ev = reserve_event(KILN_EVENT_EXIT, sizeof(*ev),
-						   bpf_get_current_cgroup_id(), now);
+	struct kiln_exit_event *ev =
+		reserve_event_in(KILN_EVENT_EXIT, sizeof(*ev), cgroup_id, cgroup_lost, now);
 
 	if (!ev)
 		return 0;

@@ -386,6 +386,38 @@ static __always_inline void emit_write_total(__u64 cgroup_id, __u64 *cgroup_lost
 	bpf_map_delete_elem(&write_totals, &key);
 }
 
+/* Most fds of an exiting process whose write totals its exit ends (the rest: swept at step end). */
+#define KILN_EXIT_FDS_MAX 4096
+
+struct exit_flush {
+	__u64 cgroup_id;
+};
+
+static long flush_fd(__u64 fd, struct exit_flush *f)
+{
+	__u64 cgroup_id = f->cgroup_id;
+	__u64 *cgroup_lost = bpf_map_lookup_elem(&observed_cgroups, &cgroup_id);
+
+	if (cgroup_lost)
+		emit_write_total(cgroup_id, cgroup_lost, fd);
+	return 0;
+}
+
+/*
+ * The exiting process `task` (current, its last thread: sched_process_exit runs before the
+ * kernel closes its files, without close syscalls) ends the write totals of its fds, so a long
+ * build's exited processes do not pile up in write_totals until the step ends.
+ */
+static __always_inline void flush_write_totals(struct task_struct *task, __u64 cgroup_id)
+{
+	struct exit_flush f = { .cgroup_id = cgroup_id };
+	__u32 max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
+
+	if (max_fds > KILN_EXIT_FDS_MAX)
+		max_fds = KILN_EXIT_FDS_MAX;
+	bpf_loop(max_fds, flush_fd, &f, 0);
+}
+
 static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes)
 {
 	struct kiln_write_key key = {
