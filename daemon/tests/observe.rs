@@ -1416,6 +1416,49 @@ async fn files_written_and_never_closed_are_counted_and_named() {
     assert!(kept_t <= exit_t, "write at {kept_t}, exit at {exit_t}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_step_holds_at_most_its_quota_of_write_totals() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    let (hog_dir, other_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    // 4300 files written and held open at once: 204 past the per-step quota of 4096.
+    let hog = format!(
+        "cd {} && python3 -c 'import os, resource\n\
+         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 6000), hard))\n\
+         fds = [os.open(\"f%d\" % i, os.O_WRONLY | os.O_CREAT, 0o600) for i in range(4300)]\n\
+         for fd in fds: os.write(fd, b\"x\")'",
+        hog_dir.path().display()
+    );
+    let other = format!(
+        "cd {} && i=0; while [ $i -lt 20 ]; do echo x > n$i.txt; i=$((i+1)); done",
+        other_dir.path().display()
+    );
+    let ((hog_records, hog_lost), (other_records, other_lost)) = tokio::join!(
+        traced_script(&service, &hog),
+        traced_script(&service, &other)
+    );
+    assert!(
+        hog_lost >= 204,
+        "the hog's totals past its quota are lost: {hog_lost}"
+    );
+    assert!(!summary_of(&hog_records).complete, "and its trace says so");
+    assert_eq!(other_lost, 0, "the other step is not affected");
+    assert!(summary_of(&other_records).complete);
+    let other_prefix = format!("{}/n", other_dir.path().display());
+    let named = other_records
+        .iter()
+        .filter(|r| matches!(r, TraceRecord::Write(w) if w.path.as_deref().is_some_and(|p| p.starts_with(&other_prefix))))
+        .count();
+    assert_eq!(named, 20, "{other_records:#?}");
+}
+
 /// A step thread that rewrites `openat2`'s arguments while the call runs (the kernel has read
 /// them at the start): O_RDWR on `target` becomes O_PATH on `decoy` in the process's memory
 /// before sys_exit. Prints how many opens the kernel made O_RDWR on target while the argument

@@ -63,6 +63,10 @@ pub mod maps {
     /// `BPF_MAP_TYPE_HASH` [`super::WriteKey`] -> [`super::WriteTotal`]: bytes written per open
     /// fd not yet emitted by a close, and the file's path.
     pub const WRITE_TOTALS: &str = "write_totals";
+    /// `BPF_MAP_TYPE_HASH` cgroup v2 id -> i64: `write_totals` entries the cgroup holds (each
+    /// step may hold 4096). Created by the BPF side; userspace removes a cgroup's when it stops
+    /// observing it.
+    pub const WRITE_ENTRIES: &str = "write_entries";
     /// Read-only globals the loader sets: bytes of unread data that force a wakeup, and the
     /// longest time between forced wakeups while events flow.
     pub const WAKEUP_THRESHOLD: &str = "kiln_wakeup_threshold";

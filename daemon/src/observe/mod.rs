@@ -199,6 +199,8 @@ pub struct Observer {
     /// The prefilter bitmap in front of `observed` (`observed_filter`).
     filter: BpfArray<MapData, u64>,
     write_totals: BpfHashMap<MapData, WriteKeyPod, WriteTotalPod>,
+    /// `write_totals` entries per cgroup (the BPF side's quota counter).
+    write_entries: BpfHashMap<MapData, u64, i64>,
     lost: PerCpuArray<MapData, u64>,
     /// Links of the [`kiln_ebpf::maps::ON_DEMAND`] programs while attached.
     on_demand: Vec<(&'static str, BtfTracePointLinkId)>,
@@ -286,6 +288,10 @@ impl Observer {
                     "open as HashMap<WriteKey, WriteTotal>",
                 ),
             )?;
+        let write_entries =
+            BpfHashMap::try_from(take_map(&mut ebpf, kiln_ebpf::maps::WRITE_ENTRIES)?).map_err(
+                map_err(kiln_ebpf::maps::WRITE_ENTRIES, "open as HashMap<u64, i64>"),
+            )?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, kiln_ebpf::maps::EVENTS)?)
             .map_err(map_err(kiln_ebpf::maps::EVENTS, "open as RingBuf"))?;
         let stream = EventStream::new(ring, config.poll_interval)?;
@@ -333,6 +339,7 @@ impl Observer {
                 observed,
                 filter,
                 write_totals,
+                write_entries,
                 lost,
                 on_demand: Vec::new(),
                 ebpf,
@@ -429,6 +436,13 @@ impl Observer {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => {
                 return Err(map_err(kiln_ebpf::maps::OBSERVED_CGROUPS, "remove")(source));
+            }
+        }
+        // After the filter entry: the BPF side creates a counter only for observed cgroups.
+        match self.write_entries.remove(&id.0) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(map_err(kiln_ebpf::maps::WRITE_ENTRIES, "remove")(source));
             }
         }
         // Clear the bit only if no other observed cgroup shares it.

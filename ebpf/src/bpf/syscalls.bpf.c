@@ -80,12 +80,23 @@
 /*
  * (cgroup, process, fd) -> bytes written so far and the file's path; see struct
  * kiln_write_total. Entries are allocated on a process's first write to an fd (no
- * preallocation: 16384 entries of half a KiB would pin 9 MiB for nothing).
+ * preallocation: 65536 entries of half a KiB would pin 36 MiB for nothing), and freed at the
+ * close, the dup2 over it, or the process's exit. Each observed cgroup may hold at most
+ * KILN_WRITE_TOTALS_PER_CGROUP of them (write_entries), so no step can fill the table for the
+ * others: past its quota a step's new totals are counted lost (its own trace incomplete).
  */
+#define KILN_WRITE_TOTALS_PER_CGROUP 4096
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __s64);
+} write_entries SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 65536);
 	__type(key, struct kiln_write_key);
 	__type(value, struct kiln_write_total);
 } write_totals SEC(".maps");
@@ -383,7 +394,12 @@ static __always_inline void emit_write_total(__u64 cgroup_id, __u64 *cgroup_lost
 	} else {
 		count_lost(cgroup_lost);
 	}
-	bpf_map_delete_elem(&write_totals, &key);
+	if (bpf_map_delete_elem(&write_totals, &key) == 0) {
+		__s64 *entries = bpf_map_lookup_elem(&write_entries, &cgroup_id);
+
+		if (entries)
+			__sync_fetch_and_add(entries, -1);
+	}
 }
 
 /* Most fds of an exiting process whose write totals its exit ends (the rest: swept at step end). */
@@ -442,7 +458,15 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 		__u32 zero = 0;
 		struct kiln_write_total *fresh = bpf_map_lookup_elem(&write_scratch, &zero);
 
-		if (!fresh) {
+		__s64 *entries = bpf_map_lookup_elem(&write_entries, &cgroup_id);
+
+		if (!entries) {
+			__s64 none = 0;
+
+			bpf_map_update_elem(&write_entries, &cgroup_id, &none, BPF_NOEXIST);
+			entries = bpf_map_lookup_elem(&write_entries, &cgroup_id);
+		}
+		if (!fresh || !entries || *entries >= KILN_WRITE_TOTALS_PER_CGROUP) {
 			count_lost(cgroup_lost);
 			return;
 		}
@@ -460,7 +484,8 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 			fresh->wflags =
 				KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
 		}
-		bpf_map_update_elem(&write_totals, &key, fresh, BPF_NOEXIST);
+		if (bpf_map_update_elem(&write_totals, &key, fresh, BPF_NOEXIST) == 0)
+			__sync_fetch_and_add(entries, 1);
 		total = bpf_map_lookup_elem(&write_totals, &key);
 		if (!total) {
 			count_lost(cgroup_lost);
