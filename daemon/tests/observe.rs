@@ -28,6 +28,17 @@ const QUIET: Duration = Duration::from_millis(150);
 /// One test at a time: they share the kernel's tracepoints and measure rates.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The serial lock and a started observer service, or `None` where the kernel cannot run it
+/// (outside CI; [`kernel_available`] fails under CI=true).
+async fn start_service() -> Option<(tokio::sync::MutexGuard<'static, ()>, Arc<ObserverService>)> {
+    let serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return None;
+    }
+    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    Some((serial, service))
+}
+
 /// Whether the kernel-facing tests can run here; prints why not, and fails under CI=true.
 fn kernel_available() -> bool {
     let missing = if !nix::unistd::geteuid().is_root() {
@@ -579,11 +590,9 @@ fn exec_argvs(records: &[TraceRecord]) -> Vec<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_steps_traces_do_not_mix_and_host_processes_never_appear() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     let script = |marker: &str| {
         format!("i=0; while [ $i -lt 50 ]; do /bin/echo {marker} >/dev/null; i=$((i+1)); done")
     };
@@ -662,11 +671,9 @@ async fn tiny_ring_storm_trace_is_marked_incomplete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_paths_resolve_relative_dotdot_symlink_chdir_rename_and_dirfd() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical tempdir");
     let d = d.display();
@@ -1258,11 +1265,9 @@ fn sock_records(records: &[TraceRecord]) -> Vec<&SockRecord> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_and_udp_destinations_are_recorded_and_allowed() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     // A real listener on loopback: the step's connect must succeed (the hooks only observe).
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind listener");
     let port = listener.local_addr().expect("addr").port();
@@ -1348,15 +1353,13 @@ async fn connect_and_udp_destinations_are_recorded_and_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_written_and_never_closed_are_counted_and_named() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
     // Written in three calls and never closed: the kernel closes it at exit, without a close
-    // syscall, so only the end-of-step sweep can report it. Plus a file closed normally, a
+    // syscall, so only the exit program (or the end-of-step sweep) can report it. Plus a file closed normally, a
     // dup2 over a written fd (which closes it), and a written fd closed by close_range (no
     // close syscall) whose number the next open reuses: each file keeps its own bytes.
     let script = format!(
@@ -1418,11 +1421,9 @@ async fn files_written_and_never_closed_are_counted_and_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_step_holds_at_most_its_quota_of_write_totals() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     let (hog_dir, other_dir) = (
         tempfile::tempdir().expect("tempdir"),
         tempfile::tempdir().expect("tempdir"),
@@ -1519,11 +1520,9 @@ int main(void) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewritten_arguments_cannot_forge_access_and_are_flagged() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
     std::fs::write(d.join("racer.c"), ARG_RACER_C).expect("write racer.c");
@@ -1581,11 +1580,9 @@ async fn rewritten_arguments_cannot_forge_access_and_are_flagged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_setup_paths_do_not_leak_into_the_trace() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     // Stands for the host directories the sandbox helper builds the root from.
     let host_dir = tempfile::tempdir().expect("tempdir");
     let marker = host_dir.path().join("kiln-host-setup-marker");
@@ -1632,11 +1629,9 @@ async fn sandbox_setup_paths_do_not_leak_into_the_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn materials_are_the_executed_and_read_environment_files_with_their_digests() {
-    let _serial = SERIAL.lock().await;
-    if !kernel_available() {
+    let Some((_serial, service)) = start_service().await else {
         return;
-    }
-    let service = ObserverService::start(&ObserverConfig::default()).expect("start observer");
+    };
     let scratch = tempfile::tempdir().expect("tempdir");
     let script = format!(
         "/bin/cat /etc/hostname >/dev/null && echo out > {0}/out && cat {0}/out >/dev/null",

@@ -439,8 +439,11 @@ impl Observer {
             }
         }
         // After the filter entry: the BPF side creates a counter only for observed cgroups.
+        // (None there when the cgroup never wrote: the kernel's ENOENT.)
         match self.write_entries.remove(&id.0) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(err))
+                if err.io_error.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(map_err(kiln_ebpf::maps::WRITE_ENTRIES, "remove")(source));
             }
