@@ -173,7 +173,8 @@ pub struct FileRecord {
     /// Return value: >= 0 success (an fd for opens), < 0 is -errno.
     pub result: i64,
     /// The process shared its memory, cwd or (with a dirfd) fd table with another task during
-    /// the syscall, which could have rewritten the path arguments after the kernel read them:
+    /// the syscall, or a path argument lay in a shared mapping, so another task could have
+    /// rewritten the path arguments after the kernel read them:
     /// `arg`, `path2` and, except for an open's real path, `path` are then the process's word,
     /// not the kernel's (docs/trace.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -1460,6 +1460,46 @@ async fn one_step_holds_at_most_its_quota_of_write_totals() {
     assert_eq!(named, 20, "{other_records:#?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_arguments_in_shared_memory_are_flagged() {
+    let Some((_serial, service)) = start_service().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    for name in ["in-shared.txt", "in-private.txt"] {
+        std::fs::write(d.join(name), b"x").expect("fixture");
+    }
+    // One single-threaded process: a path in a MAP_SHARED mapping (another process holding the
+    // mapping could rewrite it during the call), then a path in its private memory.
+    let script = format!(
+        "cd {} && python3 -c 'import ctypes, mmap, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)\n\
+         m[:14] = b\"in-shared.txt\\0\"\n\
+         addr = ctypes.addressof(ctypes.c_char.from_buffer(m))\n\
+         assert libc.unlink(ctypes.c_char_p(addr)) == 0, ctypes.get_errno()\n\
+         os.unlink(\"in-private.txt\")'",
+        d.display()
+    );
+    let (records, lost) = traced_script(&service, &script).await;
+    assert_eq!(lost, 0);
+    let unlink = |name: &str| {
+        file_records(&records)
+            .into_iter()
+            .find(|f| f.op == "unlink" && f.arg == name)
+            .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
+    };
+    assert!(
+        unlink("in-shared.txt").args_shared,
+        "a path in a shared mapping"
+    );
+    assert!(
+        !unlink("in-private.txt").args_shared,
+        "a path in private memory"
+    );
+}
+
 /// A step thread that rewrites `openat2`'s arguments while the call runs (the kernel has read
 /// them at the start): O_RDWR on `target` becomes O_PATH on `decoy` in the process's memory
 /// before sys_exit. Prints how many opens the kernel made O_RDWR on target while the argument

@@ -146,7 +146,8 @@ struct kiln_exit_event {
 #define KILN_FILE_HAS_REAL (1U << 8)
 /* The arguments could have been rewritten by someone else while the syscall ran: the process
  * shares its memory (threads, CLONE_VM), its cwd (CLONE_FS) or, for a dirfd, its fd table
- * (CLONE_FILES) with another task. Path arguments are read from user memory at sys_exit. */
+ * (CLONE_FILES) with another task, or a path argument lies in a shared mapping. Path arguments
+ * are read from user memory at sys_exit. */
 #define KILN_FILE_ARGS_SHARED (1U << 9)
 /* flags' access mode and O_PATH are the kernel's (the opened file's f_flags), not the argument's. */
 #define KILN_FILE_FLAGS_KERNEL (1U << 10)

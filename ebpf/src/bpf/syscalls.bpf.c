@@ -496,16 +496,47 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 	__sync_fetch_and_add(&total->writes, 1);
 }
 
+#define KILN_VM_SHARED 0x00000008
+
+struct vma_probe {
+	bool shared;
+};
+
+static long vma_shared(struct task_struct *task, struct vm_area_struct *vma, struct vma_probe *p)
+{
+	p->shared = (vma->vm_flags & KILN_VM_SHARED) != 0;
+	return 0;
+}
+
+/* Whether user address `addr` lies in a shared mapping (which another process can write), or
+ * cannot be told (no mapping found, or the mm lock was contended): then true. */
+static __always_inline bool in_shared_mapping(struct task_struct *task, const void *addr)
+{
+	struct vma_probe p = { .shared = true };
+
+	if (!addr)
+		return false;
+	if (bpf_find_vma(task, (__u64)addr, vma_shared, &p, 0) != 0)
+		return true;
+	return p.shared;
+}
+
 /*
  * Whether another task could have rewritten this syscall's arguments while it ran: the process
- * shares its memory (threads), its cwd (CLONE_FS), or, when a dirfd was used, its fd table.
+ * shares its memory (threads), its cwd (CLONE_FS), or, when a dirfd was used, its fd table, or
+ * a path argument lies in a shared mapping (MAP_SHARED, memfd: writable by another process;
+ * ptrace, process_vm_writev and writes to /proc/PID/mem are denied by the sandbox).
  * Conservative: a transient reference (a /proc reader holding the mm) also counts.
  */
-static __always_inline bool args_shared(struct task_struct *task, bool uses_dirfd)
+static __always_inline bool args_shared(struct task_struct *task, const struct file_args *a)
 {
+	bool uses_dirfd = a->dirfd != KILN_AT_FDCWD || a->dirfd2 != KILN_AT_FDCWD;
+
 	if (BPF_CORE_READ(task, mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
 		return true;
-	return uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1;
+	if (uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1)
+		return true;
+	return in_shared_mapping(task, a->path) || in_shared_mapping(task, a->path2);
 }
 
 /*
@@ -579,7 +610,7 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 				evflags |= KILN_FILE_BASE2_TRUNCATED;
 		}
 	}
-	if (args_shared(task, a.dirfd != KILN_AT_FDCWD || a.dirfd2 != KILN_AT_FDCWD))
+	if (args_shared(task, &a))
 		evflags |= KILN_FILE_ARGS_SHARED;
 	bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 || id == NR_CREAT;
 	struct file *file = is_open && ret >= 0 ? fd_file(task, ret) : NULL;
