@@ -1467,17 +1467,24 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
-    for name in ["in-shared.txt", "in-private.txt"] {
+    for name in ["in-shared.txt", "in-file.txt", "in-private.txt"] {
         std::fs::write(d.join(name), b"x").expect("fixture");
     }
     // One single-threaded process: a path in a MAP_SHARED mapping (another process holding the
-    // mapping could rewrite it during the call), then a path in its private memory.
+    // mapping could rewrite it during the call), one in a private mapping of a file on a
+    // writable mount (another process writing the file changes the uncopied page), then one in
+    // its private memory.
     let script = format!(
         "cd {} && python3 -c 'import ctypes, mmap, os\n\
          libc = ctypes.CDLL(None, use_errno=True)\n\
          m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)\n\
          m[:14] = b\"in-shared.txt\\0\"\n\
          addr = ctypes.addressof(ctypes.c_char.from_buffer(m))\n\
+         assert libc.unlink(ctypes.c_char_p(addr)) == 0, ctypes.get_errno()\n\
+         open(\"names\", \"wb\").write(b\"in-file.txt\\0\")\n\
+         f = os.open(\"names\", os.O_RDWR)\n\
+         p = mmap.mmap(f, 12, flags=mmap.MAP_PRIVATE)\n\
+         addr = ctypes.addressof(ctypes.c_char.from_buffer(p))\n\
          assert libc.unlink(ctypes.c_char_p(addr)) == 0, ctypes.get_errno()\n\
          os.unlink(\"in-private.txt\")'",
         d.display()
@@ -1493,6 +1500,10 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     assert!(
         unlink("in-shared.txt").args_shared,
         "a path in a shared mapping"
+    );
+    assert!(
+        unlink("in-file.txt").args_shared,
+        "a path in a writable file's private mapping"
     );
     assert!(
         !unlink("in-private.txt").args_shared,

@@ -497,18 +497,33 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 }
 
 #define KILN_VM_SHARED 0x00000008
+#define KILN_MNT_READONLY 0x40
+#define KILN_SB_RDONLY 1UL
 
 struct vma_probe {
 	bool shared;
 };
 
+/*
+ * Shared: a MAP_SHARED mapping, or a private mapping of a file on a writable mount (its pages
+ * not yet copied on write show what another process writes to the file). Not shared: anonymous
+ * private memory (stack, heap), and files on read-only mounts (the toolchain's string literals).
+ */
 static long vma_shared(struct task_struct *task, struct vm_area_struct *vma, struct vma_probe *p)
 {
+	struct file *file = vma->vm_file;
+
 	p->shared = (vma->vm_flags & KILN_VM_SHARED) != 0;
+	if (file && !p->shared) {
+		int mnt_flags = BPF_CORE_READ(file, f_path.mnt, mnt_flags);
+		unsigned long sb_flags = BPF_CORE_READ(file, f_inode, i_sb, s_flags);
+
+		p->shared = !(mnt_flags & KILN_MNT_READONLY) && !(sb_flags & KILN_SB_RDONLY);
+	}
 	return 0;
 }
 
-/* Whether user address `addr` lies in a shared mapping (which another process can write), or
+/* Whether user address `addr` lies in memory another process can write (vma_shared), or that
  * cannot be told (no mapping found, or the mm lock was contended): then true. */
 static __always_inline bool in_shared_mapping(struct task_struct *task, const void *addr)
 {
