@@ -18,8 +18,9 @@
  * Why sys_exit only: the syscall arguments are still in pt_regs at exit, and every attached
  * syscall tracepoint program costs every task on the host one more BPF dispatch per syscall
  * (the tracepoints put all tasks on the syscall slow path; fentry/kprobes do not load here).
- * One program instead of an enter/exit pair took the host's open+close storm from ~1.12x to
- * ~1.05x of bare (empty programs, measured on this kernel).
+ * With empty programs on this kernel, an enter/exit pair costs a host open+close storm
+ * ~1.10-1.12x of bare and one sys_exit program ~1.04-1.07x (scripts/bench/observer measures
+ * that floor in every run).
  *
  * x86_64 syscall numbers below; keep in sync with daemon/src/observe/syscalls.rs (names).
  * Unobserved tasks pay, per syscall exit, a test of the result and a switch on the syscall
