@@ -1360,8 +1360,9 @@ async fn files_written_and_never_closed_are_counted_and_named() {
     let d = dir.path().canonicalize().expect("canonical");
     // Written in three calls and never closed: the kernel closes it at exit, without a close
     // syscall, so only the exit program (or the end-of-step sweep) can report it. Plus a file closed normally, a
-    // dup2 over a written fd (which closes it), and a written fd closed by close_range (no
-    // close syscall) whose number the next open reuses: each file keeps its own bytes.
+    // dup2 over a written fd (which closes it), a written fd closed by close_range (no close
+    // syscall) whose number the next open reuses (each file keeps its own bytes), and copies by
+    // sendfile and copy_file_range (cp uses the latter).
     let script = format!(
         "cd {d} && python3 -c 'import os\n\
          k = os.open(\"kept.txt\", os.O_WRONLY | os.O_CREAT, 0o600)\n\
@@ -1374,6 +1375,11 @@ async fn files_written_and_never_closed_are_counted_and_named() {
          assert libc.syscall(436, a, a, 0) == 0, ctypes.get_errno()\n\
          b = os.open(\"reused.txt\", os.O_WRONLY | os.O_CREAT, 0o600); assert b == a\n\
          os.write(b, b\"bbbbb\"); os.close(b)\n\
+         src = os.open(\"kept.txt\", os.O_RDONLY)\n\
+         out = os.open(\"sent.txt\", os.O_WRONLY | os.O_CREAT, 0o600)\n\
+         assert os.sendfile(out, src, 0, 12) == 12; os.close(out)\n\
+         out = os.open(\"copied.txt\", os.O_WRONLY | os.O_CREAT, 0o600)\n\
+         assert os.copy_file_range(src, out, 12, 0) == 12; os.close(out)\n\
          os._exit(0)'",
         d = d.display()
     );
@@ -1392,6 +1398,8 @@ async fn files_written_and_never_closed_are_counted_and_named() {
         ("replaced.txt", 1, 1),
         ("ranged.txt", 3, 1),
         ("reused.txt", 5, 1),
+        ("sent.txt", 12, 1),
+        ("copied.txt", 12, 1),
     ] {
         let path = format!("{}/{name}", d.display());
         assert!(

@@ -8,7 +8,8 @@
  *   directory they are relative to (cwd or dirfd) walked in the kernel, the result, and for an
  *   open that returned an fd the opened file's real path. A successful chdir's record carries
  *   the new cwd as `real` (its old cwd, which a relative argument was relative to, is gone);
- * - writes: bytes per (process, fd) summed in `write_totals`, whose entry names the file (walked
+ * - writes (write, pwrite64, writev, pwritev, pwritev2, and the copies sendfile, splice and
+ *   copy_file_range into their output fd): bytes per (process, fd) summed in `write_totals`, whose entry names the file (walked
  *   from the fd at the first write), emitted at close or when dup2/dup3 replaces the fd: a build
  *   that writes a file in 4 KiB chunks costs one record, not thousands;
  * - connect/bind/sendto: address and result; listen: the socket's local address and result
@@ -34,6 +35,7 @@
 #define NR_PWRITE64 18
 #define NR_WRITEV 20
 #define NR_DUP2 33
+#define NR_SENDFILE 40
 #define NR_CONNECT 42
 #define NR_SENDTO 44
 #define NR_BIND 49
@@ -60,8 +62,10 @@
 #define NR_SYMLINKAT 266
 #define NR_FCHMODAT 268
 #define NR_DUP3 292
+#define NR_SPLICE 275
 #define NR_PWRITEV 296
 #define NR_RENAMEAT2 316
+#define NR_COPY_FILE_RANGE 326
 #define NR_PWRITEV2 328
 #define NR_OPENAT2 437
 #define NR_FCHMODAT2 452
@@ -160,7 +164,8 @@ static __always_inline bool is_file_nr(long id)
 static __always_inline bool is_write_nr(long id)
 {
 	return id == NR_WRITE || id == NR_PWRITE64 || id == NR_WRITEV || id == NR_PWRITEV ||
-	       id == NR_PWRITEV2;
+	       id == NR_PWRITEV2 || id == NR_SENDFILE || id == NR_SPLICE ||
+	       id == NR_COPY_FILE_RANGE;
 }
 
 /* Fills `a` for a path-based file syscall; false for any other syscall. */
@@ -766,8 +771,14 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	case NR_WRITEV:
 	case NR_PWRITEV:
 	case NR_PWRITEV2:
+	case NR_SENDFILE: /* sendfile(out_fd, in_fd, …) */
 		if (ret > 0)
 			add_write(cgroup_id, cgroup_lost, regs->di, ret);
+		return 0;
+	case NR_SPLICE:		 /* splice(fd_in, off_in, fd_out, …) */
+	case NR_COPY_FILE_RANGE: /* copy_file_range(fd_in, off_in, fd_out, …): cp */
+		if (ret > 0)
+			add_write(cgroup_id, cgroup_lost, regs->dx, ret);
 		return 0;
 	case NR_CLOSE:
 		emit_write_total(cgroup_id, cgroup_lost, regs->di);
