@@ -278,6 +278,37 @@ fn exec_storm(n: usize) -> (String, usize) {
     )
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_programs_skip_counter_is_read_and_a_storm_skips_nothing() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let (mut observer, mut stream, cgroup) = observe_new_cgroup(&ObserverConfig::default());
+    let before = observer
+        .recursion_misses()
+        .expect("read recursion_misses of every program");
+    let (script, expected) = exec_storm(300);
+    assert!(
+        wait(
+            cgroup
+                .command("/bin/sh", &["-c", &script])
+                .spawn()
+                .expect("spawn")
+        )
+        .await
+        .success()
+    );
+    let events = collect_until_quiet(&mut stream).await;
+    assert!(
+        process_events(&events) >= expected,
+        "the storm was observed"
+    );
+    // A skip is an event nobody recorded: kilnd adds any skip during a step to its losses.
+    assert_eq!(observer.recursion_misses().expect("read again"), before);
+    assert_eq!(observer.unobserve_cgroup(cgroup.id).expect("unobserve"), 0);
+}
+
 /// `n` forks without exec (subshells): 1 exec + n * (fork + exit) + 1 exit.
 fn fork_storm(n: usize) -> (String, usize) {
     (

@@ -140,6 +140,10 @@ pub const FILE_PATH_FAULT: u16 = 1 << 5;
 pub const FILE_HAS_BASE: u16 = 1 << 6;
 pub const FILE_HAS_BASE2: u16 = 1 << 7;
 pub const FILE_HAS_REAL: u16 = 1 << 8;
+/// Offset of `recursion_misses` in the uapi `struct bpf_prog_info` (Linux 5.12+; append-only
+/// uapi, so fixed), where kilnd reads how often the kernel skipped one of its programs. Checked
+/// against <linux/bpf.h> by the layout test.
+pub const PROG_INFO_RECURSION_MISSES_AT: usize = 208;
 /// The arguments could have been rewritten by another task while the syscall ran (shared memory,
 /// cwd or, for a dirfd, fd table).
 pub const FILE_ARGS_SHARED: u16 = 1 << 9;
@@ -645,6 +649,10 @@ mod tests {
             ("KILN_FILE_HAS_REAL", u32::from(FILE_HAS_REAL)),
             ("KILN_FILE_ARGS_SHARED", u32::from(FILE_ARGS_SHARED)),
             ("KILN_FILE_FLAGS_KERNEL", u32::from(FILE_FLAGS_KERNEL)),
+            (
+                "KILN_PROG_INFO_RECURSION_MISSES_AT",
+                u32::try_from(PROG_INFO_RECURSION_MISSES_AT).unwrap(),
+            ),
         ];
         usize_constants
             .into_iter()

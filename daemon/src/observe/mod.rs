@@ -156,6 +156,13 @@ pub enum ObserveError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// A loaded program's kernel info (its skip counter) could not be read.
+    #[error("reading the kernel's info (recursion_misses) of BPF program {program} failed")]
+    ProgramInfo {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A map has an unexpected type or a map operation failed.
     #[error("BPF map {map}: {operation} failed")]
     Map {
@@ -510,6 +517,25 @@ impl Observer {
             let _ = self.write_totals.remove(&key);
         }
         events
+    }
+
+    /// Invocations the kernel skipped, all programs together, since load: a program already
+    /// running on a CPU is not entered again there (`recursion_misses`). Each skip is an event
+    /// no record holds, of any cgroup. Programs whose count cannot be read are errors.
+    pub fn recursion_misses(&self) -> Result<u64, ObserveError> {
+        let mut total = 0u64;
+        for (name, program) in self.ebpf.programs() {
+            let misses = program
+                .fd()
+                .map_err(std::io::Error::other)
+                .and_then(|fd| sys::prog_recursion_misses(std::os::fd::AsFd::as_fd(fd)))
+                .map_err(|source| ObserveError::ProgramInfo {
+                    program: name.to_owned(),
+                    source,
+                })?;
+            total = total.saturating_add(misses);
+        }
+        Ok(total)
     }
 
     /// Events lost since load, all cgroups, summed over the per-CPU counters.

@@ -47,6 +47,8 @@ pub struct StepObservation {
     id: CgroupId,
     events: mpsc::UnboundedReceiver<Vec<Event>>,
     finished: bool,
+    /// The programs' skip count (`recursion_misses`, all programs) when observation began.
+    misses_at_start: u64,
 }
 
 /// What the kernel reported for one step.
@@ -90,20 +92,25 @@ impl ObserverService {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.0, tx);
-        let observed = self
-            .observer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .observe_cgroup(id);
-        if let Err(err) = observed {
-            self.remove_route(id);
-            return Err(err);
-        }
+        let observed = {
+            let mut observer = self.observer.lock().unwrap_or_else(PoisonError::into_inner);
+            observer
+                .recursion_misses()
+                .and_then(|misses| observer.observe_cgroup(id).map(|()| misses))
+        };
+        let misses_at_start = match observed {
+            Ok(misses) => misses,
+            Err(err) => {
+                self.remove_route(id);
+                return Err(err);
+            }
+        };
         Ok(StepObservation {
             service: self.clone(),
             id,
             events: rx,
             finished: false,
+            misses_at_start,
         })
     }
 
@@ -188,6 +195,15 @@ impl StepObservation {
         }
         // Write totals of files still open at exit are emitted by userspace, after the ring.
         events.extend(self.service.take_writes(self.id));
+        // Invocations the kernel skipped while the step ran may have been the step's: counted
+        // as its losses (conservative: a skip does not say whose event it was).
+        let skipped = self
+            .service
+            .observer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recursion_misses()
+            .map(|now| now.saturating_sub(self.misses_at_start));
         let lost = self.service.unobserve(self.id);
         self.service.remove_route(self.id);
         while let Ok(batch) = self.events.try_recv() {
@@ -195,7 +211,7 @@ impl StepObservation {
         }
         Ok(StepEvents {
             events,
-            lost: lost?,
+            lost: lost?.saturating_add(skipped?),
             cgroup: self.id,
         })
     }

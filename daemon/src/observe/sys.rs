@@ -99,6 +99,59 @@ pub fn page_size() -> u64 {
         .map_or(4096, |size| size as u64)
 }
 
+/// `BPF_OBJ_GET_INFO_BY_FD` (uapi `enum bpf_cmd`).
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `sizeof(struct bpf_prog_info)` on 6.x (the kernel fills what it has, up to this).
+const PROG_INFO_LEN: usize = 232;
+const RECURSION_MISSES_AT: usize = kiln_ebpf::PROG_INFO_RECURSION_MISSES_AT;
+
+/// `struct bpf_prog_info`, as bytes (8-aligned like the kernel's).
+#[repr(C, align(8))]
+struct ProgInfo([u8; PROG_INFO_LEN]);
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+struct InfoByFd {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// How many times the kernel skipped BPF program `fd` because it was already running on the
+/// CPU (`bpf_prog_info.recursion_misses`): each skip is an event nobody recorded.
+pub fn prog_recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut info = ProgInfo([0; PROG_INFO_LEN]);
+    let mut attr = InfoByFd {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        info_len: PROG_INFO_LEN as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD reads `attr` (a valid prefix of union bpf_attr of the size
+    // passed) and writes at most `info_len` bytes to `info`, which outlives the call; the
+    // kernel writes back the length it filled into `attr.info_len`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoByFd>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let filled = attr.info_len as usize;
+    let field = info
+        .0
+        .get(RECURSION_MISSES_AT..RECURSION_MISSES_AT + 8)
+        .filter(|_| filled >= RECURSION_MISSES_AT + 8)
+        .ok_or(std::io::ErrorKind::Unsupported)?;
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(field);
+    Ok(u64::from_ne_bytes(bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

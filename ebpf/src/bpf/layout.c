@@ -8,10 +8,13 @@
  * Keep in sync with events.h: a record or constant added there is added here.
  */
 #include <linux/types.h>
+#include <linux/bpf.h>
 #include <stddef.h>
 #include <stdio.h>
 
 #include "events.h"
+
+#define KILN_PROG_INFO_RECURSION_MISSES_AT offsetof(struct bpf_prog_info, recursion_misses)
 
 #define STRUCT_BEGIN(s) printf("    (\"%s\", %zu, &[\n", #s, sizeof(struct s))
 #define FIELD(s, f) printf("        (\"%s\", %zu, %zu),\n", #f, offsetof(struct s, f), \
@@ -179,6 +182,8 @@ int main(void)
 	CONSTANT(KILN_FILE_HAS_REAL);
 	CONSTANT(KILN_FILE_ARGS_SHARED);
 	CONSTANT(KILN_FILE_FLAGS_KERNEL);
+	/* Not events.h: the uapi offset kilnd reads each program's skip counter at. */
+	CONSTANT(KILN_PROG_INFO_RECURSION_MISSES_AT);
 	printf("];\n");
 	return 0;
 }
