@@ -510,14 +510,55 @@ pub struct TraceSeal {
 /// A trace statement.
 pub type TraceStatement = Statement<RuntimeTracePredicate>;
 
-/// Replaces every occurrence of each non-empty secret in `arg` by [`REDACTED`].
+/// Replaces every occurrence of each non-empty secret in `arg` by [`REDACTED`]: of the secret as
+/// declared, and of the secret without its trailing line ending (a secret file usually ends in
+/// one, and `$(cat FILE)` strips it). The places of all secrets are found in `arg` first and
+/// merged, then replaced once, so overlapping secrets leave no part of either. A string that
+/// ends in the first 4 or more bytes of a secret has that tail redacted too: captured strings
+/// are cut at their limits (argv 1024 bytes, paths 256/512), possibly inside a secret.
 pub fn redact(arg: &str, secrets: &[String]) -> String {
-    let mut out = arg.to_owned();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), REDACTED);
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for secret in secrets {
+        let bare = secret.trim_end_matches(['\r', '\n']);
+        for needle in [secret.as_str(), bare] {
+            if needle.is_empty() {
+                continue;
+            }
+            let mut from = 0;
+            while let Some(at) = arg.get(from..).and_then(|rest| rest.find(needle)) {
+                let start = from + at;
+                spans.push((start, start + needle.len()));
+                // The next char, not the match's end: overlapping matches of one secret too.
+                from = start + arg[start..].chars().next().map_or(1, char::len_utf8);
+            }
+            if let Some(k) = (4..needle.len())
+                .rev()
+                .find(|&k| needle.get(..k).is_some_and(|head| arg.ends_with(head)))
+            {
+                spans.push((arg.len() - k, arg.len()));
+            }
         }
     }
+    if spans.is_empty() {
+        return arg.to_owned();
+    }
+    spans.sort_unstable();
+    let mut out = String::with_capacity(arg.len());
+    let mut copied = 0;
+    let mut spans = spans.into_iter().peekable();
+    while let Some((start, mut end)) = spans.next() {
+        while let Some(&(next_start, next_end)) = spans.peek() {
+            if next_start > end {
+                break;
+            }
+            end = end.max(next_end);
+            spans.next();
+        }
+        out.push_str(&arg[copied..start]);
+        out.push_str(REDACTED);
+        copied = end;
+    }
+    out.push_str(&arg[copied..]);
     out
 }
 
@@ -777,6 +818,28 @@ mod tests {
             "--token=[REDACTED],[REDACTED]"
         );
         assert_eq!(redact("plain", &secrets), "plain");
+    }
+
+    #[test]
+    fn redaction_matches_a_secret_without_its_line_ending_and_overlapping_secrets() {
+        // A secret file written by `echo`, its value used through `$(cat …)`.
+        let secrets = vec!["tok3n\n".to_owned()];
+        assert_eq!(redact("X-Auth: tok3n", &secrets), "X-Auth: [REDACTED]");
+        assert_eq!(redact("a tok3n\n b", &secrets), "a [REDACTED] b");
+        // Two secrets sharing bytes: neither leaves a piece.
+        let secrets = vec!["ab12".to_owned(), "12345".to_owned()];
+        assert_eq!(redact("x-ab12345-y", &secrets), "x-[REDACTED]-y");
+        // Overlapping occurrences of one secret, and multi-byte text around them.
+        let secrets = vec!["aa".to_owned()];
+        assert_eq!(redact("é-aaa-é", &secrets), "é-[REDACTED]-é");
+        // A string cut inside a secret (argv at its capture limit).
+        let secrets = vec!["s3cr3t-value".to_owned()];
+        assert_eq!(redact("--token=s3cr3t-v", &secrets), "--token=[REDACTED]");
+        assert_eq!(
+            redact("--token=s3c", &secrets),
+            "--token=s3c",
+            "3 bytes say nothing"
+        );
     }
 
     #[test]

@@ -1506,7 +1506,12 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
-    for name in ["in-shared.txt", "in-file.txt", "in-private.txt"] {
+    for name in [
+        "in-shared.txt",
+        "in-file.txt",
+        "straddle.txt",
+        "in-private.txt",
+    ] {
         std::fs::write(d.join(name), b"x").expect("fixture");
     }
     // One single-threaded process: a path in a MAP_SHARED mapping (another process holding the
@@ -1525,6 +1530,12 @@ async fn path_arguments_in_shared_memory_are_flagged() {
          p = mmap.mmap(f, 12, flags=mmap.MAP_PRIVATE)\n\
          addr = ctypes.addressof(ctypes.c_char.from_buffer(p))\n\
          assert libc.unlink(ctypes.c_char_p(addr)) == 0, ctypes.get_errno()\n\
+         libc.mmap.restype = ctypes.c_void_p\n\
+         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n\
+         base = libc.mmap(None, 8192, 3, 0x22, -1, 0)\n\
+         assert libc.mmap(base + 4096, 4096, 3, 0x31, -1, 0) == base + 4096\n\
+         ctypes.memmove(base + 4090, b\"straddle.txt\\0\", 13)\n\
+         assert libc.unlink(ctypes.c_char_p(base + 4090)) == 0, ctypes.get_errno()\n\
          os.unlink(\"in-private.txt\")'",
         d.display()
     );
@@ -1543,6 +1554,10 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     assert!(
         unlink("in-file.txt").args_shared,
         "a path in a writable file's private mapping"
+    );
+    assert!(
+        unlink("straddle.txt").args_shared,
+        "a path starting in private memory and ending in a shared page"
     );
     assert!(
         !unlink("in-private.txt").args_shared,

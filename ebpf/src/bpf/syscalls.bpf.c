@@ -118,6 +118,7 @@ struct {
 struct file_args {
 	const char *path;
 	const char *path2;
+	const void *how; /* openat2's struct open_how */
 	__s32 dirfd;
 	__s32 dirfd2;
 	__u32 flags;
@@ -180,6 +181,7 @@ static __always_inline bool file_args(long id, struct pt_regs *regs, struct file
 
 	a->path = NULL;
 	a->path2 = NULL;
+	a->how = NULL;
 	a->dirfd = KILN_AT_FDCWD;
 	a->dirfd2 = KILN_AT_FDCWD;
 	a->flags = 0;
@@ -208,6 +210,7 @@ static __always_inline bool file_args(long id, struct pt_regs *regs, struct file
 
 		a->dirfd = a0;
 		a->path = (const char *)a1;
+		a->how = (const void *)a2;
 		bpf_probe_read_user(how, sizeof(how), (const void *)a2);
 		a->flags = how[0];
 		a->mode = how[1];
@@ -542,6 +545,17 @@ static __always_inline bool in_shared_mapping(struct task_struct *task, const vo
 	return p.shared;
 }
 
+static __always_inline bool string_in_shared_mapping(struct task_struct *task, const char *str,
+						    __u16 len)
+{
+	if (!str)
+		return false;
+	if (in_shared_mapping(task, str))
+		return true;
+	return ((__u64)str >> 12) != ((__u64)(str + len) >> 12) &&
+	       in_shared_mapping(task, str + len);
+}
+
 /*
  * Whether another task could have rewritten this syscall's arguments while it ran: the process
  * shares its memory (threads), its cwd (CLONE_FS), or, when a dirfd was used, its fd table, or
@@ -549,7 +563,8 @@ static __always_inline bool in_shared_mapping(struct task_struct *task, const vo
  * ptrace, process_vm_writev and writes to /proc/PID/mem are denied by the sandbox).
  * Conservative: a transient reference (a /proc reader holding the mm) also counts.
  */
-static __always_inline bool args_shared(struct task_struct *task, const struct file_args *a)
+static __always_inline bool args_shared(struct task_struct *task, const struct file_args *a,
+					__u16 path_len, __u16 path2_len)
 {
 	bool uses_dirfd = a->dirfd != KILN_AT_FDCWD || a->dirfd2 != KILN_AT_FDCWD;
 
@@ -557,7 +572,12 @@ static __always_inline bool args_shared(struct task_struct *task, const struct f
 		return true;
 	if (uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1)
 		return true;
-	return in_shared_mapping(task, a->path) || in_shared_mapping(task, a->path2);
+	/* First and last byte of each string (one may start in private memory and run into a
+	 * shared mapping placed right after it; mappings are whole pages, so the last byte is
+	 * looked up only on another page), and openat2's open_how. */
+	return string_in_shared_mapping(task, a->path, path_len) ||
+	       string_in_shared_mapping(task, a->path2, path2_len) ||
+	       in_shared_mapping(task, a->how);
 }
 
 /*
@@ -631,7 +651,7 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 				evflags |= KILN_FILE_BASE2_TRUNCATED;
 		}
 	}
-	if (args_shared(task, &a))
+	if (args_shared(task, &a, ev->path_len, ev->path2_len))
 		evflags |= KILN_FILE_ARGS_SHARED;
 	bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 || id == NR_CREAT;
 	struct file *file = is_open && ret >= 0 ? fd_file(task, ret) : NULL;
