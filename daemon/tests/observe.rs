@@ -1511,6 +1511,7 @@ async fn path_arguments_in_shared_memory_are_flagged() {
         "in-file.txt",
         "straddle.txt",
         "in-private.txt",
+        "after-thread.txt",
     ] {
         std::fs::write(d.join(name), b"x").expect("fixture");
     }
@@ -1536,7 +1537,9 @@ async fn path_arguments_in_shared_memory_are_flagged() {
          assert libc.mmap(base + 4096, 4096, 3, 0x31, -1, 0) == base + 4096\n\
          ctypes.memmove(base + 4090, b\"straddle.txt\\0\", 13)\n\
          assert libc.unlink(ctypes.c_char_p(base + 4090)) == 0, ctypes.get_errno()\n\
-         os.unlink(\"in-private.txt\")'",
+         os.unlink(\"in-private.txt\")\n\
+         import threading; t = threading.Thread(target=lambda: None); t.start(); t.join()\n\
+         os.unlink(\"after-thread.txt\")'",
         d.display()
     );
     let (records, lost) = traced_script(&service, &script).await;
@@ -1558,6 +1561,12 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     assert!(
         unlink("straddle.txt").args_shared,
         "a path starting in private memory and ending in a shared page"
+    );
+    // The process once had a second thread (gone by now, the counts back at 1): a thread could
+    // have rewritten an argument and exited before the call returned, so the mark stays.
+    assert!(
+        unlink("after-thread.txt").args_shared,
+        "a process that had another thread"
     );
     assert!(
         !unlink("in-private.txt").args_shared,

@@ -16,6 +16,13 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 
 	if (!cgroup_lost)
 		return 0;
+	/* A new mm (the other threads are gone) and an unshared fd table: only a shared cwd
+	 * survives exec. */
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 *marked = bpf_map_lookup_elem(&shared_procs, &tgid);
+
+	if (marked)
+		*marked &= KILN_SHARED_FS;
 	__u32 zero = 0;
 	struct kiln_exec_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
 	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
@@ -96,7 +103,26 @@ int BPF_PROG(kiln_fork, struct task_struct *parent, struct task_struct *child)
 {
 	__u32 child_pid = BPF_CORE_READ(child, pid);
 	__u32 child_tgid = BPF_CORE_READ(child, tgid);
+	__u64 child_cgroup = BPF_CORE_READ(child, cgroups, dfl_cgrp, kn, id);
 
+	if (observed(child_cgroup)) {
+		/* What the new task shares with its parent (syscalls.bpf.c: shared_procs). A thread
+		 * marks its process for good; a CLONE_VM child process (vfork, posix_spawn) marks
+		 * only itself, until its exec, while its parent is suspended. */
+		__u32 bits = 0;
+
+		if (BPF_CORE_READ(child, mm) == BPF_CORE_READ(parent, mm))
+			bits |= KILN_SHARED_MM;
+		if (BPF_CORE_READ(child, fs) == BPF_CORE_READ(parent, fs))
+			bits |= KILN_SHARED_FS;
+		if (BPF_CORE_READ(child, files) == BPF_CORE_READ(parent, files))
+			bits |= KILN_SHARED_FILES;
+		if (bits) {
+			mark_shared(child_tgid, bits);
+			if (child_pid == child_tgid && (bits & ~KILN_SHARED_MM))
+				mark_shared(BPF_CORE_READ(parent, tgid), bits & ~KILN_SHARED_MM);
+		}
+	}
 	if (child_pid != child_tgid)
 		return 0; /* a new thread, not a new process */
 
@@ -132,6 +158,9 @@ int BPF_PROG(kiln_exit, struct task_struct *task)
 		return 0;
 	/* Its write totals first (syscalls.bpf.c): their records precede the exit record. */
 	flush_write_totals(task, cgroup_id);
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+
+	bpf_map_delete_elem(&shared_procs, &tgid);
 
 	__u64 now = bpf_ktime_get_ns();
 	struct kiln_exit_event *ev =

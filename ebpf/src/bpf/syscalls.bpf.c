@@ -505,6 +505,40 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 	__sync_fetch_and_add(&total->writes, 1);
 }
 
+/*
+ * Processes of observed cgroups that shared their memory, cwd or fd table with another task at
+ * some point: tgid -> KILN_SHARED_* bits, set at clone (process.bpf.c's kiln_fork), the memory
+ * and fd-table bits cleared at exec (a new mm; exec unshares the fd table), the entry deleted
+ * at exit. A thread that rewrote an argument and exited before the call returned leaves the
+ * counts args_shared reads back at 1: this mark outlives it.
+ */
+#define KILN_SHARED_MM 1U
+#define KILN_SHARED_FS 2U
+#define KILN_SHARED_FILES 4U
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} shared_procs SEC(".maps");
+
+/* Plain read-modify-write (BPF atomics with a result need -mcpu=v3): concurrent marks of one
+ * process set the same bits, and exec, the only clearer, runs with the process's other threads
+ * gone. */
+static __always_inline void mark_shared(__u32 tgid, __u32 bits)
+{
+	__u32 *old = bpf_map_lookup_elem(&shared_procs, &tgid);
+
+	if (old) {
+		*old |= bits;
+		return;
+	}
+	bpf_map_update_elem(&shared_procs, &tgid, &bits, BPF_NOEXIST);
+	old = bpf_map_lookup_elem(&shared_procs, &tgid);
+	if (old)
+		*old |= bits;
+}
+
 #define KILN_VM_SHARED 0x00000008
 #define KILN_MNT_READONLY 0x40
 #define KILN_SB_RDONLY 1UL
@@ -568,9 +602,15 @@ static __always_inline bool args_shared(struct task_struct *task, const struct f
 {
 	bool uses_dirfd = a->dirfd != KILN_AT_FDCWD || a->dirfd2 != KILN_AT_FDCWD;
 
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 *marked = bpf_map_lookup_elem(&shared_procs, &tgid);
+
 	if (BPF_CORE_READ(task, mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
 		return true;
 	if (uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1)
+		return true;
+	if (marked && (*marked & (KILN_SHARED_MM | KILN_SHARED_FS |
+				  (uses_dirfd ? KILN_SHARED_FILES : 0))))
 		return true;
 	/* First and last byte of each string (one may start in private memory and run into a
 	 * shared mapping placed right after it; mappings are whole pages, so the last byte is
