@@ -170,22 +170,14 @@ fn restart_with(k: &mut Kilnd, edit: impl FnOnce(String) -> String) {
 
 /// A copy of the repository's profiles with `[limits] workspace_size = "2MiB"`.
 fn small_workspace_profiles(dir: &Path) -> PathBuf {
-    let out = dir.join("profiles");
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(repo().join("profiles")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            assert!(
-                text.contains("workspace_size = \"1GiB\""),
-                "{}",
-                path.display()
-            );
-            let text = text.replace("workspace_size = \"1GiB\"", "workspace_size = \"2MiB\"");
-            std::fs::write(out.join(path.file_name().unwrap()), text).unwrap();
-        }
-    }
-    out
+    kiln_e2e::edited_profiles(dir, |path, text| {
+        assert!(
+            text.contains("workspace_size = \"1GiB\""),
+            "{}",
+            path.display()
+        );
+        text.replace("workspace_size = \"1GiB\"", "workspace_size = \"2MiB\"")
+    })
 }
 
 /// A reproducible step whose second run writes more than a 2 MiB cap: its first run writes a

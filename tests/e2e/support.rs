@@ -23,6 +23,21 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
+/// A copy of the repository's profiles (`*.toml`) in `dir/profiles`, each file's text passed
+/// through `edit(path, text)` on the way; returns the directory.
+pub fn edited_profiles(dir: &Path, edit: impl Fn(&Path, String) -> String) -> PathBuf {
+    let out = dir.join("profiles");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(repo().join("profiles")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = edit(&path, std::fs::read_to_string(&path).unwrap());
+            std::fs::write(out.join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    out
+}
+
 /// A workspace binary (built by `cargo build --workspace --bins`, which `make test` runs first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

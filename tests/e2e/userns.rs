@@ -14,29 +14,23 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use kiln_e2e::{Kilnd, expect_code, follow, pipeline_file, privileged, repo, status, submit};
+use kiln_e2e::{Kilnd, expect_code, follow, pipeline_file, privileged, status, submit};
 
 const HOST_UID: u32 = 400_000;
 const HOST_GID: u32 = 410_000;
 
 /// A copy of the repository's profiles, `hermetic` with a `[userns]` section.
 fn userns_profiles(dir: &Path) -> PathBuf {
-    let out = dir.join("profiles");
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(repo().join("profiles")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let mut text = std::fs::read_to_string(&path).unwrap();
-            assert!(!text.contains("[userns]"), "{}", path.display());
-            if path.file_stem().is_some_and(|s| s == "hermetic") {
-                text = format!(
-                    "{text}\n[userns]\nhost_uid = {HOST_UID}\nhost_gid = {HOST_GID}\ncount = 65536\n"
-                );
-            }
-            std::fs::write(out.join(path.file_name().unwrap()), text).unwrap();
+    kiln_e2e::edited_profiles(dir, |path, text| {
+        assert!(!text.contains("[userns]"), "{}", path.display());
+        if path.file_stem().is_some_and(|s| s == "hermetic") {
+            format!(
+                "{text}\n[userns]\nhost_uid = {HOST_UID}\nhost_gid = {HOST_GID}\ncount = 65536\n"
+            )
+        } else {
+            text
         }
-    }
-    out
+    })
 }
 
 const PIPELINE: &str = r#"version = 1
