@@ -487,9 +487,9 @@ impl Observer {
         }
     }
 
-    /// Takes the kernel's per-file write totals of cgroup `id` that no close has emitted yet
-    /// (files still open when the step's processes exited), as events, each naming its file as
-    /// it was at the first write.
+    /// Takes the kernel's per-file write totals of cgroup `id` that neither a close nor its
+    /// process's exit emitted (the exit program ends fds below 4096 only), as events, each naming
+    /// its file as it was at the first write.
     pub fn take_pending_writes(&mut self, id: CgroupId) -> Vec<Event> {
         let now = sys::monotonic_ns();
         let keys: Vec<WriteKeyPod> = self

@@ -193,7 +193,7 @@ impl StepObservation {
             }
             tokio::task::yield_now().await;
         }
-        // Write totals of files still open at exit are emitted by userspace, after the ring.
+        // Write totals a process's exit did not end (fds from 4096 up) are swept after the ring.
         events.extend(self.service.take_writes(self.id));
         // Invocations the kernel skipped while the step ran may have been the step's: counted
         // as its losses (conservative: a skip does not say whose event it was).
