@@ -29,8 +29,13 @@
 //! Rounds are interleaved and the median is reported, to damp drift; the build's bare and
 //! observed runs, and the host comparisons' variants, run back to back in an order swapped or
 //! rotated each round (whichever runs first measured up to 13% slower). Environment:
-//! `BENCH_BUILD_FILES` (default 160), `BENCH_RUNS` (default 3), `BENCH_STORM` (open+close
-//! iterations, default 1000000).
+//! `BENCH_BUILD_FILES` (default 320: a build of ~20 s on the 2-core VM), `BENCH_RUNS` (default
+//! 5), `BENCH_STORM` (open+close iterations, default 1000000).
+//!
+//! Wall times on the shared VM move by up to ±15% between back-to-back runs of the same build,
+//! so each workload is also run once more observed with the kernel's BPF run-time statistics
+//! on: the CPU time of each BPF program and of the ring consumer, against the build's own CPU
+//! time (a figure that neighbours on the host do not move).
 
 #![allow(
     clippy::unwrap_used,
@@ -264,6 +269,84 @@ async fn run_observed(
     (wall, collected.events.len(), collected.lost)
 }
 
+/// CPU time (user + system) of this process's threads (`RUSAGE_SELF`: the observer's ring
+/// consumer and router; the bench's own task only awaits the child while a workload runs), or
+/// of its waited-for children and their descendants (`RUSAGE_CHILDREN`: a workload, including
+/// the BPF programs that ran in its syscalls).
+fn cpu(who: nix::sys::resource::UsageWho) -> Duration {
+    let usage = nix::sys::resource::getrusage(who).unwrap();
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(usage.user_time()) + tv(usage.system_time())
+}
+
+/// Run counts and run time of the loaded `kiln_*` BPF programs (from `bpftool prog show`; the
+/// kernel counts them only while `kernel.bpf_stats_enabled` is 1), summed by name.
+fn bpf_prog_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["--json", "prog", "show"])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool prog show failed");
+    let progs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut stats = std::collections::BTreeMap::new();
+    for prog in progs {
+        let Some(name) = prog["name"].as_str().filter(|n| n.starts_with("kiln_")) else {
+            continue;
+        };
+        let entry = stats.entry(name.to_owned()).or_insert((0, 0));
+        entry.0 += prog["run_cnt"].as_u64().unwrap_or(0);
+        entry.1 += prog["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    stats
+}
+
+/// One more observed run of a workload, untimed against the others, with the kernel's BPF
+/// run-time stats on (they cost two clock reads per program run): where its extra time goes, per
+/// BPF program and in the ring consumer.
+async fn profile(what: &str, cmd: Command, cgroup: &BenchCgroup) {
+    use nix::sys::resource::UsageWho::{RUSAGE_CHILDREN, RUSAGE_SELF};
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let was = std::fs::read_to_string(STATS).unwrap();
+    std::fs::write(STATS, "1").unwrap();
+    let service = ObserverService::start(&ObserverConfig::default()).unwrap();
+    let observation = service.attach(cgroup.id).unwrap();
+    let before = (bpf_prog_stats(), cpu(RUSAGE_SELF), cpu(RUSAGE_CHILDREN));
+    let wall = run(cmd).await;
+    let after = (bpf_prog_stats(), cpu(RUSAGE_SELF), cpu(RUSAGE_CHILDREN));
+    let collected = observation.finish().await.unwrap();
+    std::fs::write(STATS, was.trim()).unwrap();
+    let consumer = after.1.saturating_sub(before.1);
+    let workload = after.2.saturating_sub(before.2);
+    let events = collected.events.len();
+    // What one event costs the consumer, and so how many per second one core could take.
+    let per_event = consumer.as_secs_f64() / events.max(1) as f64;
+    let mut line = format!(
+        "{what} profile (BPF stats on; wall {wall:.2?}, {events} events): ring consumer CPU {consumer:.2?} ({:.0} ns/event: one core takes {:.1} M events/s)",
+        per_event * 1e9,
+        1e-6 / per_event
+    );
+    let mut bpf = Duration::ZERO;
+    for (name, (runs, ns)) in &after.0 {
+        let (runs0, ns0) = before.0.get(name).copied().unwrap_or((0, 0));
+        let (runs, ns) = (runs - runs0, ns - ns0);
+        if let Some(per_run) = ns.checked_div(runs) {
+            bpf += Duration::from_nanos(ns);
+            write!(line, "; {name} {runs} runs x {per_run} ns").unwrap();
+        }
+    }
+    // The BPF programs ran in the workload's syscalls: its CPU time includes them.
+    let own = workload.saturating_sub(bpf);
+    write!(
+        line,
+        "; BPF total {bpf:.2?}; kiln's CPU (BPF + consumer) = {:.2}% of the workload's own CPU {own:.2?}",
+        100.0 * (bpf + consumer).as_secs_f64() / own.as_secs_f64()
+    )
+    .unwrap();
+    println!("{line}");
+}
+
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
@@ -274,8 +357,8 @@ async fn main() {
         eprintln!("observer bench: needs root");
         std::process::exit(2);
     }
-    let files = env_usize("BENCH_BUILD_FILES", 160);
-    let runs = env_usize("BENCH_RUNS", 3);
+    let files = env_usize("BENCH_BUILD_FILES", 320);
+    let runs = env_usize("BENCH_RUNS", 5);
     let storm = env_usize("BENCH_STORM", 1_000_000);
     let dir = tempfile::tempdir().unwrap();
     c_project(dir.path(), files);
@@ -404,12 +487,19 @@ async fn main() {
         }
     }
     if build {
+        // Each round's bare and observed builds ran back to back: their ratios show the noise.
+        let per_round: Vec<String> = observed
+            .iter()
+            .zip(&bare)
+            .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
+            .collect();
         let (bare, observed, straced) = (median(bare), median(observed), median(straced));
         let kiln_extra = observed.as_secs_f64() - bare.as_secs_f64();
         let strace_extra = straced.as_secs_f64() - bare.as_secs_f64();
         println!(
-            "build    bare {bare:.2?}  observed {observed:.2?} ({:.3}x, {build_events} events, 0 lost)  strace -f {straced:.2?} ({:.2}x)",
+            "build    bare {bare:.2?}  observed {observed:.2?} ({:.3}x, per round {}; {build_events} events, 0 lost)  strace -f {straced:.2?} ({:.2}x)",
             ratio(observed, bare),
+            per_round.join(" "),
             ratio(straced, bare)
         );
         println!(
@@ -417,6 +507,13 @@ async fn main() {
             kiln_extra / strace_extra
         );
     }
+    // Where the time goes: each observed workload once more with BPF run-time stats on.
+    if build {
+        profile("build   ", make(true), &cgroup).await;
+    }
+    profile("storm    open ", open_storm(true), &cgroup).await;
+    profile("storm    chdir", chdir_storm(true), &cgroup).await;
+    profile("storm    eperm", eperm_storm(true), &cgroup).await;
     open_runs.report("storm    open+close /dev/null, 1 process ");
     chdir_runs.report("storm    chdir(\"/\"), 2 processes        ");
     eperm_runs.report("storm    setuid(0) EPERM, 2 processes    ");

@@ -1511,6 +1511,8 @@ async fn path_arguments_in_shared_memory_are_flagged() {
         "in-file.txt",
         "straddle.txt",
         "in-private.txt",
+        "cached-private.txt",
+        "remapped-shared.txt",
         "after-thread.txt",
     ] {
         std::fs::write(d.join(name), b"x").expect("fixture");
@@ -1538,6 +1540,14 @@ async fn path_arguments_in_shared_memory_are_flagged() {
          ctypes.memmove(base + 4090, b\"straddle.txt\\0\", 13)\n\
          assert libc.unlink(ctypes.c_char_p(base + 4090)) == 0, ctypes.get_errno()\n\
          os.unlink(\"in-private.txt\")\n\
+         page = libc.mmap(None, 4096, 3, 0x22, -1, 0)\n\
+         ctypes.memmove(page, b\"cached-private.txt\\0\", 19)\n\
+         assert libc.unlink(ctypes.c_char_p(page)) == 0, ctypes.get_errno()\n\
+         mfd = os.memfd_create(\"names\")\n\
+         os.ftruncate(mfd, 4096)\n\
+         assert libc.mmap(page, 4096, 3, 0x11, mfd, 0) == page\n\
+         ctypes.memmove(page, b\"remapped-shared.txt\\0\", 20)\n\
+         assert libc.unlink(ctypes.c_char_p(page)) == 0, ctypes.get_errno()\n\
          import threading; t = threading.Thread(target=lambda: None); t.start(); t.join()\n\
          os.unlink(\"after-thread.txt\")'",
         d.display()
@@ -1562,6 +1572,16 @@ async fn path_arguments_in_shared_memory_are_flagged() {
         unlink("straddle.txt").args_shared,
         "a path starting in private memory and ending in a shared page"
     );
+    // The verdict for a page is cached per process until its mappings change: the same page,
+    // private when the first path was read from it, then mapped over (MAP_FIXED) by a memfd.
+    assert!(
+        !unlink("cached-private.txt").args_shared,
+        "a path in private memory"
+    );
+    assert!(
+        unlink("remapped-shared.txt").args_shared,
+        "a path in a page that was private and is now shared (a stale cached verdict)"
+    );
     // The process once had a second thread (gone by now, the counts back at 1): a thread could
     // have rewritten an argument and exited before the call returned, so the mark stays.
     assert!(
@@ -1571,6 +1591,75 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     assert!(
         !unlink("in-private.txt").args_shared,
         "a path in private memory"
+    );
+}
+
+/// A process that shared its memory with a child process it did not wait for (clone(CLONE_VM)
+/// without CLONE_VFORK: both ran), after the child exited; and before that, one whose
+/// posix_spawn child shared its memory only while the parent was suspended (CLONE_VFORK).
+const CLONE_VM_C: &str = r#"
+#define _GNU_SOURCE
+#include <sched.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+extern char **environ;
+static int child(void *arg) { (void)arg; return 0; }
+/* The paths are copied to the stack: a literal would lie in this binary's private mapping of
+ * a file on a writable mount, which is flagged on its own. */
+static int unlink_copy(const char *name) {
+	char path[64];
+	strcpy(path, name);
+	return unlink(path);
+}
+int main(void) {
+	char *argv[] = {"true", NULL};
+	pid_t pid;
+	if (posix_spawn(&pid, "/bin/true", NULL, NULL, argv, environ) != 0) return 1;
+	if (waitpid(pid, NULL, 0) != pid || unlink_copy("after-spawn.txt") != 0) return 2;
+	char *stack = malloc(1 << 16);
+	pid = clone(child, stack + (1 << 16), CLONE_VM | SIGCHLD, NULL);
+	if (pid < 0 || waitpid(pid, NULL, 0) != pid) return 3;
+	return unlink_copy("after-clone-vm.txt") != 0 ? 4 : 0;
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_shared_its_memory_with_a_running_child_stays_flagged() {
+    let Some((_serial, service)) = start_service().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    std::fs::write(d.join("clonevm.c"), CLONE_VM_C).expect("write clonevm.c");
+    let cc = std::process::Command::new("cc")
+        .args(["-O2", "-o", "clonevm", "clonevm.c"])
+        .current_dir(&d)
+        .status()
+        .expect("cc");
+    assert!(cc.success(), "compile clonevm");
+    for name in ["after-spawn.txt", "after-clone-vm.txt"] {
+        std::fs::write(d.join(name), b"x").expect("fixture");
+    }
+    let script = format!("cd {} && ./clonevm", d.display());
+    let (records, lost) = traced_script(&service, &script).await;
+    assert_eq!(lost, 0);
+    let unlink = |name: &str| {
+        file_records(&records)
+            .into_iter()
+            .find(|f| f.op == "unlink" && f.arg == name)
+            .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
+    };
+    assert!(
+        !unlink("after-spawn.txt").args_shared,
+        "a posix_spawn parent is suspended while its child shares its memory"
+    );
+    assert!(
+        unlink("after-clone-vm.txt").args_shared,
+        "the CLONE_VM child ran beside its parent and could have rewritten its arguments"
     );
 }
 

@@ -263,6 +263,9 @@ impl Observer {
         let interval_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            // `procs` (per-process state) is a BPF_MAP_TYPE_TASK_STORAGE, which aya 0.14
+            // creates but has no userspace type for (userspace never touches it).
+            .allow_unsupported_maps()
             .map_max_entries(kiln_ebpf::maps::EVENTS, config.ring_bytes)
             .override_global(kiln_ebpf::maps::WAKEUP_THRESHOLD, &threshold, true)
             .override_global(kiln_ebpf::maps::WAKEUP_INTERVAL_NS, &interval_ns, true)
@@ -488,20 +491,27 @@ impl Observer {
     }
 
     /// Takes the kernel's per-file write totals of cgroup `id` that neither a close nor its
-    /// process's exit emitted (the exit program ends fds below 4096 only), as events, each naming
-    /// its file as it was at the first write.
-    pub fn take_pending_writes(&mut self, id: CgroupId) -> Vec<Event> {
+    /// process's exit emitted (the exit program ends fds below 4096, up to the highest one the
+    /// process's state recorded), as events, each naming its file as it was at the first write;
+    /// and how many totals could not be read (each one a write record lost).
+    pub fn take_pending_writes(&mut self, id: CgroupId) -> (Vec<Event>, u64) {
         let now = sys::monotonic_ns();
-        let keys: Vec<WriteKeyPod> = self
-            .write_totals
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.0.cgroup_id == id.0)
-            .collect();
+        let mut unreadable = 0u64;
+        let mut keys = Vec::new();
+        for key in self.write_totals.keys() {
+            match key {
+                Ok(key) if key.0.cgroup_id == id.0 => keys.push(key),
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(%err, cgroup = %id, "cannot list the pending write totals");
+                    unreadable += 1;
+                }
+            }
+        }
         let mut events = Vec::with_capacity(keys.len());
         for key in keys {
-            if let Ok(total) = self.write_totals.get(&key, 0) {
-                events.push(Event::Write(Write {
+            match self.write_totals.get(&key, 0) {
+                Ok(total) => events.push(Event::Write(Write {
                     header: Header {
                         ktime_ns: now,
                         cgroup_id: id.0,
@@ -512,11 +522,17 @@ impl Observer {
                     bytes: total.0.bytes,
                     writes: total.0.writes,
                     path: event::write_total_path(&total.0),
-                }));
+                })),
+                // Ended by its process meanwhile (emitted to the ring, not lost).
+                Err(MapError::KeyNotFound) => {}
+                Err(err) => {
+                    tracing::warn!(%err, cgroup = %id, fd = key.0.fd, "cannot read a pending write total");
+                    unreadable += 1;
+                }
             }
             let _ = self.write_totals.remove(&key);
         }
-        events
+        (events, unreadable)
     }
 
     /// Invocations the kernel skipped, all programs together, since load: a program already

@@ -156,8 +156,9 @@ impl ObserverService {
         lost
     }
 
-    /// Takes (and clears) the kernel's per-file write totals of cgroup `id`.
-    fn take_writes(&self, id: CgroupId) -> Vec<Event> {
+    /// Takes (and clears) the kernel's per-file write totals of cgroup `id`, and how many could
+    /// not be read.
+    fn take_writes(&self, id: CgroupId) -> (Vec<Event>, u64) {
         self.observer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -193,8 +194,10 @@ impl StepObservation {
             }
             tokio::task::yield_now().await;
         }
-        // Write totals a process's exit did not end (fds from 4096 up) are swept after the ring.
-        events.extend(self.service.take_writes(self.id));
+        // Write totals a process's exit did not end (fds from 4096 up, or a process whose BPF
+        // state could not be kept) are swept after the ring; unreadable ones are losses.
+        let (pending, unreadable) = self.service.take_writes(self.id);
+        events.extend(pending);
         // Invocations the kernel skipped while the step ran may have been the step's: counted
         // as its losses (conservative: a skip does not say whose event it was).
         let skipped = self
@@ -211,7 +214,7 @@ impl StepObservation {
         }
         Ok(StepEvents {
             events,
-            lost: lost?.saturating_add(skipped?),
+            lost: lost?.saturating_add(skipped?).saturating_add(unreadable),
             cgroup: self.id,
         })
     }

@@ -17,12 +17,15 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	if (!cgroup_lost)
 		return 0;
 	/* A new mm (the other threads are gone) and an unshared fd table: only a shared cwd
-	 * survives exec. */
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u32 *marked = bpf_map_lookup_elem(&shared_procs, &tgid);
+	 * survives exec. A thread other than the leader that execs becomes the leader, with a
+	 * fresh struct kiln_proc: the process had threads, which (pthreads) share the cwd. */
+	struct kiln_proc *proc = proc_of(task, true);
 
-	if (marked)
-		*marked &= KILN_SHARED_FS;
+	if (proc) {
+		proc->shared &= KILN_SHARED_FS;
+		if (old_pid != BPF_CORE_READ(task, pid))
+			proc->shared |= KILN_SHARED_FS;
+	}
 	__u32 zero = 0;
 	struct kiln_exec_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
 	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
@@ -98,6 +101,39 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	return 0;
 }
 
+#define NR_CLONE 56
+#define NR_VFORK 58
+#define NR_CLONE3 435
+#define KILN_CLONE_VFORK 0x00004000ULL
+
+/*
+ * Whether the clone that current (the parent) is in suspends it until the child execs or
+ * exits (CLONE_VFORK: vfork, posix_spawn). The kernel sets the child's vfork_done only after
+ * this tracepoint, so the flags come from the syscall: vfork, clone's flags register, or
+ * clone3's struct clone_args, believed only from memory no other process can write (else
+ * not a vfork: the parent is then marked, the conservative side).
+ */
+static __always_inline bool clone_vforks(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	long nr = regs->orig_ax;
+
+	if (nr == NR_VFORK)
+		return true;
+	if (nr == NR_CLONE)
+		return (regs->di & KILN_CLONE_VFORK) != 0;
+	if (nr == NR_CLONE3) {
+		const void *uargs = (const void *)regs->di;
+		__u64 flags = 0;
+
+		if (bpf_probe_read_user(&flags, sizeof(flags), uargs) != 0)
+			return false;
+		return (flags & KILN_CLONE_VFORK) && !in_shared_mapping(task, NULL, uargs);
+	}
+	return false;
+}
+
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(kiln_fork, struct task_struct *parent, struct task_struct *child)
 {
@@ -106,7 +142,7 @@ int BPF_PROG(kiln_fork, struct task_struct *parent, struct task_struct *child)
 	__u64 child_cgroup = BPF_CORE_READ(child, cgroups, dfl_cgrp, kn, id);
 
 	if (observed(child_cgroup)) {
-		/* What the new task shares with its parent (syscalls.bpf.c: shared_procs). A thread
+		/* What the new task shares with its parent (syscalls.bpf.c: struct kiln_proc). A thread
 		 * marks its process for good; a CLONE_VM child process (vfork, posix_spawn) marks
 		 * only itself, until its exec, while its parent is suspended. */
 		__u32 bits = 0;
@@ -118,9 +154,15 @@ int BPF_PROG(kiln_fork, struct task_struct *parent, struct task_struct *child)
 		if (BPF_CORE_READ(child, files) == BPF_CORE_READ(parent, files))
 			bits |= KILN_SHARED_FILES;
 		if (bits) {
-			mark_shared(child_tgid, bits);
-			if (child_pid == child_tgid && (bits & ~KILN_SHARED_MM))
-				mark_shared(BPF_CORE_READ(parent, tgid), bits & ~KILN_SHARED_MM);
+			/* The parent's mark: what it shares with a new process, but its memory only
+			 * if it goes on running meanwhile (clone(CLONE_VM) without CLONE_VFORK). */
+			__u32 parent_bits = bits;
+
+			if (clone_vforks())
+				parent_bits &= ~KILN_SHARED_MM;
+			mark_shared(child, bits);
+			if (child_pid == child_tgid && parent_bits)
+				mark_shared(parent, parent_bits);
 		}
 	}
 	if (child_pid != child_tgid)
@@ -158,10 +200,6 @@ int BPF_PROG(kiln_exit, struct task_struct *task)
 		return 0;
 	/* Its write totals first (syscalls.bpf.c): their records precede the exit record. */
 	flush_write_totals(task, cgroup_id);
-	__u32 tgid = BPF_CORE_READ(task, tgid);
-
-	bpf_map_delete_elem(&shared_procs, &tgid);
-
 	__u64 now = bpf_ktime_get_ns();
 	struct kiln_exit_event *ev =
 		reserve_event_in(KILN_EVENT_EXIT, sizeof(*ev), cgroup_id, cgroup_lost, now);

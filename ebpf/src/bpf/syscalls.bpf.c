@@ -32,6 +32,15 @@
 #define NR_WRITE 1
 #define NR_OPEN 2
 #define NR_CLOSE 3
+#define NR_MMAP 9
+#define NR_MUNMAP 11
+#define NR_MREMAP 25
+#define NR_SHMAT 30
+#define NR_SHMDT 67
+#define NR_ARCH_PRCTL 158
+#define NR_IO_SETUP 206
+#define NR_IO_DESTROY 207
+#define NR_REMAP_FILE_PAGES 216
 #define NR_PWRITE64 18
 #define NR_WRITEV 20
 #define NR_DUP2 33
@@ -114,6 +123,52 @@ struct {
 	__type(value, struct kiln_write_total);
 } write_scratch SEC(".maps");
 
+/*
+ * Per process of an observed cgroup, in its thread-group leader's task storage (freed with it,
+ * so a reused pid starts clean):
+ * - `shared`: KILN_SHARED_* bits, whether the process shared its memory, cwd or fd table with
+ *   another task at some point, set at clone (process.bpf.c's kiln_fork), the memory and
+ *   fd-table bits cleared at exec (a new mm; exec unshares the fd table). A thread that
+ *   rewrote an argument and exited before the call returned leaves the counts args_shared
+ *   reads back at 1: this mark outlives it (kiln_args_shared);
+ * - `write_fds`: 1 + the highest fd a write total of the process was opened for (add_write):
+ *   how far its exit scans its fds (most processes of a build never write a file and skip the
+ *   scan; scanning every possible fd cost ~50 us per exit). Two threads' racing raises may
+ *   keep the lower one: that total is then left to the sweep at step end;
+ * - `pages`: a direct-mapped cache of in_shared_mapping's verdicts for pages of `mm`, used
+ *   only while no other task shares the process's memory. Only the process's own syscalls can
+ *   then change its mappings (ptrace, process_vm_writev and /proc/PID/mem are denied by the
+ *   sandbox): the exit of any that maps or unmaps (is_mm_nr) clears `mm`, and so does a new mm
+ *   (exec), which empties the cache.
+ */
+#define KILN_SHARED_MM 1U
+#define KILN_SHARED_FS 2U
+#define KILN_SHARED_FILES 4U
+#define KILN_VERDICT_SLOTS 8
+#define KILN_VERDICT_VALID 1ULL
+#define KILN_VERDICT_SHARED 2ULL
+#define KILN_PAGE_MASK (~4095ULL)
+struct kiln_proc {
+	__u32 shared;
+	__u32 write_fds;
+	__u64 mm;
+	__u64 pages[KILN_VERDICT_SLOTS]; /* page address | KILN_VERDICT_* */
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct kiln_proc);
+} procs SEC(".maps");
+
+/* The state of `task`'s process; created if `create` (NULL when the kernel cannot allocate
+ * it, or refuses a nested storage access). */
+static __always_inline struct kiln_proc *proc_of(struct task_struct *task, bool create)
+{
+	return bpf_task_storage_get(&procs, task->group_leader, NULL,
+				    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
 /* The arguments of a path-based file syscall. */
 struct file_args {
 	const char *path;
@@ -126,6 +181,27 @@ struct file_args {
 	bool path_is_text; /* symlink target: link content, not a path to resolve */
 	bool fd_only;      /* fchdir: dirfd is the only argument */
 };
+
+/* Whether `id` may map or unmap memory of the calling process (which voids the verdicts cached
+ * in its struct kiln_proc). brk is not: it only adds or removes private anonymous memory,
+ * which is never shared, next to nothing else. */
+static __always_inline bool is_mm_nr(long id)
+{
+	switch (id) {
+	case NR_MMAP:
+	case NR_MUNMAP:
+	case NR_MREMAP:
+	case NR_SHMAT:
+	case NR_SHMDT:
+	case NR_ARCH_PRCTL: /* ARCH_MAP_VDSO_* */
+	case NR_IO_SETUP:
+	case NR_IO_DESTROY:
+	case NR_REMAP_FILE_PAGES:
+		return true;
+	default:
+		return false;
+	}
+}
 
 /* Whether `id` is one of the path-based file syscalls (the cases of file_args). */
 static __always_inline bool is_file_nr(long id)
@@ -414,6 +490,14 @@ static __always_inline void emit_write_total(__u64 cgroup_id, __u64 *cgroup_lost
 /* Most fds of an exiting process whose write totals its exit ends (the rest: swept at step end). */
 #define KILN_EXIT_FDS_MAX 4096
 
+static __always_inline void raise_write_fds(struct task_struct *task, __s32 fd)
+{
+	struct kiln_proc *proc = proc_of(task, true);
+
+	if (proc && proc->write_fds < (__u32)fd + 1)
+		proc->write_fds = (__u32)fd + 1;
+}
+
 struct exit_flush {
 	__u64 cgroup_id;
 };
@@ -436,11 +520,18 @@ static long flush_fd(__u64 fd, struct exit_flush *f)
 static __always_inline void flush_write_totals(struct task_struct *task, __u64 cgroup_id)
 {
 	struct exit_flush f = { .cgroup_id = cgroup_id };
+	struct kiln_proc *proc = proc_of(task, false);
+
+	if (!proc || !proc->write_fds)
+		return;
+	__u32 fds = proc->write_fds;
 	__u32 max_fds = BPF_CORE_READ(task, files, fdt, max_fds);
 
-	if (max_fds > KILN_EXIT_FDS_MAX)
-		max_fds = KILN_EXIT_FDS_MAX;
-	bpf_loop(max_fds, flush_fd, &f, 0);
+	if (fds > max_fds)
+		fds = max_fds;
+	if (fds > KILN_EXIT_FDS_MAX)
+		fds = KILN_EXIT_FDS_MAX;
+	bpf_loop(fds, flush_fd, &f, 0);
 }
 
 static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes)
@@ -493,8 +584,10 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 			fresh->wflags =
 				KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
 		}
-		if (bpf_map_update_elem(&write_totals, &key, fresh, BPF_NOEXIST) == 0)
+		if (bpf_map_update_elem(&write_totals, &key, fresh, BPF_NOEXIST) == 0) {
 			__sync_fetch_and_add(entries, 1);
+			raise_write_fds(task, fd);
+		}
 		total = bpf_map_lookup_elem(&write_totals, &key);
 		if (!total) {
 			count_lost(cgroup_lost);
@@ -505,38 +598,15 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 	__sync_fetch_and_add(&total->writes, 1);
 }
 
-/*
- * Processes of observed cgroups that shared their memory, cwd or fd table with another task at
- * some point: tgid -> KILN_SHARED_* bits, set at clone (process.bpf.c's kiln_fork), the memory
- * and fd-table bits cleared at exec (a new mm; exec unshares the fd table), the entry deleted
- * at exit. A thread that rewrote an argument and exited before the call returned leaves the
- * counts args_shared reads back at 1: this mark outlives it.
- */
-#define KILN_SHARED_MM 1U
-#define KILN_SHARED_FS 2U
-#define KILN_SHARED_FILES 4U
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, __u32);
-} shared_procs SEC(".maps");
-
 /* Plain read-modify-write (BPF atomics with a result need -mcpu=v3): concurrent marks of one
  * process set the same bits, and exec, the only clearer, runs with the process's other threads
  * gone. */
-static __always_inline void mark_shared(__u32 tgid, __u32 bits)
+static __always_inline void mark_shared(struct task_struct *task, __u32 bits)
 {
-	__u32 *old = bpf_map_lookup_elem(&shared_procs, &tgid);
+	struct kiln_proc *proc = proc_of(task, true);
 
-	if (old) {
-		*old |= bits;
-		return;
-	}
-	bpf_map_update_elem(&shared_procs, &tgid, &bits, BPF_NOEXIST);
-	old = bpf_map_lookup_elem(&shared_procs, &tgid);
-	if (old)
-		*old |= bits;
+	if (proc)
+		proc->shared |= bits;
 }
 
 #define KILN_VM_SHARED 0x00000008
@@ -567,27 +637,39 @@ static long vma_shared(struct task_struct *task, struct vm_area_struct *vma, str
 }
 
 /* Whether user address `addr` lies in memory another process can write (vma_shared), or that
- * cannot be told (no mapping found, or the mm lock was contended): then true. */
-static __always_inline bool in_shared_mapping(struct task_struct *task, const void *addr)
+ * cannot be told (no mapping found, or the mm lock was contended): then true. The verdicts
+ * found are cached in `proc` (struct kiln_proc) when given. */
+static __always_inline bool in_shared_mapping(struct task_struct *task, struct kiln_proc *proc,
+					      const void *addr)
 {
 	struct vma_probe p = { .shared = true };
+	__u64 page = (__u64)addr & KILN_PAGE_MASK;
+	__u64 *slot = NULL;
 
 	if (!addr)
 		return false;
+	if (proc) {
+		slot = &proc->pages[(page >> 12) & (KILN_VERDICT_SLOTS - 1)];
+		if ((*slot & KILN_PAGE_MASK) == page && (*slot & KILN_VERDICT_VALID))
+			return (*slot & KILN_VERDICT_SHARED) != 0;
+	}
 	if (bpf_find_vma(task, (__u64)addr, vma_shared, &p, 0) != 0)
 		return true;
+	if (slot)
+		*slot = page | KILN_VERDICT_VALID | (p.shared ? KILN_VERDICT_SHARED : 0);
 	return p.shared;
 }
 
-static __always_inline bool string_in_shared_mapping(struct task_struct *task, const char *str,
-						    __u16 len)
+static __always_inline bool string_in_shared_mapping(struct task_struct *task,
+						     struct kiln_proc *proc, const char *str,
+						     __u16 len)
 {
 	if (!str)
 		return false;
-	if (in_shared_mapping(task, str))
+	if (in_shared_mapping(task, proc, str))
 		return true;
 	return ((__u64)str >> 12) != ((__u64)(str + len) >> 12) &&
-	       in_shared_mapping(task, str + len);
+	       in_shared_mapping(task, proc, str + len);
 }
 
 /*
@@ -597,27 +679,37 @@ static __always_inline bool string_in_shared_mapping(struct task_struct *task, c
  * ptrace, process_vm_writev and writes to /proc/PID/mem are denied by the sandbox).
  * Conservative: a transient reference (a /proc reader holding the mm) also counts.
  */
-static __always_inline bool args_shared(struct task_struct *task, const struct file_args *a,
-					__u16 path_len, __u16 path2_len)
+__noinline int kiln_args_shared(const struct file_args *a, __u16 path_len, __u16 path2_len)
 {
-	bool uses_dirfd = a->dirfd != KILN_AT_FDCWD || a->dirfd2 != KILN_AT_FDCWD;
+	/* A global function: the verifier checks it once, on its own, instead of at every path
+	 * of emit_file that reaches it (the sys_exit program is near the 1M-instruction budget). */
+	struct task_struct *task = bpf_get_current_task_btf();
 
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	__u32 *marked = bpf_map_lookup_elem(&shared_procs, &tgid);
+	if (!a)
+		return 1;
+	bool uses_dirfd = a->dirfd != KILN_AT_FDCWD || a->dirfd2 != KILN_AT_FDCWD;
+	struct kiln_proc *proc = proc_of(task, true);
+	__u64 mm = (__u64)BPF_CORE_READ(task, mm);
 
 	if (BPF_CORE_READ(task, mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
 		return true;
 	if (uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1)
 		return true;
-	if (marked && (*marked & (KILN_SHARED_MM | KILN_SHARED_FS |
-				  (uses_dirfd ? KILN_SHARED_FILES : 0))))
+	if (proc && (proc->shared & (KILN_SHARED_MM | KILN_SHARED_FS |
+				     (uses_dirfd ? KILN_SHARED_FILES : 0))))
 		return true;
+	if (proc && proc->mm != mm) {
+		/* A new mm, or one whose mappings changed: the cached verdicts are void. */
+		for (int i = 0; i < KILN_VERDICT_SLOTS; i++)
+			proc->pages[i] = 0;
+		proc->mm = mm;
+	}
 	/* First and last byte of each string (one may start in private memory and run into a
 	 * shared mapping placed right after it; mappings are whole pages, so the last byte is
 	 * looked up only on another page), and openat2's open_how. */
-	return string_in_shared_mapping(task, a->path, path_len) ||
-	       string_in_shared_mapping(task, a->path2, path2_len) ||
-	       in_shared_mapping(task, a->how);
+	return string_in_shared_mapping(task, proc, a->path, path_len) ||
+	       string_in_shared_mapping(task, proc, a->path2, path2_len) ||
+	       in_shared_mapping(task, proc, a->how);
 }
 
 /*
@@ -691,7 +783,7 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 				evflags |= KILN_FILE_BASE2_TRUNCATED;
 		}
 	}
-	if (args_shared(task, &a, ev->path_len, ev->path2_len))
+	if (kiln_args_shared(&a, ev->path_len, ev->path2_len))
 		evflags |= KILN_FILE_ARGS_SHARED;
 	bool is_open = id == NR_OPEN || id == NR_OPENAT || id == NR_OPENAT2 || id == NR_CREAT;
 	struct file *file = is_open && ret >= 0 ? fd_file(task, ret) : NULL;
@@ -817,7 +909,7 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 
 	if (ret != -KILN_EPERM && !is_write_nr(id) && id != NR_CLOSE && id != NR_DUP2 &&
 	    id != NR_DUP3 && id != NR_CONNECT && id != NR_BIND && id != NR_LISTEN &&
-	    id != NR_SENDTO && !is_file_nr(id))
+	    id != NR_SENDTO && !is_file_nr(id) && !is_mm_nr(id))
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	__u64 *cgroup_lost = observed(cgroup_id);
@@ -825,6 +917,13 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	if (!cgroup_lost)
 		return 0;
 
+	if (is_mm_nr(id)) {
+		struct kiln_proc *proc = proc_of(bpf_get_current_task_btf(), false);
+
+		if (proc)
+			proc->mm = 0;
+		return 0;
+	}
 	switch (id) {
 	case NR_WRITE:
 	case NR_PWRITE64:
