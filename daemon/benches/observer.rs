@@ -242,6 +242,18 @@ async fn run(mut cmd: Command) -> Duration {
     start.elapsed()
 }
 
+/// CPU time used while `cmd` ran: its own (and its descendants', the BPF programs' included)
+/// plus this process's (the ring consumer, when observed).
+async fn run_cpu(cmd: Command) -> (Duration, Duration) {
+    use nix::sys::resource::UsageWho::{RUSAGE_CHILDREN, RUSAGE_SELF};
+    let before = cpu(RUSAGE_CHILDREN) + cpu(RUSAGE_SELF);
+    let wall = run(cmd).await;
+    (
+        wall,
+        (cpu(RUSAGE_CHILDREN) + cpu(RUSAGE_SELF)).saturating_sub(before),
+    )
+}
+
 /// Runs `cmd` in `cgroup` observed by `service`; returns (wall, events, lost) and assembles the
 /// trace (part of what a step pays).
 async fn run_observed(
@@ -249,8 +261,18 @@ async fn run_observed(
     cgroup: &BenchCgroup,
     cmd: Command,
 ) -> (Duration, usize, u64) {
+    let (wall, events, lost, _) = run_observed_cpu(service, cgroup, cmd).await;
+    (wall, events, lost)
+}
+
+/// [`run_observed`], also returning the CPU time used while `cmd` ran ([`run_cpu`]).
+async fn run_observed_cpu(
+    service: &std::sync::Arc<ObserverService>,
+    cgroup: &BenchCgroup,
+    cmd: Command,
+) -> (Duration, usize, u64, Duration) {
     let observation = service.attach(cgroup.id).unwrap();
-    let wall = run(cmd).await;
+    let (wall, cpu_used) = run_cpu(cmd).await;
     let collected = observation.finish().await.unwrap();
     let ctx = StepContext {
         job_id: "bench",
@@ -266,7 +288,7 @@ async fn run_observed(
     };
     let assembled = assemble::assemble(&collected.events, collected.lost, &ctx).unwrap();
     assert!(!assembled.blob.is_empty());
-    (wall, collected.events.len(), collected.lost)
+    (wall, collected.events.len(), collected.lost, cpu_used)
 }
 
 /// CPU time (user + system) of this process's threads (`RUSAGE_SELF`: the observer's ring
@@ -394,6 +416,7 @@ async fn main() {
     }
 
     let (mut bare, mut observed, mut straced) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare_cpu, mut observed_cpu) = (Vec::new(), Vec::new());
     let mut open_runs = StormRuns::default();
     let mut chdir_runs = StormRuns::default();
     let mut eperm_runs = StormRuns::default();
@@ -412,12 +435,16 @@ async fn main() {
             for observe in [round % 2 == 1, round % 2 == 0] {
                 if observe {
                     let service = ObserverService::start(&ObserverConfig::default()).unwrap();
-                    let (wall, events, lost) = run_observed(&service, &cgroup, make(true)).await;
+                    let (wall, events, lost, cpu_used) =
+                        run_observed_cpu(&service, &cgroup, make(true)).await;
                     assert_eq!(lost, 0, "the build lost events");
                     observed.push(wall);
+                    observed_cpu.push(cpu_used);
                     build_events = events;
                 } else {
-                    bare.push(run(make(false)).await);
+                    let (wall, cpu_used) = run_cpu(make(false)).await;
+                    bare.push(wall);
+                    bare_cpu.push(cpu_used);
                 }
             }
             let mut strace = Command::new("strace");
@@ -493,6 +520,17 @@ async fn main() {
             .zip(&bare)
             .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
             .collect();
+        let per_round_cpu: Vec<String> = observed_cpu
+            .iter()
+            .zip(&bare_cpu)
+            .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
+            .collect();
+        let (bare_cpu, observed_cpu) = (median(bare_cpu), median(observed_cpu));
+        println!(
+            "build    CPU time (the build's, BPF included, + the ring consumer's) bare {bare_cpu:.2?}  observed {observed_cpu:.2?} ({:.3}x, per round {}; target <= 1.03)",
+            ratio(observed_cpu, bare_cpu),
+            per_round_cpu.join(" ")
+        );
         let (bare, observed, straced) = (median(bare), median(observed), median(straced));
         let kiln_extra = observed.as_secs_f64() - bare.as_secs_f64();
         let strace_extra = straced.as_secs_f64() - bare.as_secs_f64();

@@ -17,15 +17,13 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	if (!cgroup_lost)
 		return 0;
 	/* A new mm (the other threads are gone) and an unshared fd table: only a shared cwd
-	 * survives exec. A thread other than the leader that execs becomes the leader, with a
-	 * fresh struct kiln_proc: the process had threads, which (pthreads) share the cwd. */
-	struct kiln_proc *proc = proc_of(task, true);
+	 * survives exec. (A thread other than the leader that execs becomes the leader, with a
+	 * fresh struct kiln_proc: the marks dropped are of tasks dead by now, which cannot race a
+	 * call of the new image; a live sharer of the cwd still shows in fs->users.) */
+	struct kiln_proc *proc = proc_of(task, false);
 
-	if (proc) {
+	if (proc)
 		proc->shared &= KILN_SHARED_FS;
-		if (old_pid != BPF_CORE_READ(task, pid))
-			proc->shared |= KILN_SHARED_FS;
-	}
 	__u32 zero = 0;
 	struct kiln_exec_event *ev = bpf_map_lookup_elem(&record_scratch, &zero);
 	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
