@@ -369,6 +369,16 @@ async fn profile(what: &str, cmd: Command, cgroup: &BenchCgroup) {
     println!("{line}");
 }
 
+/// Each round's ratio `observed / bare` (the two ran back to back: their spread shows the noise).
+fn per_round(observed: &[Duration], bare: &[Duration]) -> String {
+    let ratios: Vec<String> = observed
+        .iter()
+        .zip(bare)
+        .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
+        .collect();
+    ratios.join(" ")
+}
+
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
@@ -515,21 +525,13 @@ async fn main() {
     }
     if build {
         // Each round's bare and observed builds ran back to back: their ratios show the noise.
-        let per_round: Vec<String> = observed
-            .iter()
-            .zip(&bare)
-            .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
-            .collect();
-        let per_round_cpu: Vec<String> = observed_cpu
-            .iter()
-            .zip(&bare_cpu)
-            .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
-            .collect();
+        let rounds = per_round(observed.as_slice(), bare.as_slice());
+        let rounds_cpu = per_round(observed_cpu.as_slice(), bare_cpu.as_slice());
         let (bare_cpu, observed_cpu) = (median(bare_cpu), median(observed_cpu));
         println!(
             "build    CPU time (the build's, BPF included, + the ring consumer's) bare {bare_cpu:.2?}  observed {observed_cpu:.2?} ({:.3}x, per round {}; target <= 1.03)",
             ratio(observed_cpu, bare_cpu),
-            per_round_cpu.join(" ")
+            rounds_cpu
         );
         let (bare, observed, straced) = (median(bare), median(observed), median(straced));
         let kiln_extra = observed.as_secs_f64() - bare.as_secs_f64();
@@ -537,7 +539,7 @@ async fn main() {
         println!(
             "build    bare {bare:.2?}  observed {observed:.2?} ({:.3}x, per round {}; {build_events} events, 0 lost)  strace -f {straced:.2?} ({:.2}x)",
             ratio(observed, bare),
-            per_round.join(" "),
+            rounds,
             ratio(straced, bare)
         );
         println!(
@@ -574,16 +576,12 @@ async fn main() {
     );
     if build {
         // The variants of a round ran back to back: their ratio shows the noise.
-        let per_round: Vec<String> = host_build_observed
-            .iter()
-            .zip(&host_build_bare)
-            .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
-            .collect();
+        let rounds = per_round(host_build_observed.as_slice(), host_build_bare.as_slice());
         let (bare, observed) = (median(host_build_bare), median(host_build_observed));
         println!(
             "host     build (make -j2) unobserved beside a busy step, bare {bare:.2?}  the step observed {observed:.2?} ({:.3}x, per round {}; target <= 1.05; step: {busy_step_events} events)",
             ratio(observed, bare),
-            per_round.join(" ")
+            rounds
         );
     }
 }

@@ -590,6 +590,29 @@ fn file_records(records: &[TraceRecord]) -> Vec<&FileRecord> {
         .collect()
 }
 
+/// The record of the unlink whose argument is `name` (or ends with it: a path the test chose).
+fn unlink_of<'a>(records: &'a [TraceRecord], name: &str) -> &'a FileRecord {
+    file_records(records)
+        .into_iter()
+        .find(|f| f.op == "unlink" && f.arg.ends_with(name))
+        .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
+}
+
+/// Compiles the C program `source` into `dir/name` (cc -O2 `flags`).
+fn compile_c(dir: &Path, name: &str, source: &str, flags: &[&str]) {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).expect("write the C source");
+    let cc = std::process::Command::new("cc")
+        .args(["-O2"])
+        .args(flags)
+        .arg("-o")
+        .arg(dir.join(name))
+        .arg(&src)
+        .status()
+        .expect("cc");
+    assert!(cc.success(), "compile {name}");
+}
+
 /// Runs `script` under /bin/sh in a fresh cgroup observed through `service`; returns the
 /// trace records and the lost count.
 async fn traced_script(service: &Arc<ObserverService>, script: &str) -> (Vec<TraceRecord>, u64) {
@@ -1554,12 +1577,7 @@ async fn path_arguments_in_shared_memory_are_flagged() {
     );
     let (records, lost) = traced_script(&service, &script).await;
     assert_eq!(lost, 0);
-    let unlink = |name: &str| {
-        file_records(&records)
-            .into_iter()
-            .find(|f| f.op == "unlink" && f.arg == name)
-            .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
-    };
+    let unlink = |name: &str| unlink_of(&records, name);
     assert!(
         unlink("in-shared.txt").args_shared,
         "a path in a shared mapping"
@@ -1634,25 +1652,14 @@ async fn a_process_that_shared_its_memory_with_a_running_child_stays_flagged() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
-    std::fs::write(d.join("clonevm.c"), CLONE_VM_C).expect("write clonevm.c");
-    let cc = std::process::Command::new("cc")
-        .args(["-O2", "-o", "clonevm", "clonevm.c"])
-        .current_dir(&d)
-        .status()
-        .expect("cc");
-    assert!(cc.success(), "compile clonevm");
+    compile_c(&d, "clonevm", CLONE_VM_C, &[]);
     for name in ["after-spawn.txt", "after-clone-vm.txt"] {
         std::fs::write(d.join(name), b"x").expect("fixture");
     }
     let script = format!("cd {} && ./clonevm", d.display());
     let (records, lost) = traced_script(&service, &script).await;
     assert_eq!(lost, 0);
-    let unlink = |name: &str| {
-        file_records(&records)
-            .into_iter()
-            .find(|f| f.op == "unlink" && f.arg == name)
-            .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
-    };
+    let unlink = |name: &str| unlink_of(&records, name);
     assert!(
         !unlink("after-spawn.txt").args_shared,
         "a posix_spawn parent is suspended while its child shares its memory"
@@ -1728,13 +1735,7 @@ async fn rewritten_arguments_cannot_forge_access_and_are_flagged() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().canonicalize().expect("canonical");
-    std::fs::write(d.join("racer.c"), ARG_RACER_C).expect("write racer.c");
-    let cc = std::process::Command::new("cc")
-        .args(["-O2", "-pthread", "-o", "racer", "racer.c"])
-        .current_dir(&d)
-        .status()
-        .expect("cc");
-    assert!(cc.success(), "compile the racer");
+    compile_c(&d, "racer", ARG_RACER_C, &["-pthread"]);
     for name in ["target", "threaded.txt", "single.txt"] {
         std::fs::write(d.join(name), b"x").expect("fixture");
     }
@@ -1770,12 +1771,7 @@ async fn rewritten_arguments_cannot_forge_access_and_are_flagged() {
         assert_eq!(open.access.as_deref(), Some("read-write"), "{open:?}");
         assert!(open.args_shared, "{open:?}");
     }
-    let unlink = |name: &str| {
-        file_records(&records)
-            .into_iter()
-            .find(|f| f.op == "unlink" && f.arg.ends_with(name))
-            .unwrap_or_else(|| panic!("no unlink of {name}: {records:#?}"))
-    };
+    let unlink = |name: &str| unlink_of(&records, name);
     assert!(unlink("threaded.txt").args_shared, "a threaded process");
     assert!(!unlink("single.txt").args_shared, "rm is single-threaded");
     eprintln!("racer rewrote {rewritten}/200 arguments before sys_exit");
