@@ -99,9 +99,6 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	return 0;
 }
 
-#define NR_CLONE 56
-#define NR_VFORK 58
-#define NR_CLONE3 435
 #define KILN_CLONE_VFORK 0x00004000ULL
 
 /*

@@ -34,21 +34,19 @@
 #define NR_CLOSE 3
 #define NR_MMAP 9
 #define NR_MUNMAP 11
-#define NR_MREMAP 25
-#define NR_SHMAT 30
-#define NR_SHMDT 67
-#define NR_ARCH_PRCTL 158
-#define NR_IO_SETUP 206
-#define NR_IO_DESTROY 207
-#define NR_REMAP_FILE_PAGES 216
 #define NR_PWRITE64 18
 #define NR_WRITEV 20
+#define NR_MREMAP 25
+#define NR_SHMAT 30
 #define NR_DUP2 33
 #define NR_SENDFILE 40
 #define NR_CONNECT 42
 #define NR_SENDTO 44
 #define NR_BIND 49
 #define NR_LISTEN 50
+#define NR_CLONE 56
+#define NR_VFORK 58
+#define NR_SHMDT 67
 #define NR_TRUNCATE 76
 #define NR_CHDIR 80
 #define NR_FCHDIR 81
@@ -62,6 +60,10 @@
 #define NR_CHMOD 90
 #define NR_CHOWN 92
 #define NR_LCHOWN 94
+#define NR_ARCH_PRCTL 158
+#define NR_IO_SETUP 206
+#define NR_IO_DESTROY 207
+#define NR_REMAP_FILE_PAGES 216
 #define NR_OPENAT 257
 #define NR_MKDIRAT 258
 #define NR_FCHOWNAT 260
@@ -70,12 +72,13 @@
 #define NR_LINKAT 265
 #define NR_SYMLINKAT 266
 #define NR_FCHMODAT 268
-#define NR_DUP3 292
 #define NR_SPLICE 275
+#define NR_DUP3 292
 #define NR_PWRITEV 296
 #define NR_RENAMEAT2 316
 #define NR_COPY_FILE_RANGE 326
 #define NR_PWRITEV2 328
+#define NR_CLONE3 435
 #define NR_OPENAT2 437
 #define NR_FCHMODAT2 452
 
@@ -688,21 +691,23 @@ __noinline int kiln_args_shared(const struct file_args *a, __u16 path_len, __u16
 	if (!a)
 		return 1;
 	bool uses_dirfd = a->dirfd != KILN_AT_FDCWD || a->dirfd2 != KILN_AT_FDCWD;
-	struct kiln_proc *proc = proc_of(task, true);
-	__u64 mm = (__u64)BPF_CORE_READ(task, mm);
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
 
-	if (BPF_CORE_READ(task, mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
+	if (BPF_CORE_READ(mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
 		return true;
 	if (uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1)
 		return true;
+	/* The process's state only when the live counts did not decide. */
+	struct kiln_proc *proc = proc_of(task, true);
+
 	if (proc && (proc->shared & (KILN_SHARED_MM | KILN_SHARED_FS |
 				     (uses_dirfd ? KILN_SHARED_FILES : 0))))
 		return true;
-	if (proc && proc->mm != mm) {
+	if (proc && proc->mm != (__u64)mm) {
 		/* A new mm, or one whose mappings changed: the cached verdicts are void. */
 		for (int i = 0; i < KILN_VERDICT_SLOTS; i++)
 			proc->pages[i] = 0;
-		proc->mm = mm;
+		proc->mm = (__u64)mm;
 	}
 	/* First and last byte of each string (one may start in private memory and run into a
 	 * shared mapping placed right after it; mappings are whole pages, so the last byte is
