@@ -329,16 +329,16 @@ fn bpf_prog_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
 /// BPF program and in the ring consumer.
 async fn profile(what: &str, cmd: Command, cgroup: &BenchCgroup) {
     use nix::sys::resource::UsageWho::{RUSAGE_CHILDREN, RUSAGE_SELF};
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let was = std::fs::read_to_string(STATS).unwrap();
-    std::fs::write(STATS, "1").unwrap();
+    // BPF_ENABLE_STATS: on while the fd is open, so a bench killed here leaves them off (the
+    // sysctl would stay on and slow every later run).
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).unwrap();
     let service = ObserverService::start(&ObserverConfig::default()).unwrap();
     let observation = service.attach(cgroup.id).unwrap();
     let before = (bpf_prog_stats(), cpu(RUSAGE_SELF), cpu(RUSAGE_CHILDREN));
     let wall = run(cmd).await;
     let after = (bpf_prog_stats(), cpu(RUSAGE_SELF), cpu(RUSAGE_CHILDREN));
     let collected = observation.finish().await.unwrap();
-    std::fs::write(STATS, was.trim()).unwrap();
+    drop(stats);
     let consumer = after.1.saturating_sub(before.1);
     let workload = after.2.saturating_sub(before.2);
     let events = collected.events.len();
@@ -387,6 +387,13 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 async fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("observer bench: needs root");
+        std::process::exit(2);
+    }
+    if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() != "0")
+    {
+        eprintln!(
+            "observer bench: kernel.bpf_stats_enabled is on: every BPF program run pays two clock reads and the observed figures would include them; `sysctl kernel.bpf_stats_enabled=0` first"
+        );
         std::process::exit(2);
     }
     let files = env_usize("BENCH_BUILD_FILES", 320);

@@ -517,7 +517,7 @@ async fn limits_are_flagged_not_silent() {
     let execs: Vec<&kilnd::observe::Exec> = events
         .iter()
         .filter_map(|e| match e {
-            Event::Exec(exec) => Some(exec),
+            Event::Exec(exec) => Some(exec.as_ref()),
             _ => None,
         })
         .collect();
@@ -875,15 +875,16 @@ fn kiln_accesses(events: &[Event], skip_tgid: u32) -> Accesses {
             Event::Exec(exec) => {
                 seen.execs.insert(exec.filename.display().to_string());
             }
-            Event::File(FileOp {
-                nr: nr @ (2 | 85 | 257 | 437),
-                result,
-                path,
-                base,
-                flags,
-                real,
-                ..
-            }) => {
+            Event::File(file) if matches!(file.nr, 2 | 85 | 257 | 437) => {
+                let FileOp {
+                    nr,
+                    result,
+                    path,
+                    base,
+                    flags,
+                    real,
+                    ..
+                } = file.as_ref();
                 let path = path.to_string_lossy();
                 // kiln records no base for an absolute path. No base for a relative path would
                 // be an observer defect: it is kept as given, so it shows up as a difference.

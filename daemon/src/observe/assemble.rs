@@ -577,7 +577,7 @@ mod tests {
 
     fn events() -> Vec<Event> {
         vec![
-            Event::Exec(Exec {
+            Event::Exec(Box::new(Exec {
                 header: header(10, 5),
                 ppid: 1,
                 start_ns: 1,
@@ -591,7 +591,7 @@ mod tests {
                 argv: ["cc", "--token=hunter2", "-c"].map(OsString::from).to_vec(),
                 argc: 3,
                 flags: 0,
-            }),
+            })),
             Event::Exit(Exit {
                 header: header(20, 5),
                 code: 0,
@@ -686,7 +686,7 @@ mod tests {
     }
 
     fn open(t: u64, pid: u32, path: &str) -> Event {
-        Event::File(FileOp {
+        Event::File(Box::new(FileOp {
             header: header(t, pid),
             nr: 257,
             result: 3,
@@ -700,7 +700,7 @@ mod tests {
             base2: None,
             real: Some(PathBuf::from(path)),
             evflags: kiln_ebpf::FILE_HAS_REAL,
-        })
+        }))
     }
 
     fn fork(t: u64, parent: u32, child: u32) -> Event {

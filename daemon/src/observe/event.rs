@@ -14,15 +14,17 @@ use kiln_ebpf::{
     SockEvent, WriteEvent,
 };
 
-/// One observed event, decoded.
+/// One observed event, decoded. The variants with paths are boxed: a step holds every event
+/// of its trace until the step ends, and a storm of small records (a denied syscall is 40
+/// bytes) should not cost the 176 bytes of a file record each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Exec(Exec),
+    Exec(Box<Exec>),
     Fork(Fork),
     Exit(Exit),
-    File(FileOp),
+    File(Box<FileOp>),
     Write(Write),
-    Net(Net),
+    Net(Box<Net>),
     Denied(Denied),
     Sock(Sock),
 }
@@ -220,7 +222,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let strings = exec
                 .strings(data)
                 .ok_or_else(|| bad_strings::<ExecEvent>(bytes, &header))?;
-            Ok(Event::Exec(decode_exec(&exec, &strings)))
+            Ok(Event::Exec(decode_exec(&exec, &strings).into()))
         }
         kiln_ebpf::EVENT_FORK => {
             let fork: ForkEvent = read_sized(bytes, &header)?;
@@ -246,7 +248,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let strings = file
                 .strings(data)
                 .ok_or_else(|| bad_strings::<FileEvent>(bytes, &header))?;
-            Ok(Event::File(decode_file(&file, &strings)))
+            Ok(Event::File(decode_file(&file, &strings).into()))
         }
         kiln_ebpf::EVENT_WRITE => {
             let (write, data) = read_variable::<WriteEvent>(bytes, &header)?;
@@ -283,7 +285,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         kiln_ebpf::EVENT_NET => {
             let net: NetEvent = read_sized(bytes, &header)?;
-            Ok(Event::Net(decode_net(&net)))
+            Ok(Event::Net(decode_net(&net).into()))
         }
         kiln_ebpf::EVENT_DENIED => {
             let denied: DeniedEvent = read_sized(bytes, &header)?;
@@ -590,6 +592,14 @@ pub(crate) mod tests {
             panic!("not an exit");
         };
         assert_eq!((decoded.signal, decoded.core_dumped), (9, true));
+    }
+
+    #[test]
+    fn small_records_stay_small_in_memory() {
+        // A step keeps its whole trace in memory until it ends: the enum is as large as its
+        // largest unboxed variant (a byte-count record), not a file record's 176 bytes.
+        assert!(size_of::<Event>() <= 80, "{}", size_of::<Event>());
+        assert!(size_of::<FileOp>() > 80, "then FileOp need not be boxed");
     }
 
     #[test]

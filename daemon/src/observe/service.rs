@@ -276,7 +276,10 @@ fn dispatch(routes: &Routes, batch: &mut Vec<Event>, unrouted: &mut u64) {
     let first = batch[0].header().cgroup_id;
     let mut by_cgroup: HashMap<u64, Vec<Event>> = HashMap::new();
     if batch.iter().all(|event| event.header().cgroup_id == first) {
-        by_cgroup.insert(first, std::mem::take(batch));
+        // The next batch is likely as large: room for it now, not by doubling (each doubling
+        // copies the batch to fresh pages).
+        let next = Vec::with_capacity(batch.len());
+        by_cgroup.insert(first, std::mem::replace(batch, next));
     } else {
         for event in batch.drain(..) {
             by_cgroup

@@ -107,7 +107,7 @@ impl ProcessTree {
                 Event::Exec(exec) => {
                     let node =
                         builder.incarnation(exec.header.tgid, Some(exec.start_ns), Some(exec.ppid));
-                    builder.tree.nodes[node].execs.push(exec.clone());
+                    builder.tree.nodes[node].execs.push(exec.as_ref().clone());
                 }
                 Event::Exit(exit) => builder.exit(exit),
                 Event::File(_)
@@ -245,7 +245,7 @@ mod tests {
     }
 
     fn exec(t: u64, tgid: u32, parent: u32, start_ns: u64, argv: &[&str]) -> Event {
-        Event::Exec(Exec {
+        Event::Exec(Box::new(Exec {
             header: header(t, tgid),
             ppid: parent,
             start_ns,
@@ -259,7 +259,7 @@ mod tests {
             argv: argv.iter().map(OsString::from).collect(),
             argc: argv.len() as u32,
             flags: 0,
-        })
+        }))
     }
 
     fn exit(t: u64, pid: u32, start_ns: u64, code: u32) -> Event {
