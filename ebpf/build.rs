@@ -94,6 +94,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                     "-O2",
                     "-target",
                     "bpf",
+                    // v3: atomic fetch-and-or with a result (kiln_exit), 32-bit sub-registers.
+                    "-mcpu=v3",
                     "-D__TARGET_ARCH_x86",
                     "-Wall",
                     "-Werror",

@@ -1921,3 +1921,65 @@ async fn syscall_programs_are_attached_only_while_a_cgroup_is_observed() {
     assert_eq!(hostname_opens(&cgroup, &mut stream).await, 1);
     assert_eq!(observer.lost().expect("lost"), 0);
 }
+
+/// `threadexit N`: N processes one after another, each of THREADS threads that leave at the
+/// same moment (a barrier, then each its own exit(2), the main thread included: no
+/// exit_group), so two of them can both be past the process's last-thread count at once.
+const THREADS_EXIT_C: &str = r#"
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#define THREADS 4
+static pthread_barrier_t barrier;
+static void *leave(void *unused) {
+    pthread_barrier_wait(&barrier);
+    syscall(SYS_exit, 0);
+    return unused;
+}
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 1;
+    for (int i = 0; i < n; i++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            pthread_t t;
+            pthread_barrier_init(&barrier, 0, THREADS);
+            for (int k = 1; k < THREADS; k++) pthread_create(&t, 0, leave, 0);
+            leave(0);
+        }
+        int status;
+        if (waitpid(pid, &status, 0) != pid || status != 0) return 1;
+    }
+    return 0;
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_leaving_together_give_one_exit_record_per_process() {
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    compile_c(dir.path(), "threadexit", THREADS_EXIT_C, &["-pthread"]);
+    let (mut observer, mut stream, cgroup) = observe_new_cgroup(&ObserverConfig::default());
+    let processes = 1000;
+    let script = format!("{} {processes}", dir.path().join("threadexit").display());
+    let (events, _) = run_consuming(&cgroup, &mut stream, &script).await;
+    let mut exits: std::collections::HashMap<(u32, u64), usize> = Default::default();
+    for event in &events {
+        if let Event::Exit(exit) = event {
+            *exits.entry((exit.header.tgid, exit.start_ns)).or_default() += 1;
+        }
+    }
+    assert!(exits.len() > processes, "every process's exit was seen");
+    let repeated = exits.values().filter(|&&records| records > 1).count();
+    assert_eq!(
+        repeated,
+        0,
+        "{repeated} of {} processes have more than one exit record",
+        exits.len()
+    );
+    assert_eq!(observer.unobserve_cgroup(cgroup.id).expect("unobserve"), 0);
+}

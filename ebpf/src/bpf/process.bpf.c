@@ -193,6 +193,16 @@ int BPF_PROG(kiln_exit, struct task_struct *task)
 
 	if (!cgroup_lost)
 		return 0;
+	/*
+	 * Two threads leaving at once can both find `live` at 0 (each decremented it before the
+	 * other reached this tracepoint): the first to claim the process's state reports it. Without
+	 * state (the kernel could not allocate it) the exit is reported anyway: a duplicate record
+	 * is better than none.
+	 */
+	struct kiln_proc *proc = proc_of(task, true);
+
+	if (proc && __sync_fetch_and_or(&proc->exit_claimed, 1))
+		return 0;
 	/* Its write totals first (syscalls.bpf.c): their records precede the exit record. */
 	flush_write_totals(task, cgroup_id);
 	__u64 now = bpf_ktime_get_ns();

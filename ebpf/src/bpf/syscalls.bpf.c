@@ -142,7 +142,8 @@ struct {
  *   only while no other task shares the process's memory. Only the process's own syscalls can
  *   then change its mappings (ptrace, process_vm_writev and /proc/PID/mem are denied by the
  *   sandbox): the exit of any that maps or unmaps (is_mm_nr) clears `mm`, and so does a new mm
- *   (exec), which empties the cache.
+ *   (exec), which empties the cache;
+ * - `exit_claimed`: set, atomically, by the one thread that reports the process's exit.
  */
 #define KILN_SHARED_MM 1U
 #define KILN_SHARED_FS 2U
@@ -156,6 +157,8 @@ struct kiln_proc {
 	__u32 write_fds;
 	__u64 mm;
 	__u64 pages[KILN_VERDICT_SLOTS]; /* page address | KILN_VERDICT_* */
+	__u32 exit_claimed;		 /* the exit is reported (process.bpf.c's kiln_exit) */
+	__u32 _pad0;
 };
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
