@@ -1925,7 +1925,7 @@ async fn syscall_programs_are_attached_only_while_a_cgroup_is_observed() {
 /// `threadexit N`: N processes one after another, each of THREADS threads that leave at the
 /// same moment (a barrier, then each its own exit(2), the main thread included: no
 /// exit_group), so two of them can both be past the process's last-thread count at once.
-const THREADS_EXIT_C: &str = r#"
+const THREADS_EXIT_C: &str = r"
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -1953,7 +1953,7 @@ int main(int argc, char **argv) {
     }
     return 0;
 }
-"#;
+";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threads_leaving_together_give_one_exit_record_per_process() {
@@ -1967,7 +1967,7 @@ async fn threads_leaving_together_give_one_exit_record_per_process() {
     let processes = 1000;
     let script = format!("{} {processes}", dir.path().join("threadexit").display());
     let (events, _) = run_consuming(&cgroup, &mut stream, &script).await;
-    let mut exits: std::collections::HashMap<(u32, u64), usize> = Default::default();
+    let mut exits = std::collections::HashMap::<(u32, u64), usize>::new();
     for event in &events {
         if let Event::Exit(exit) = event {
             *exits.entry((exit.header.tgid, exit.start_ns)).or_default() += 1;
