@@ -304,7 +304,7 @@ fn cpu(who: nix::sys::resource::UsageWho) -> Duration {
 }
 
 /// Run counts and run time of the loaded `kiln_*` BPF programs (from `bpftool prog show`; the
-/// kernel counts them only while `kernel.bpf_stats_enabled` is 1), summed by name.
+/// kernel counts them only while run-time stats are enabled, see `profile`), summed by name.
 fn bpf_prog_stats() -> std::collections::BTreeMap<String, (u64, u64)> {
     let out = std::process::Command::new("bpftool")
         .args(["--json", "prog", "show"])
