@@ -1983,3 +1983,101 @@ async fn threads_leaving_together_give_one_exit_record_per_process() {
     );
     assert_eq!(observer.unobserve_cgroup(cgroup.id).expect("unobserve"), 0);
 }
+
+/// Linux AIO (the `test` profile allows it): an unlink before `io_setup` and one after, a
+/// PWRITE of 4096 bytes and a PWRITEV of 100 + 200 bytes to `aio.txt` (no write syscall), and a
+/// PREAD from /dev/zero that is no write.
+const AIO_C: &str = r#"
+#include <fcntl.h>
+#include <linux/aio_abi.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+/* Paths copied to the stack: a literal would lie in this binary's private file mapping. */
+static int unlink_copy(const char *name) {
+    char path[64];
+    strcpy(path, name);
+    return unlink(path);
+}
+static char buf[4096], in[64];
+int main(void) {
+    if (unlink_copy("before-aio.txt") != 0) return 1;
+    aio_context_t ctx = 0;
+    if (syscall(SYS_io_setup, 8, &ctx) != 0) return 2;
+    int fd = open("aio.txt", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int zero = open("/dev/zero", O_RDONLY);
+    if (fd < 0 || zero < 0) return 3;
+    memset(buf, 'a', sizeof buf);
+    struct iovec iov[2] = {{buf, 100}, {buf, 200}};
+    struct iocb w = {0}, wv = {0}, r = {0};
+    w.aio_lio_opcode = IOCB_CMD_PWRITE;
+    w.aio_fildes = fd;
+    w.aio_buf = (unsigned long)buf;
+    w.aio_nbytes = sizeof buf;
+    wv.aio_lio_opcode = IOCB_CMD_PWRITEV;
+    wv.aio_fildes = fd;
+    wv.aio_buf = (unsigned long)iov;
+    wv.aio_nbytes = 2;
+    wv.aio_offset = sizeof buf;
+    r.aio_lio_opcode = IOCB_CMD_PREAD;
+    r.aio_fildes = zero;
+    r.aio_buf = (unsigned long)in;
+    r.aio_nbytes = sizeof in;
+    struct iocb *list[3] = {&w, &wv, &r};
+    if (syscall(SYS_io_submit, ctx, 3, list) != 3) return 4;
+    struct io_event done[3];
+    if (syscall(SYS_io_getevents, ctx, 3, 3, done, 0) != 3) return 5;
+    close(fd);
+    return unlink_copy("after-aio.txt") != 0 ? 6 : 0;
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linux_aio_writes_are_counted_and_its_process_flagged() {
+    let Some((_serial, service)) = start_service().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    compile_c(&d, "aio", AIO_C, &[]);
+    for name in ["before-aio.txt", "after-aio.txt"] {
+        std::fs::write(d.join(name), b"x").expect("fixture");
+    }
+    let (records, lost) = traced_script(&service, &format!("cd {} && ./aio", d.display())).await;
+    assert_eq!(lost, 0);
+    assert_eq!(
+        std::fs::metadata(d.join("aio.txt")).expect("aio.txt").len(),
+        4396,
+        "the AIO writes ran"
+    );
+    let aio_txt = format!("{}/aio.txt", d.display());
+    let written: Vec<(Option<&str>, u64, u64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            // (Not the test harness's join of the cgroup: a write to its cgroup.procs.)
+            TraceRecord::Write(w)
+                if !w
+                    .path
+                    .as_deref()
+                    .is_some_and(|p| p.ends_with("cgroup.procs")) =>
+            {
+                Some((w.path.as_deref(), w.bytes, w.writes))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [(Some(aio_txt.as_str()), 4096 + 100 + 200, 2)],
+        "two AIO writes to aio.txt, the read not counted"
+    );
+    assert!(
+        !unlink_of(&records, "before-aio.txt").args_shared,
+        "a single-threaded process without AIO"
+    );
+    assert!(
+        unlink_of(&records, "after-aio.txt").args_shared,
+        "an AIO context can complete a read into the process's memory during the call"
+    );
+}

@@ -63,6 +63,7 @@
 #define NR_ARCH_PRCTL 158
 #define NR_IO_SETUP 206
 #define NR_IO_DESTROY 207
+#define NR_IO_SUBMIT 209
 #define NR_REMAP_FILE_PAGES 216
 #define NR_OPENAT 257
 #define NR_MKDIRAT 258
@@ -604,15 +605,83 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 	__sync_fetch_and_add(&total->writes, 1);
 }
 
-/* Plain read-modify-write (BPF atomics with a result need -mcpu=v3): concurrent marks of one
- * process set the same bits, and exec, the only clearer, runs with the process's other threads
- * gone. */
+/* Exec, the only clearer, runs with the process's other threads gone. */
 static __always_inline void mark_shared(struct task_struct *task, __u32 bits)
 {
 	struct kiln_proc *proc = proc_of(task, true);
 
 	if (proc)
-		proc->shared |= bits;
+		__sync_fetch_and_or(&proc->shared, bits);
+}
+
+/*
+ * Linux AIO (allowed by the `test` profile only). The kernel completes an AIO read into the
+ * process's memory while its other calls run, as a task sharing that memory could: a process
+ * that set up an AIO context is marked KILN_SHARED_MM (until exec, which destroys the context).
+ * Its writes reach files without a write syscall: io_submit's PWRITE and PWRITEV requests are
+ * added to the write totals as submitted (the bytes asked for; a request that later fails or
+ * comes up short is counted in full). struct iocb and struct iovec are uapi: fixed layouts.
+ */
+#define KILN_IOCB_CMD_PWRITE 1
+#define KILN_IOCB_CMD_PWRITEV 8
+/* Requests read per io_submit (more count as a loss: the trace is then incomplete). */
+#define KILN_AIO_IOCBS_MAX 1024
+/* Vectors summed per PWRITEV request (the bytes of more are not counted; the file still is). */
+#define KILN_AIO_IOVECS_MAX 64
+
+/* The part of struct iocb read here: aio_lio_opcode to aio_nbytes (bytes 16-39; the BPF stack
+ * of this callback and sys_exit's together must stay within 512 bytes). */
+#define KILN_IOCB_OPCODE_OFF 16
+struct kiln_iocb_part {
+	__u16 aio_lio_opcode;
+	__s16 aio_reqprio;
+	__u32 aio_fildes;
+	__u64 aio_buf;
+	__u64 aio_nbytes;
+};
+
+struct kiln_iovec {
+	__u64 base;
+	__u64 len;
+};
+
+struct aio_submit {
+	__u64 cgroup_id;
+	__u64 *cgroup_lost;
+	const __u64 *iocbpp;
+};
+
+static long count_aio_write(__u64 index, struct aio_submit *s)
+{
+	__u64 iocbp = 0;
+	struct kiln_iocb_part iocb;
+
+	if (bpf_probe_read_user(&iocbp, sizeof(iocbp), &s->iocbpp[index]) != 0 ||
+	    bpf_probe_read_user(&iocb, sizeof(iocb), (const void *)(iocbp + KILN_IOCB_OPCODE_OFF)) !=
+		    0) {
+		/* The kernel read it a moment ago: another thread unmapped it since. */
+		count_lost(s->cgroup_lost);
+		return 0;
+	}
+	__u64 bytes = 0;
+
+	if (iocb.aio_lio_opcode == KILN_IOCB_CMD_PWRITE) {
+		bytes = iocb.aio_nbytes;
+	} else if (iocb.aio_lio_opcode == KILN_IOCB_CMD_PWRITEV) {
+		const struct kiln_iovec *iov = (const void *)iocb.aio_buf;
+
+		for (int i = 0; i < KILN_AIO_IOVECS_MAX && i < iocb.aio_nbytes; i++) {
+			struct kiln_iovec v;
+
+			if (bpf_probe_read_user(&v, sizeof(v), &iov[i]) != 0)
+				break;
+			bytes += v.len;
+		}
+	} else {
+		return 0;
+	}
+	add_write(s->cgroup_id, s->cgroup_lost, iocb.aio_fildes, bytes);
+	return 0;
 }
 
 #define KILN_VM_SHARED 0x00000008
@@ -917,7 +986,7 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 
 	if (ret != -KILN_EPERM && !is_write_nr(id) && id != NR_CLOSE && id != NR_DUP2 &&
 	    id != NR_DUP3 && id != NR_CONNECT && id != NR_BIND && id != NR_LISTEN &&
-	    id != NR_SENDTO && !is_file_nr(id) && !is_mm_nr(id))
+	    id != NR_SENDTO && !is_file_nr(id) && !is_mm_nr(id) && id != NR_IO_SUBMIT)
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	__u64 *cgroup_lost = observed(cgroup_id);
@@ -926,10 +995,14 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 		return 0;
 
 	if (is_mm_nr(id)) {
-		struct kiln_proc *proc = proc_of(bpf_get_current_task_btf(), false);
+		bool aio = id == NR_IO_SETUP && ret == 0;
+		struct kiln_proc *proc = proc_of(bpf_get_current_task_btf(), aio);
 
-		if (proc)
+		if (proc) {
 			proc->mm = 0;
+			if (aio)
+				__sync_fetch_and_or(&proc->shared, KILN_SHARED_MM);
+		}
 		return 0;
 	}
 	switch (id) {
@@ -949,6 +1022,20 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 		return 0;
 	case NR_CLOSE:
 		emit_write_total(cgroup_id, cgroup_lost, regs->di);
+		return 0;
+	case NR_IO_SUBMIT: /* io_submit(ctx, nr, iocbpp): `ret` requests were queued */
+		if (ret > 0) {
+			struct aio_submit s = {
+				.cgroup_id = cgroup_id,
+				.cgroup_lost = cgroup_lost,
+				.iocbpp = (const __u64 *)regs->dx,
+			};
+
+			bpf_loop(ret < KILN_AIO_IOCBS_MAX ? ret : KILN_AIO_IOCBS_MAX,
+				 count_aio_write, &s, 0);
+			if (ret > KILN_AIO_IOCBS_MAX)
+				count_lost(cgroup_lost);
+		}
 		return 0;
 	case NR_DUP2:
 	case NR_DUP3: {
