@@ -2081,3 +2081,100 @@ async fn linux_aio_writes_are_counted_and_its_process_flagged() {
         "an AIO context can complete a read into the process's memory during the call"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_totals_left_by_an_abandoned_cgroup_are_dropped() {
+    use tokio::io::AsyncReadExt as _;
+    let _serial = SERIAL.lock().await;
+    if !kernel_available() {
+        return;
+    }
+    let (mut observer, _stream, abandoned) = observe_new_cgroup(&ObserverConfig::default());
+    // Writes to its stdout, which it keeps open (the write's sys_exit ran once it is read).
+    let mut writer = abandoned
+        .command("/bin/sh", &["-c", "echo ready; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut ready = [0u8; 6];
+    writer
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut ready)
+        .await
+        .expect("ready");
+    // The step is abandoned: it stops being observed, and nobody takes its write totals.
+    observer
+        .unobserve_cgroup(abandoned.id)
+        .expect("unobserve the abandoned cgroup");
+    // The next step's end sweeps the totals of cgroups no longer observed.
+    let next = TestCgroup::new();
+    observer.observe_cgroup(next.id).expect("observe");
+    let (events, unreadable) = observer.take_pending_writes(next.id);
+    assert!(events.is_empty() && unreadable == 0, "{events:?}");
+    let (left, _) = observer.take_pending_writes(abandoned.id);
+    assert!(
+        left.is_empty(),
+        "the abandoned cgroup's total was kept: {left:?}"
+    );
+    observer.unobserve_cgroup(next.id).expect("unobserve");
+    writer.kill().await.expect("kill the writer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
+    let Some((_serial, service)) = start_service().await else {
+        return;
+    };
+    // A write to a pipe, to a socket and to a memfd, and an exec of that memfd (fexecve).
+    let script = "python3 -c 'import os, socket\n\
+         r, w = os.pipe(); os.write(w, b\"abc\"); os.close(w)\n\
+         a, b = socket.socketpair(); os.write(a.fileno(), b\"hello\"); a.close()\n\
+         fd = os.memfd_create(\"tool\", 0)\n\
+         os.write(fd, open(\"/bin/true\", \"rb\").read())\n\
+         pid = os.fork()\n\
+         if pid == 0: os.execve(fd, [\"tool\"], {})\n\
+         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0'";
+    let (records, lost) = traced_script(&service, script).await;
+    assert_eq!(lost, 0);
+    let written: Vec<(&str, u64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Write(w) => Some((w.path.as_deref().unwrap_or("?"), w.bytes)),
+            _ => None,
+        })
+        .collect();
+    let inode_name = |prefix: &str, name: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix(":["))
+            .and_then(|rest| rest.strip_suffix(']'))
+            .is_some_and(|ino| !ino.is_empty() && ino.bytes().all(|b| b.is_ascii_digit()))
+    };
+    assert!(
+        written
+            .iter()
+            .any(|&(p, bytes)| inode_name("pipe", p) && bytes == 3),
+        "{written:?}"
+    );
+    assert!(
+        written
+            .iter()
+            .any(|&(p, bytes)| inode_name("socket", p) && bytes == 5),
+        "{written:?}"
+    );
+    let true_size = std::fs::metadata("/bin/true").expect("/bin/true").len();
+    assert!(written.contains(&("memfd:tool", true_size)), "{written:?}");
+    assert!(
+        !written.iter().any(|&(p, _)| p == "/"),
+        "a file in no directory was shown as the root: {written:?}"
+    );
+    let exes: Vec<&str> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Exec(e) => Some(e.exe.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(exes.contains(&"memfd:tool"), "{exes:?}");
+}

@@ -149,6 +149,9 @@ pub const PROG_INFO_RECURSION_MISSES_AT: usize = 208;
 pub const FILE_ARGS_SHARED: u16 = 1 << 9;
 /// `flags`' access mode and `O_PATH` are the opened file's, from the kernel.
 pub const FILE_FLAGS_KERNEL: u16 = 1 << 10;
+/// `real` (and a write total's path) is the pseudo name of a file in no directory
+/// (`pipe:[INODE]`, `socket:[INODE]`, `memfd:NAME`, `[eventfd]`…), not a path.
+pub const FILE_REAL_DETACHED: u16 = 1 << 11;
 
 /// `kiln_exec_event.flags` bits.
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 0;
@@ -157,6 +160,8 @@ pub const EXEC_ARGV_TRUNCATED: u32 = 1 << 1;
 pub const EXEC_ARGV_FAULT: u32 = 1 << 2;
 pub const EXEC_EXE_TRUNCATED: u32 = 1 << 3;
 pub const EXEC_CWD_TRUNCATED: u32 = 1 << 4;
+/// `exe` is the pseudo name of a file in no directory (a memfd: `memfd:NAME`), not a path.
+pub const EXEC_EXE_DETACHED: u32 = 1 << 5;
 
 /// Common header of every record (struct kiln_event_header; keep in sync with events.h).
 #[repr(C)]
@@ -638,6 +643,7 @@ mod tests {
             ("KILN_EXEC_ARGV_FAULT", EXEC_ARGV_FAULT),
             ("KILN_EXEC_EXE_TRUNCATED", EXEC_EXE_TRUNCATED),
             ("KILN_EXEC_CWD_TRUNCATED", EXEC_CWD_TRUNCATED),
+            ("KILN_EXEC_EXE_DETACHED", EXEC_EXE_DETACHED),
             ("KILN_FILE_PATH_TRUNCATED", u32::from(FILE_PATH_TRUNCATED)),
             ("KILN_FILE_PATH2_TRUNCATED", u32::from(FILE_PATH2_TRUNCATED)),
             ("KILN_FILE_BASE_TRUNCATED", u32::from(FILE_BASE_TRUNCATED)),
@@ -649,6 +655,7 @@ mod tests {
             ("KILN_FILE_HAS_REAL", u32::from(FILE_HAS_REAL)),
             ("KILN_FILE_ARGS_SHARED", u32::from(FILE_ARGS_SHARED)),
             ("KILN_FILE_FLAGS_KERNEL", u32::from(FILE_FLAGS_KERNEL)),
+            ("KILN_FILE_REAL_DETACHED", u32::from(FILE_REAL_DETACHED)),
             (
                 "KILN_PROG_INFO_RECURSION_MISSES_AT",
                 u32::try_from(PROG_INFO_RECURSION_MISSES_AT).unwrap(),

@@ -361,7 +361,11 @@ fn decode_exec(exec: &ExecEvent, strings: &kiln_ebpf::ExecStrings<'_>) -> Exec {
         euid: exec.euid,
         egid: exec.egid,
         filename: PathBuf::from(OsString::from_vec(strings.filename.to_vec())),
-        exe: leaf_first_path(strings.exe, exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0),
+        exe: if exec.flags & kiln_ebpf::EXEC_EXE_DETACHED != 0 {
+            pseudo_name(strings.exe)
+        } else {
+            leaf_first_path(strings.exe, exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0)
+        },
         cwd: leaf_first_path(strings.cwd, exec.flags & kiln_ebpf::EXEC_CWD_TRUNCATED != 0),
         argv: split_argv(strings.argv),
         argc: exec.argc,
@@ -387,8 +391,7 @@ fn decode_file(file: &FileEvent, strings: &kiln_ebpf::FileStrings<'_>) -> FileOp
             .then(|| leaf_first_path(strings.base, flag(kiln_ebpf::FILE_BASE_TRUNCATED))),
         base2: flag(kiln_ebpf::FILE_HAS_BASE2)
             .then(|| leaf_first_path(strings.base2, flag(kiln_ebpf::FILE_BASE2_TRUNCATED))),
-        real: flag(kiln_ebpf::FILE_HAS_REAL)
-            .then(|| leaf_first_path(strings.real, flag(kiln_ebpf::FILE_REAL_TRUNCATED))),
+        real: flag(kiln_ebpf::FILE_HAS_REAL).then(|| real_path(strings.real, file.evflags)),
         evflags: file.evflags,
     }
 }
@@ -426,8 +429,24 @@ fn decode_net(net: &NetEvent) -> Net {
 
 /// The path of a written file (a write record's, or a `write_totals` entry's), if it was named.
 fn written_path(leaf_first: &[u8], wflags: u16) -> Option<PathBuf> {
-    (wflags & kiln_ebpf::FILE_HAS_REAL != 0)
-        .then(|| leaf_first_path(leaf_first, wflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0))
+    (wflags & kiln_ebpf::FILE_HAS_REAL != 0).then(|| real_path(leaf_first, wflags))
+}
+
+/// The opened (or written) file: a walked path, or the pseudo name of a file in no directory.
+fn real_path(leaf_first: &[u8], evflags: u16) -> PathBuf {
+    if evflags & kiln_ebpf::FILE_REAL_DETACHED != 0 {
+        pseudo_name(leaf_first)
+    } else {
+        leaf_first_path(leaf_first, evflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0)
+    }
+}
+
+/// The name of a file in no directory (`pipe:[INODE]`, `memfd:NAME`): one component, kept as
+/// the kernel named it, not rooted at `/` (it is not a path), so it can never be taken for a
+/// file of the tree. Empty when the kernel had no name for it.
+fn pseudo_name(bytes: &[u8]) -> PathBuf {
+    let name = bytes.split(|&b| b == 0).next().unwrap_or_default();
+    PathBuf::from(OsString::from_vec(name.to_vec()))
 }
 
 /// The path of the file a `write_totals` entry counts (see [`written_path`]).
@@ -471,6 +490,7 @@ fn split_argv(bytes: &[u8]) -> Vec<OsString> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::path::Path;
 
     fn header(kind: u32, size: usize) -> EventHeader {
         EventHeader {
@@ -592,6 +612,16 @@ pub(crate) mod tests {
             panic!("not an exit");
         };
         assert_eq!((decoded.signal, decoded.core_dumped), (9, true));
+    }
+
+    #[test]
+    fn files_in_no_directory_keep_their_pseudo_name() {
+        let detached = kiln_ebpf::FILE_REAL_DETACHED;
+        assert_eq!(real_path(b"pipe:[42]\0", detached), Path::new("pipe:[42]"));
+        assert_eq!(real_path(b"memfd:x\0", detached), Path::new("memfd:x"));
+        // The same bytes as a walked path: one component under the root.
+        assert_eq!(real_path(b"memfd:x\0", 0), Path::new("/memfd:x"));
+        assert_eq!(real_path(b"", detached), Path::new(""));
     }
 
     #[test]

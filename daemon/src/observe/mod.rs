@@ -494,13 +494,20 @@ impl Observer {
     /// process's exit emitted (the exit program ends fds below 4096, up to the highest one the
     /// process's state recorded), as events, each naming its file as it was at the first write;
     /// and how many totals could not be read (each one a write record lost).
+    ///
+    /// Also drops the totals and entry counters of cgroups no longer observed: what a program
+    /// already past the cgroup filter added while a step was abandoned (dropped mid-run) would
+    /// otherwise hold map space for as long as kilnd runs.
     pub fn take_pending_writes(&mut self, id: CgroupId) -> (Vec<Event>, u64) {
         let now = sys::monotonic_ns();
         let mut unreadable = 0u64;
         let mut keys = Vec::new();
+        let mut stale = Vec::new();
+        let observed = |cgroup: u64| self.observed.get(&cgroup, 0).is_ok();
         for key in self.write_totals.keys() {
             match key {
                 Ok(key) if key.0.cgroup_id == id.0 => keys.push(key),
+                Ok(key) if !observed(key.0.cgroup_id) => stale.push(key),
                 Ok(_) => {}
                 Err(err) => {
                     tracing::warn!(%err, cgroup = %id, "cannot list the pending write totals");
@@ -531,6 +538,25 @@ impl Observer {
                 }
             }
             let _ = self.write_totals.remove(&key);
+        }
+        let stale_counters: Vec<u64> = self
+            .write_entries
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|&cgroup| cgroup != id.0 && !observed(cgroup))
+            .collect();
+        if !stale.is_empty() || !stale_counters.is_empty() {
+            tracing::debug!(
+                totals = stale.len(),
+                counters = stale_counters.len(),
+                "dropping write totals of cgroups no longer observed"
+            );
+        }
+        for key in stale {
+            let _ = self.write_totals.remove(&key);
+        }
+        for cgroup in stale_counters {
+            let _ = self.write_entries.remove(&cgroup);
         }
         (events, unreadable)
     }

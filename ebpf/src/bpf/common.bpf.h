@@ -215,7 +215,45 @@ struct walk_state {
 	char *buf;
 	__u32 off;
 	bool truncated;
+	bool detached;
 };
+
+#define KILN_S_IFMT 0170000
+#define KILN_S_IFIFO 0010000
+#define KILN_S_IFSOCK 0140000
+
+/* bpf_snprintf's formats must be read-only data. */
+static const char kiln_pipe_fmt[] = "pipe:[%llu]";
+static const char kiln_socket_fmt[] = "socket:[%llu]";
+
+/*
+ * The name of a file that no directory holds (pipes, sockets, memfds, anonymous inodes: a
+ * dentry that is its own parent, on a kernel-internal mount), written as the walk's one
+ * component: the name /proc/PID/fd shows for pipes and sockets ("pipe:[INODE]"), the dentry's
+ * own name otherwise ("memfd:NAME", "[eventfd]").
+ */
+static __always_inline void pseudo_name(struct walk_state *w, struct dentry *dentry)
+{
+	__u32 off = w->off;
+
+	if (off >= KILN_PATH_MAX)
+		return;
+	char *dst = &w->buf[off & (KILN_PATH_MAX - 1)];
+	struct inode *inode = BPF_CORE_READ(dentry, d_inode);
+	__u32 type = BPF_CORE_READ(inode, i_mode) & KILN_S_IFMT;
+	__u64 ino = BPF_CORE_READ(inode, i_ino);
+	long n;
+
+	if (type == KILN_S_IFIFO)
+		n = bpf_snprintf(dst, KILN_NAME_READ, kiln_pipe_fmt, &ino, sizeof(ino));
+	else if (type == KILN_S_IFSOCK)
+		n = bpf_snprintf(dst, KILN_NAME_READ, kiln_socket_fmt, &ino, sizeof(ino));
+	else
+		n = bpf_probe_read_kernel_str(dst, KILN_NAME_READ,
+					      BPF_CORE_READ(dentry, d_name.name));
+	if (n > 0)
+		w->off = off + n;
+}
 
 /*
  * One step of a walk from a dentry up to the task's root (see walk_path). Returns 1 to stop.
@@ -248,9 +286,13 @@ static long walk_step(__u64 index, struct walk_state *w)
 	}
 	struct dentry *parent_dentry = BPF_CORE_READ(dentry, d_parent);
 
-	/* A filesystem root that is not a mount root (detached): nothing above it either. */
+	/* A dentry that is its own parent but not its mount's root: a file in no directory (a
+	 * pipe, socket, memfd: a pseudo name, not a path) or a detached tree. Nothing above. */
 	if (parent_dentry == dentry) {
 		w->truncated = false;
+		w->detached = true;
+		if (w->off == 0)
+			pseudo_name(w, dentry);
 		return 1;
 	}
 	__u32 off = w->off;
@@ -270,11 +312,13 @@ static long walk_step(__u64 index, struct walk_state *w)
 /*
  * Writes the components of `dentry`/`vfsmnt` up to `root` leaf first, each NUL-terminated,
  * into `buf` (see events.h) and returns the number of bytes written; sets *truncated when the
- * walk stopped before reaching the root. Crosses mount points through struct mount.
+ * walk stopped before reaching the root, and *detached (when given) when it ended at a dentry
+ * that is its own parent: for a file in no directory, `buf` then holds its pseudo name
+ * (pseudo_name). Crosses mount points through struct mount.
  */
 static __always_inline __u32 walk_path(struct dentry *dentry, struct vfsmount *vfsmnt,
 				       struct dentry *root_dentry, struct vfsmount *root_mnt,
-				       char *buf, bool *truncated)
+				       char *buf, bool *truncated, bool *detached)
 {
 	struct walk_state w = {
 		.dentry = dentry,
@@ -285,10 +329,13 @@ static __always_inline __u32 walk_path(struct dentry *dentry, struct vfsmount *v
 		.buf = buf,
 		.off = 0,
 		.truncated = true,
+		.detached = false,
 	};
 
 	bpf_loop(KILN_PATH_COMPONENTS_MAX, walk_step, &w, 0);
 	*truncated = w.truncated;
+	if (detached)
+		*detached = w.detached;
 	if (w.off > KILN_PATH_MAX) {
 		*truncated = true;
 		return KILN_PATH_MAX;

@@ -58,6 +58,8 @@ enum kiln_event_type {
 #define KILN_EXEC_ARGV_FAULT (1U << 2)
 #define KILN_EXEC_EXE_TRUNCATED (1U << 3)
 #define KILN_EXEC_CWD_TRUNCATED (1U << 4)
+/* exe is the pseudo name of a file in no directory (a memfd: "memfd:NAME"), not a path. */
+#define KILN_EXEC_EXE_DETACHED (1U << 5)
 
 /* Common header of every record. */
 struct kiln_event_header {
@@ -151,6 +153,9 @@ struct kiln_exit_event {
 #define KILN_FILE_ARGS_SHARED (1U << 9)
 /* flags' access mode and O_PATH are the kernel's (the opened file's f_flags), not the argument's. */
 #define KILN_FILE_FLAGS_KERNEL (1U << 10)
+/* real (and a write total's path) is the pseudo name of a file in no directory, not a path:
+ * "pipe:[INODE]", "socket:[INODE]", "memfd:NAME", "[eventfd]"… */
+#define KILN_FILE_REAL_DETACHED (1U << 11)
 
 /*
  * A path-based file syscall (one record at sys_exit): open, openat, openat2, creat, rename*,

@@ -61,15 +61,18 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 	struct vfsmount *root_mnt = BPF_CORE_READ(fs, root.mnt);
 	struct file *file = BPF_CORE_READ(bprm, file);
 	bool truncated = false;
+	bool detached = false;
 	__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry), BPF_CORE_READ(file, f_path.mnt),
-			      root_dentry, root_mnt, scratch->buf, &truncated);
+			      root_dentry, root_mnt, scratch->buf, &truncated, &detached);
 
 	ev->exe_len = copy_path(data_at(ev, fixed, off), scratch->buf, len);
 	off += ev->exe_len;
 	if (truncated)
 		flags |= KILN_EXEC_EXE_TRUNCATED;
+	if (detached)
+		flags |= KILN_EXEC_EXE_DETACHED;
 	len = walk_path(BPF_CORE_READ(fs, pwd.dentry), BPF_CORE_READ(fs, pwd.mnt), root_dentry,
-			root_mnt, scratch->buf, &truncated);
+			root_mnt, scratch->buf, &truncated, NULL);
 	ev->cwd_len = copy_path(data_at(ev, fixed, off), scratch->buf, len);
 	off += ev->cwd_len;
 	if (truncated)

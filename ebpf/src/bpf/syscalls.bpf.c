@@ -88,8 +88,6 @@
 #define KILN_AF_UNIX 1
 #define KILN_AF_INET 2
 #define KILN_AF_INET6 10
-#define KILN_S_IFMT 0170000
-#define KILN_S_IFSOCK 0140000
 /* creat(2) is open(O_CREAT | O_WRONLY | O_TRUNC). */
 #define KILN_CREAT_FLAGS (0100 | 01 | 01000)
 /* O_ACCMODE | O_PATH: the open flags taken from the kernel's file. */
@@ -413,7 +411,7 @@ static __always_inline int walk_dir(struct task_struct *task, __s32 dirfd, char 
 		mnt = BPF_CORE_READ(file, f_path.mnt);
 	}
 	__u32 len = walk_path(dentry, mnt, BPF_CORE_READ(fs, root.dentry),
-			      BPF_CORE_READ(fs, root.mnt), scratch->buf, truncated);
+			      BPF_CORE_READ(fs, root.mnt), scratch->buf, truncated, NULL);
 	return copy_path(dst, scratch->buf, len);
 }
 
@@ -442,7 +440,7 @@ static __always_inline bool is_relative(const char *path, __u16 len)
 /* Walks the path of `file` (from the task's root) into `dst` (room for KILN_PATH_MAX bytes);
  * returns its length and sets *truncated. */
 static __always_inline __u16 walk_file(struct task_struct *task, struct file *file, char *dst,
-				       bool *truncated)
+				       bool *truncated, bool *detached)
 {
 	__u32 zero = 0;
 	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
@@ -452,7 +450,7 @@ static __always_inline __u16 walk_file(struct task_struct *task, struct file *fi
 		return 0;
 	__u32 len = walk_path(BPF_CORE_READ(file, f_path.dentry), BPF_CORE_READ(file, f_path.mnt),
 			      BPF_CORE_READ(fs, root.dentry), BPF_CORE_READ(fs, root.mnt),
-			      scratch->buf, truncated);
+			      scratch->buf, truncated, detached);
 	return copy_path(dst, scratch->buf, len);
 }
 
@@ -587,9 +585,12 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 		fresh->wflags = 0;
 		fresh->_pad0 = 0;
 		if (file) {
-			fresh->path_len = walk_file(task, file, fresh->path, &truncated);
-			fresh->wflags =
-				KILN_FILE_HAS_REAL | (truncated ? KILN_FILE_REAL_TRUNCATED : 0);
+			bool detached = false;
+
+			fresh->path_len = walk_file(task, file, fresh->path, &truncated, &detached);
+			fresh->wflags = KILN_FILE_HAS_REAL |
+					(truncated ? KILN_FILE_REAL_TRUNCATED : 0) |
+					(detached ? KILN_FILE_REAL_DETACHED : 0);
 		}
 		if (bpf_map_update_elem(&write_totals, &key, fresh, BPF_NOEXIST) == 0) {
 			__sync_fetch_and_add(entries, 1);
@@ -876,16 +877,19 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 	}
 	if (file || moved) {
 		char *real = data_at(ev, fixed, off);
+		bool detached = false;
 		int n;
 
 		truncated = false;
-		n = file ? walk_file(task, file, real, &truncated)
+		n = file ? walk_file(task, file, real, &truncated, &detached)
 			 : walk_dir(task, KILN_AT_FDCWD, real, &truncated);
 		ev->real_len = n > 0 ? n & (KILN_PATH_MAX * 2 - 1) : 0;
 		off += ev->real_len;
 		evflags |= KILN_FILE_HAS_REAL;
 		if (truncated)
 			evflags |= KILN_FILE_REAL_TRUNCATED;
+		if (detached)
+			evflags |= KILN_FILE_REAL_DETACHED;
 	}
 	ev->evflags = evflags;
 	output_event(ev, KILN_EVENT_FILE, fixed + off, cgroup_id, cgroup_lost, now,
