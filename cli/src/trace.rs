@@ -190,6 +190,13 @@ fn print_summary(s: &TraceSummary, out: &mut impl Write) -> std::io::Result<()> 
             s.setup_events_omitted
         )?;
     }
+    if s.fileless_execs > 0 {
+        writeln!(
+            out,
+            "fileless    {} programs executed from a file in no directory (a memfd): no material describes them",
+            s.fileless_execs
+        )?;
+    }
     writeln!(out, "connections {}", s.connections)?;
     writeln!(out, "lost        {}", s.lost)?;
     if s.complete {

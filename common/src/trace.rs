@@ -114,6 +114,10 @@ pub struct ExecRecord {
     /// Which fields were cut: `filename`, `argv`, `argv-fault`, `exe`, `cwd`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub truncated: Vec<String>,
+    /// `exe` is the name of a file in no directory (`memfd:NAME`), not a path: code that was
+    /// never a file of the tree (fileless execution), so it cannot be a material.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exe_pseudo: bool,
 }
 
 /// A new process.
@@ -179,6 +183,9 @@ pub struct FileRecord {
     /// not the kernel's (docs/trace.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub args_shared: bool,
+    /// `path` is the name of a file in no directory (`pipe:[INODE]`, `memfd:NAME`), not a path.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub path_pseudo: bool,
 }
 
 /// Bytes written to one file descriptor.
@@ -198,6 +205,10 @@ pub struct WriteRecord {
     pub bytes: u64,
     /// Successful write calls.
     pub writes: u64,
+    /// `path` is the name of a file in no directory (`pipe:[INODE]`, `socket:[INODE]`,
+    /// `memfd:NAME`), not a path: not counted among the files written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub path_pseudo: bool,
 }
 
 /// A socket operation.
@@ -383,6 +394,10 @@ pub struct TraceSummary {
     /// regular file (see [`Material`]); `materials` is then not the whole set.
     #[serde(default)]
     pub materials_omitted: u64,
+    /// Programs executed from a file in no directory (a memfd: `fexecve`): code that was never
+    /// a file of the tree, so no material describes it.
+    #[serde(default, skip_serializing_if = "crate::intoto::is_zero")]
+    pub fileless_execs: u64,
 }
 
 /// An environment file a step used, with its content digest.

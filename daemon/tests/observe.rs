@@ -2169,12 +2169,30 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
         !written.iter().any(|&(p, _)| p == "/"),
         "a file in no directory was shown as the root: {written:?}"
     );
-    let exes: Vec<&str> = records
+    for record in &records {
+        if let TraceRecord::Write(w) = record {
+            let path = w.path.as_deref().unwrap_or("?");
+            assert_eq!(w.path_pseudo, !path.starts_with('/'), "{w:?}");
+        }
+    }
+    let exes: Vec<(&str, bool)> = records
         .iter()
         .filter_map(|r| match r {
-            TraceRecord::Exec(e) => Some(e.exe.as_str()),
+            TraceRecord::Exec(e) => Some((e.exe.as_str(), e.exe_pseudo)),
             _ => None,
         })
         .collect();
-    assert!(exes.contains(&"memfd:tool"), "{exes:?}");
+    assert!(exes.contains(&("memfd:tool", true)), "{exes:?}");
+    assert!(
+        exes.iter()
+            .all(|&(exe, pseudo)| pseudo == (exe == "memfd:tool")),
+        "{exes:?}"
+    );
+    let summary = summary_of(&records);
+    assert_eq!(summary.fileless_execs, 1);
+    assert!(
+        summary.materials.iter().all(|m| m.path.starts_with('/')),
+        "{:?}",
+        summary.materials
+    );
 }

@@ -142,7 +142,9 @@ pub fn assemble(
                     candidates.add(&file.path, Use::Read);
                 }
             }
+            TraceRecord::Exec(exec) if exec.exe_pseudo => summary.fileless_execs += 1,
             TraceRecord::Exec(exec) => candidates.add(&exec.exe, Use::Exec),
+            TraceRecord::Write(write) if write.path_pseudo => {}
             TraceRecord::Write(write) => {
                 // Totals swept at step end have no kernel path: the last open of that fd.
                 if write.path.is_none() {
@@ -334,7 +336,8 @@ impl FileAccessSummary {
         let TraceRecord::File(file) = record else {
             return;
         };
-        if file.result < 0 {
+        // A pipe or memfd reopened through /proc/PID/fd: no file of the tree.
+        if file.result < 0 || file.path_pseudo {
             return;
         }
         let op: &'static str = match (file.op.as_str(), file.access.as_deref()) {
@@ -411,6 +414,7 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
                     .filter(|(bit, _)| exec.flags & bit != 0)
                     .map(|(_, name)| (*name).to_owned())
                     .collect(),
+                exe_pseudo: exec.flags & kiln_ebpf::EXEC_EXE_DETACHED != 0,
             })
         }
         Event::Fork(fork) => TraceRecord::Fork(ForkRecord {
@@ -432,6 +436,7 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
             path: write.path.as_deref().map(lossy),
             bytes: write.bytes,
             writes: write.writes,
+            path_pseudo: write.pseudo,
         }),
         Event::Net(net) => TraceRecord::Net(NetRecord {
             t: net.header.ktime_ns,
@@ -487,6 +492,7 @@ fn file_record(file: &FileOp, secrets: &[String]) -> FileRecord {
     let is_open = op == "open";
     let arg = file.path.to_string_lossy().into_owned();
     let redact = |text: String| trace::redact(&text, secrets);
+    let real_is_path = file.real.is_some() && matches!(op, "open" | "chdir") && file.result >= 0;
     let path = match (&file.real, op) {
         // The opened file itself, symlinks resolved, as the kernel sees it; for a chdir that
         // succeeded, the new cwd (walked at sys_exit, when the old one is gone).
@@ -516,6 +522,7 @@ fn file_record(file: &FileOp, secrets: &[String]) -> FileRecord {
         access: is_open.then(|| syscalls::open_access(file.flags).to_owned()),
         result: file.result,
         args_shared: file.evflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
+        path_pseudo: real_is_path && file.evflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
     }
 }
 
@@ -657,6 +664,7 @@ mod tests {
             bytes: 1,
             writes: 1,
             path: Some(PathBuf::from("/workspace/out/hunter2.txt")),
+            pseudo: false,
         }));
         let assembled = assemble(&events, 0, &ctx(&secrets)).unwrap();
         let text = String::from_utf8(decompress(&assembled.blob).unwrap()).unwrap();

@@ -78,6 +78,8 @@ pub struct Write {
     pub writes: u64,
     /// The file, walked from the fd when it was closed (`None` for totals swept at step end).
     pub path: Option<PathBuf>,
+    /// `path` is the name of a file in no directory (`pipe:[INODE]`), not a path.
+    pub pseudo: bool,
 }
 
 /// A socket address syscall with its result.
@@ -261,6 +263,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 bytes: write.bytes,
                 writes: write.writes,
                 path: written_path(path, write.wflags),
+                pseudo: write.wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
             }))
         }
         kiln_ebpf::EVENT_SOCK => {

@@ -529,6 +529,7 @@ impl Observer {
                     bytes: total.0.bytes,
                     writes: total.0.writes,
                     path: event::write_total_path(&total.0),
+                    pseudo: total.0.wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
                 })),
                 // Ended by its process meanwhile (emitted to the ring, not lost).
                 Err(MapError::KeyNotFound) => {}
