@@ -93,19 +93,24 @@ fn render(records: &[TraceRecord], out: &mut impl Write) -> anyhow::Result<bool>
     let mut denied = 0;
     let mut shared = 0;
     for record in records {
-        if let TraceRecord::File(f) = record {
-            shared += usize::from(f.args_shared);
+        match record {
+            TraceRecord::File(f) => shared += usize::from(f.args_shared),
+            TraceRecord::Write(w) => shared += usize::from(w.args_shared),
+            _ => {}
         }
         match record {
-            TraceRecord::File(f) if f.result >= 0 && f.op == "open" => match f.access.as_deref() {
-                Some("read") => {
-                    read.insert(f.path.as_str());
+            // A pipe or memfd reopened through /proc/PID/fd is no file of the tree.
+            TraceRecord::File(f) if f.result >= 0 && f.op == "open" && !f.path_pseudo => {
+                match f.access.as_deref() {
+                    Some("read") => {
+                        read.insert(f.path.as_str());
+                    }
+                    Some("path") => {}
+                    _ => {
+                        written.insert(f.path.as_str());
+                    }
                 }
-                Some("path") => {}
-                _ => {
-                    written.insert(f.path.as_str());
-                }
-            },
+            }
             TraceRecord::Net(n) => connections.push(format!(
                 "{} {} {} -> {}",
                 n.op,
@@ -145,7 +150,7 @@ fn render(records: &[TraceRecord], out: &mut impl Write) -> anyhow::Result<bool>
     if shared > 0 {
         writeln!(
             out,
-            "unverified  {shared} file records with arguments another thread could rewrite (argsShared; docs/trace.md)"
+            "unverified  {shared} file and write records with arguments another thread could rewrite (argsShared; docs/trace.md)"
         )?;
     }
     if !summary.materials.is_empty() || summary.materials_omitted > 0 {

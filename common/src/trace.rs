@@ -209,6 +209,10 @@ pub struct WriteRecord {
     /// `memfd:NAME`), not a path: not counted among the files written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub path_pseudo: bool,
+    /// Some of the writes were Linux AIO requests, read back from user memory another task
+    /// could have rewritten: `fd` and `bytes` are then the process's word (docs/trace.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub args_shared: bool,
 }
 
 /// A socket operation.

@@ -2052,7 +2052,7 @@ async fn linux_aio_writes_are_counted_and_its_process_flagged() {
         "the AIO writes ran"
     );
     let aio_txt = format!("{}/aio.txt", d.display());
-    let written: Vec<(Option<&str>, u64, u64)> = records
+    let written: Vec<(Option<&str>, u64, u64, bool)> = records
         .iter()
         .filter_map(|r| match r {
             // (Not the test harness's join of the cgroup: a write to its cgroup.procs.)
@@ -2062,14 +2062,15 @@ async fn linux_aio_writes_are_counted_and_its_process_flagged() {
                     .as_deref()
                     .is_some_and(|p| p.ends_with("cgroup.procs")) =>
             {
-                Some((w.path.as_deref(), w.bytes, w.writes))
+                Some((w.path.as_deref(), w.bytes, w.writes, w.args_shared))
             }
             _ => None,
         })
         .collect();
+    // The requests are read back from user memory at sys_exit: the process's word.
     assert_eq!(
         written,
-        [(Some(aio_txt.as_str()), 4096 + 100 + 200, 2)],
+        [(Some(aio_txt.as_str()), 4096 + 100 + 200, 2, true)],
         "two AIO writes to aio.txt, the read not counted"
     );
     assert!(
@@ -2133,6 +2134,8 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
          a, b = socket.socketpair(); os.write(a.fileno(), b\"hello\"); a.close()\n\
          fd = os.memfd_create(\"tool\", 0)\n\
          os.write(fd, open(\"/bin/true\", \"rb\").read())\n\
+         import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n\
+         assert libc.fchownat(fd, b\"\", 0, 0, 0x1000) == 0, ctypes.get_errno()\n\
          pid = os.fork()\n\
          if pid == 0: os.execve(fd, [\"tool\"], {})\n\
          assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0'";
@@ -2188,6 +2191,17 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
             .all(|&(exe, pseudo)| pseudo == (exe == "memfd:tool")),
         "{exes:?}"
     );
+    // fchownat(memfd, "", AT_EMPTY_PATH): the dirfd's file itself, no path of the tree.
+    let chown: Vec<(&str, bool)> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::File(f) if f.syscall == "fchownat" => {
+                Some((f.path.as_str(), f.path_pseudo))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(chown, [("memfd:tool", true)]);
     let summary = summary_of(&records);
     assert_eq!(summary.fileless_execs, 1);
     assert!(
@@ -2195,4 +2209,62 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
         "{:?}",
         summary.materials
     );
+}
+
+/// A seccomp filter (the sandbox's way of refusing) returning EPERM for io_setup, io_submit and
+/// ptrace, then one attempt at each: none has a record of its own that carries its result.
+const DENIED_C: &str = r"
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_io_setup, 3, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_io_submit, 2, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ptrace, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+        return 1;
+    unsigned long ctx = 0;
+    if (syscall(SYS_io_setup, 8, &ctx) != -1 || errno != EPERM) return 2;
+    if (syscall(SYS_io_submit, 0, 0, 0) != -1 || errno != EPERM) return 3;
+    if (syscall(SYS_ptrace, 0, 0, 0, 0) != -1 || errno != EPERM) return 4;
+    return 0;
+}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_refused_with_eperm_are_recorded() {
+    let Some((_serial, service)) = start_service().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    compile_c(&d, "denied", DENIED_C, &[]);
+    let (records, lost) = traced_script(&service, &format!("cd {} && ./denied", d.display())).await;
+    assert_eq!(lost, 0);
+    let denied: Vec<(Option<&str>, i64)> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Denied(d) => Some((d.syscall.as_deref(), d.result)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            (Some("io_setup"), -1),
+            (Some("io_submit"), -1),
+            (Some("ptrace"), -1)
+        ]
+    );
+    assert_eq!(summary_of(&records).events.denied, 3);
 }

@@ -152,6 +152,8 @@ pub const FILE_FLAGS_KERNEL: u16 = 1 << 10;
 /// `real` (and a write total's path) is the pseudo name of a file in no directory
 /// (`pipe:[INODE]`, `socket:[INODE]`, `memfd:NAME`, `[eventfd]`…), not a path.
 pub const FILE_REAL_DETACHED: u16 = 1 << 11;
+/// `base` is the pseudo name of the file in no directory open as dirfd (`AT_EMPTY_PATH`).
+pub const FILE_BASE_DETACHED: u16 = 1 << 12;
 
 /// `kiln_exec_event.flags` bits.
 pub const EXEC_FILENAME_TRUNCATED: u32 = 1 << 0;
@@ -656,6 +658,7 @@ mod tests {
             ("KILN_FILE_ARGS_SHARED", u32::from(FILE_ARGS_SHARED)),
             ("KILN_FILE_FLAGS_KERNEL", u32::from(FILE_FLAGS_KERNEL)),
             ("KILN_FILE_REAL_DETACHED", u32::from(FILE_REAL_DETACHED)),
+            ("KILN_FILE_BASE_DETACHED", u32::from(FILE_BASE_DETACHED)),
             (
                 "KILN_PROG_INFO_RECURSION_MISSES_AT",
                 u32::try_from(PROG_INFO_RECURSION_MISSES_AT).unwrap(),

@@ -136,7 +136,9 @@ pub fn assemble(
         }
         let mut record = to_record(event, ctx.secrets);
         match &mut record {
-            TraceRecord::File(file) if file.op == "open" && file.result >= 0 => {
+            TraceRecord::File(file)
+                if file.op == "open" && file.result >= 0 && !file.path_pseudo =>
+            {
                 open_fds.insert((file.pid, file.result as i32), file.path.clone());
                 if file.access.as_deref() == Some("read") {
                     candidates.add(&file.path, Use::Read);
@@ -437,6 +439,7 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
             bytes: write.bytes,
             writes: write.writes,
             path_pseudo: write.pseudo,
+            args_shared: write.args_shared,
         }),
         Event::Net(net) => TraceRecord::Net(NetRecord {
             t: net.header.ktime_ns,
@@ -522,7 +525,12 @@ fn file_record(file: &FileOp, secrets: &[String]) -> FileRecord {
         access: is_open.then(|| syscalls::open_access(file.flags).to_owned()),
         result: file.result,
         args_shared: file.evflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
-        path_pseudo: real_is_path && file.evflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
+        path_pseudo: if real_is_path {
+            file.evflags & kiln_ebpf::FILE_REAL_DETACHED != 0
+        } else {
+            // `AT_EMPTY_PATH` on a memfd or pipe: the path is the dirfd's file itself.
+            file.evflags & kiln_ebpf::FILE_BASE_DETACHED != 0 && file.path.as_os_str().is_empty()
+        },
     }
 }
 
@@ -665,6 +673,7 @@ mod tests {
             writes: 1,
             path: Some(PathBuf::from("/workspace/out/hunter2.txt")),
             pseudo: false,
+            args_shared: false,
         }));
         let assembled = assemble(&events, 0, &ctx(&secrets)).unwrap();
         let text = String::from_utf8(decompress(&assembled.blob).unwrap()).unwrap();

@@ -80,6 +80,9 @@ pub struct Write {
     pub path: Option<PathBuf>,
     /// `path` is the name of a file in no directory (`pipe:[INODE]`), not a path.
     pub pseudo: bool,
+    /// Some of the writes were read from user memory another task could rewrite (Linux AIO
+    /// requests): their fd and byte count are the process's word.
+    pub args_shared: bool,
 }
 
 /// A socket address syscall with its result.
@@ -264,6 +267,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 writes: write.writes,
                 path: written_path(path, write.wflags),
                 pseudo: write.wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
+                args_shared: write.wflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
             }))
         }
         kiln_ebpf::EVENT_SOCK => {
@@ -390,8 +394,13 @@ fn decode_file(file: &FileEvent, strings: &kiln_ebpf::FileStrings<'_>) -> FileOp
         path: bytes_path(strings.path),
         path2: (file.path2_len > 0 || flag(kiln_ebpf::FILE_HAS_BASE2))
             .then(|| bytes_path(strings.path2)),
-        base: flag(kiln_ebpf::FILE_HAS_BASE)
-            .then(|| leaf_first_path(strings.base, flag(kiln_ebpf::FILE_BASE_TRUNCATED))),
+        base: flag(kiln_ebpf::FILE_HAS_BASE).then(|| {
+            if flag(kiln_ebpf::FILE_BASE_DETACHED) {
+                pseudo_name(strings.base)
+            } else {
+                leaf_first_path(strings.base, flag(kiln_ebpf::FILE_BASE_TRUNCATED))
+            }
+        }),
         base2: flag(kiln_ebpf::FILE_HAS_BASE2)
             .then(|| leaf_first_path(strings.base2, flag(kiln_ebpf::FILE_BASE2_TRUNCATED))),
         real: flag(kiln_ebpf::FILE_HAS_REAL).then(|| real_path(strings.real, file.evflags)),

@@ -530,6 +530,7 @@ impl Observer {
                     writes: total.0.writes,
                     path: event::write_total_path(&total.0),
                     pseudo: total.0.wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
+                    args_shared: total.0.wflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
                 })),
                 // Ended by its process meanwhile (emitted to the ring, not lost).
                 Err(MapError::KeyNotFound) => {}

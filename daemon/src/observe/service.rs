@@ -277,9 +277,14 @@ fn dispatch(routes: &Routes, batch: &mut Vec<Event>, unrouted: &mut u64) {
     let mut by_cgroup: HashMap<u64, Vec<Event>> = HashMap::new();
     if batch.iter().all(|event| event.header().cgroup_id == first) {
         // The next batch is likely as large: room for it now, not by doubling (each doubling
-        // copies the batch to fresh pages).
+        // copies the batch to fresh pages). A batch waits in its step's channel until the step
+        // ends: one much smaller than its room gives the rest back first.
         let next = Vec::with_capacity(batch.len());
-        by_cgroup.insert(first, std::mem::replace(batch, next));
+        let mut events = std::mem::replace(batch, next);
+        if events.capacity() > 2 * events.len() {
+            events.shrink_to_fit();
+        }
+        by_cgroup.insert(first, events);
     } else {
         for event in batch.drain(..) {
             by_cgroup

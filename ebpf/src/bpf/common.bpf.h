@@ -286,13 +286,15 @@ static long walk_step(__u64 index, struct walk_state *w)
 	}
 	struct dentry *parent_dentry = BPF_CORE_READ(dentry, d_parent);
 
-	/* A dentry that is its own parent but not its mount's root: a file in no directory (a
-	 * pipe, socket, memfd: a pseudo name, not a path) or a detached tree. Nothing above. */
+	/* A dentry that is its own parent but not its mount's root: nothing above. The file
+	 * itself: a file in no directory (a pipe, socket, memfd), named by its pseudo name. A
+	 * directory above the file: a disconnected tree, whose path stays relative (truncated). */
 	if (parent_dentry == dentry) {
-		w->truncated = false;
-		w->detached = true;
-		if (w->off == 0)
+		if (w->off == 0) {
+			w->truncated = false;
+			w->detached = true;
 			pseudo_name(w, dentry);
+		}
 		return 1;
 	}
 	__u32 off = w->off;

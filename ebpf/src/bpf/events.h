@@ -156,6 +156,8 @@ struct kiln_exit_event {
 /* real (and a write total's path) is the pseudo name of a file in no directory, not a path:
  * "pipe:[INODE]", "socket:[INODE]", "memfd:NAME", "[eventfd]"… */
 #define KILN_FILE_REAL_DETACHED (1U << 11)
+/* base is the pseudo name of the file in no directory open as dirfd (AT_EMPTY_PATH). */
+#define KILN_FILE_BASE_DETACHED (1U << 12)
 
 /*
  * A path-based file syscall (one record at sys_exit): open, openat, openat2, creat, rename*,

@@ -389,7 +389,7 @@ static __always_inline struct file *fd_file(struct task_struct *task, int fd)
  * meanwhile): never an empty walk, which would read as "/".
  */
 static __always_inline int walk_dir(struct task_struct *task, __s32 dirfd, char *dst,
-				      bool *truncated)
+				      bool *truncated, bool *detached)
 {
 	__u32 zero = 0;
 	struct path_scratch *scratch = bpf_map_lookup_elem(&path_scratch, &zero);
@@ -411,7 +411,7 @@ static __always_inline int walk_dir(struct task_struct *task, __s32 dirfd, char 
 		mnt = BPF_CORE_READ(file, f_path.mnt);
 	}
 	__u32 len = walk_path(dentry, mnt, BPF_CORE_READ(fs, root.dentry),
-			      BPF_CORE_READ(fs, root.mnt), scratch->buf, truncated, NULL);
+			      BPF_CORE_READ(fs, root.mnt), scratch->buf, truncated, detached);
 	return copy_path(dst, scratch->buf, len);
 }
 
@@ -539,7 +539,10 @@ static __always_inline void flush_write_totals(struct task_struct *task, __u64 c
 	bpf_loop(fds, flush_fd, &f, 0);
 }
 
-static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes)
+/* Adds `bytes` (one write) to the total of `fd` of the current process; `wflags` are set on the
+ * total for good (KILN_FILE_ARGS_SHARED: the fd and bytes were read from user memory). */
+static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32 fd, long bytes,
+				      __u16 wflags)
 {
 	struct kiln_write_key key = {
 		.cgroup_id = cgroup_id,
@@ -602,6 +605,9 @@ static __always_inline void add_write(__u64 cgroup_id, __u64 *cgroup_lost, __s32
 			return;
 		}
 	}
+	/* A plain store: wflags is only ever set, the same bits by every writer. */
+	if ((total->wflags & wflags) != wflags)
+		total->wflags |= wflags;
 	__sync_fetch_and_add(&total->bytes, bytes);
 	__sync_fetch_and_add(&total->writes, 1);
 }
@@ -618,10 +624,12 @@ static __always_inline void mark_shared(struct task_struct *task, __u32 bits)
 /*
  * Linux AIO (allowed by the `test` profile only). The kernel completes an AIO read into the
  * process's memory while its other calls run, as a task sharing that memory could: a process
- * that set up an AIO context is marked KILN_SHARED_MM (until exec, which destroys the context).
- * Its writes reach files without a write syscall: io_submit's PWRITE and PWRITEV requests are
+ * whose mm has an AIO context table counts as sharing its memory (kiln_args_shared). Its
+ * writes reach files without a write syscall: io_submit's PWRITE and PWRITEV requests are
  * added to the write totals as submitted (the bytes asked for; a request that later fails or
- * comes up short is counted in full). struct iocb and struct iovec are uapi: fixed layouts.
+ * comes up short is counted in full). The requests are read back from user memory at
+ * sys_exit, where another thread may have rewritten them: such totals carry
+ * KILN_FILE_ARGS_SHARED. struct iocb and struct iovec are uapi: fixed layouts.
  */
 #define KILN_IOCB_CMD_PWRITE 1
 #define KILN_IOCB_CMD_PWRITEV 8
@@ -681,7 +689,7 @@ static long count_aio_write(__u64 index, struct aio_submit *s)
 	} else {
 		return 0;
 	}
-	add_write(s->cgroup_id, s->cgroup_lost, iocb.aio_fildes, bytes);
+	add_write(s->cgroup_id, s->cgroup_lost, iocb.aio_fildes, bytes, KILN_FILE_ARGS_SHARED);
 	return 0;
 }
 
@@ -768,6 +776,11 @@ __noinline int kiln_args_shared(const struct file_args *a, __u16 path_len, __u16
 
 	if (BPF_CORE_READ(mm, mm_users.counter) > 1 || BPF_CORE_READ(task, fs, users) > 1)
 		return true;
+	/* Linux AIO (the `test` profile): the kernel completes a read into this memory while
+	 * other calls run. The table exists from the mm's first io_setup until the mm is gone
+	 * (a vfork child's io_setup leaves it in the parent's mm). */
+	if (bpf_core_field_exists(mm->ioctx_table) && BPF_CORE_READ(mm, ioctx_table))
+		return true;
 	if (uses_dirfd && BPF_CORE_READ(task, files, count.counter) > 1)
 		return true;
 	/* The process's state only when the live counts did not decide. */
@@ -840,7 +853,8 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 	off += ev->path2_len;
 	/* No base when the directory is gone: the path stays relative (unresolved), never "/". */
 	if (a.fd_only || (rel && !moved)) {
-		int n = walk_dir(task, a.dirfd, data_at(ev, fixed, off), &truncated);
+		bool detached = false;
+		int n = walk_dir(task, a.dirfd, data_at(ev, fixed, off), &truncated, &detached);
 
 		if (n >= 0) {
 			ev->base_len = n & (KILN_PATH_MAX * 2 - 1);
@@ -848,10 +862,13 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 			evflags |= KILN_FILE_HAS_BASE;
 			if (truncated)
 				evflags |= KILN_FILE_BASE_TRUNCATED;
+			/* A memfd or pipe as dirfd (AT_EMPTY_PATH: fchownat, linkat, execveat). */
+			if (detached)
+				evflags |= KILN_FILE_BASE_DETACHED;
 		}
 	}
 	if (rel2) {
-		int n = walk_dir(task, a.dirfd2, data_at(ev, fixed, off), &truncated);
+		int n = walk_dir(task, a.dirfd2, data_at(ev, fixed, off), &truncated, NULL);
 
 		if (n >= 0) {
 			ev->base2_len = n & (KILN_PATH_MAX * 2 - 1);
@@ -882,7 +899,7 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 
 		truncated = false;
 		n = file ? walk_file(task, file, real, &truncated, &detached)
-			 : walk_dir(task, KILN_AT_FDCWD, real, &truncated);
+			 : walk_dir(task, KILN_AT_FDCWD, real, &truncated, NULL);
 		ev->real_len = n > 0 ? n & (KILN_PATH_MAX * 2 - 1) : 0;
 		off += ev->real_len;
 		evflags |= KILN_FILE_HAS_REAL;
@@ -894,6 +911,20 @@ static __always_inline void emit_file(__u64 cgroup_id, __u64 *cgroup_lost, long 
 	ev->evflags = evflags;
 	output_event(ev, KILN_EVENT_FILE, fixed + off, cgroup_id, cgroup_lost, now,
 		     wakeup_flags(now));
+}
+
+static __always_inline void emit_denied(__u64 cgroup_id, __u64 *cgroup_lost, long id, long ret)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct kiln_denied_event *ev =
+		reserve_event_in(KILN_EVENT_DENIED, sizeof(*ev), cgroup_id, cgroup_lost, now);
+
+	if (ev) {
+		ev->result = ret;
+		ev->nr = id;
+		ev->_pad0 = 0;
+		bpf_ringbuf_submit(ev, wakeup_flags(now));
+	}
 }
 
 static __always_inline void emit_net(__u64 cgroup_id, __u64 *cgroup_lost, long id, long ret,
@@ -998,15 +1029,18 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	if (!cgroup_lost)
 		return 0;
 
+	/* Refused with EPERM (the seccomp profile's errno): a denied record, unless the
+	 * syscall's own record carries its result (the file and socket-address syscalls). */
+	if (ret == -KILN_EPERM && !is_file_nr(id) && id != NR_CONNECT && id != NR_BIND &&
+	    id != NR_LISTEN && !(id == NR_SENDTO && regs->r8)) {
+		emit_denied(cgroup_id, cgroup_lost, id, ret);
+		return 0;
+	}
 	if (is_mm_nr(id)) {
-		bool aio = id == NR_IO_SETUP && ret == 0;
-		struct kiln_proc *proc = proc_of(bpf_get_current_task_btf(), aio);
+		struct kiln_proc *proc = proc_of(bpf_get_current_task_btf(), false);
 
-		if (proc) {
+		if (proc)
 			proc->mm = 0;
-			if (aio)
-				__sync_fetch_and_or(&proc->shared, KILN_SHARED_MM);
-		}
 		return 0;
 	}
 	switch (id) {
@@ -1017,12 +1051,12 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	case NR_PWRITEV2:
 	case NR_SENDFILE: /* sendfile(out_fd, in_fd, …) */
 		if (ret > 0)
-			add_write(cgroup_id, cgroup_lost, regs->di, ret);
+			add_write(cgroup_id, cgroup_lost, regs->di, ret, 0);
 		return 0;
 	case NR_SPLICE:		 /* splice(fd_in, off_in, fd_out, …) */
 	case NR_COPY_FILE_RANGE: /* copy_file_range(fd_in, off_in, fd_out, …): cp */
 		if (ret > 0)
-			add_write(cgroup_id, cgroup_lost, regs->dx, ret);
+			add_write(cgroup_id, cgroup_lost, regs->dx, ret, 0);
 		return 0;
 	case NR_CLOSE:
 		emit_write_total(cgroup_id, cgroup_lost, regs->di);
@@ -1068,21 +1102,7 @@ int BPF_PROG(kiln_sys_exit, struct pt_regs *regs, long ret)
 	default:
 		break;
 	}
-	if (is_file_nr(id)) {
+	if (is_file_nr(id))
 		emit_file(cgroup_id, cgroup_lost, id, regs, ret);
-		return 0;
-	}
-	if (ret == -KILN_EPERM) {
-		__u64 now = bpf_ktime_get_ns();
-		struct kiln_denied_event *ev =
-			reserve_event_in(KILN_EVENT_DENIED, sizeof(*ev), cgroup_id, cgroup_lost, now);
-
-		if (ev) {
-			ev->result = ret;
-			ev->nr = id;
-			ev->_pad0 = 0;
-			bpf_ringbuf_submit(ev, wakeup_flags(now));
-		}
-	}
 	return 0;
 }
