@@ -118,6 +118,10 @@ pub struct ExecRecord {
     /// never a file of the tree (fileless execution), so it cannot be a material.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub exe_pseudo: bool,
+    /// The program is a script that is a file in no directory (an fexecve of a memfd script:
+    /// `exe` is its interpreter, `filename` `/dev/fd/N`): fileless too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub script_pseudo: bool,
 }
 
 /// A new process.
@@ -398,8 +402,8 @@ pub struct TraceSummary {
     /// regular file (see [`Material`]); `materials` is then not the whole set.
     #[serde(default)]
     pub materials_omitted: u64,
-    /// Programs executed from a file in no directory (a memfd: `fexecve`): code that was never
-    /// a file of the tree, so no material describes it.
+    /// Programs executed from a file in no directory (a memfd: `fexecve`), binaries and scripts:
+    /// code that was never a file of the tree, so no material describes it.
     #[serde(default, skip_serializing_if = "crate::intoto::is_zero")]
     pub fileless_execs: u64,
 }

@@ -2138,6 +2138,10 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
          assert libc.fchownat(fd, b\"\", 0, 0, 0x1000) == 0, ctypes.get_errno()\n\
          pid = os.fork()\n\
          if pid == 0: os.execve(fd, [\"tool\"], {})\n\
+         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0\n\
+         s = os.memfd_create(\"script\", 0); os.write(s, b\"#!/bin/sh\\nexit 0\\n\")\n\
+         pid = os.fork()\n\
+         if pid == 0: os.execve(s, [\"script\"], {})\n\
          assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0'";
     let (records, lost) = traced_script(&service, script).await;
     assert_eq!(lost, 0);
@@ -2178,19 +2182,31 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
             assert_eq!(w.path_pseudo, !path.starts_with('/'), "{w:?}");
         }
     }
-    let exes: Vec<(&str, bool)> = records
+    let exes: Vec<(&str, &str, bool, bool)> = records
         .iter()
         .filter_map(|r| match r {
-            TraceRecord::Exec(e) => Some((e.exe.as_str(), e.exe_pseudo)),
+            TraceRecord::Exec(e) => Some((
+                e.filename.as_str(),
+                e.exe.as_str(),
+                e.exe_pseudo,
+                e.script_pseudo,
+            )),
             _ => None,
         })
         .collect();
-    assert!(exes.contains(&("memfd:tool", true)), "{exes:?}");
+    // The binary: exe is the memfd. The script: exe is its interpreter, run on /dev/fd/N.
+    let binary = exes
+        .iter()
+        .filter(|e| e.1 == "memfd:tool")
+        .collect::<Vec<_>>();
+    assert!(matches!(binary[..], [(_, _, true, false)]), "{exes:?}");
+    let script = exes.iter().filter(|e| e.3).collect::<Vec<_>>();
     assert!(
-        exes.iter()
-            .all(|&(exe, pseudo)| pseudo == (exe == "memfd:tool")),
+        matches!(script[..], [(filename, exe, false, true)]
+            if filename.starts_with("/dev/fd/") && exe.ends_with("dash")),
         "{exes:?}"
     );
+    assert_eq!(exes.iter().filter(|e| e.2).count(), 1, "{exes:?}");
     // fchownat(memfd, "", AT_EMPTY_PATH): the dirfd's file itself, no path of the tree.
     let chown: Vec<(&str, bool)> = records
         .iter()
@@ -2203,7 +2219,7 @@ async fn pipes_sockets_and_memfds_are_named_not_taken_for_paths() {
         .collect();
     assert_eq!(chown, [("memfd:tool", true)]);
     let summary = summary_of(&records);
-    assert_eq!(summary.fileless_execs, 1);
+    assert_eq!(summary.fileless_execs, 2);
     assert!(
         summary.materials.iter().all(|m| m.path.starts_with('/')),
         "{:?}",

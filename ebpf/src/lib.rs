@@ -164,6 +164,9 @@ pub const EXEC_EXE_TRUNCATED: u32 = 1 << 3;
 pub const EXEC_CWD_TRUNCATED: u32 = 1 << 4;
 /// `exe` is the pseudo name of a file in no directory (a memfd: `memfd:NAME`), not a path.
 pub const EXEC_EXE_DETACHED: u32 = 1 << 5;
+/// The program is a script that is a file in no directory (fexecve of a memfd script: `exe` is
+/// its interpreter, `filename` `/dev/fd/N`).
+pub const EXEC_SCRIPT_DETACHED: u32 = 1 << 6;
 
 /// Common header of every record (struct kiln_event_header; keep in sync with events.h).
 #[repr(C)]
@@ -646,6 +649,7 @@ mod tests {
             ("KILN_EXEC_EXE_TRUNCATED", EXEC_EXE_TRUNCATED),
             ("KILN_EXEC_CWD_TRUNCATED", EXEC_CWD_TRUNCATED),
             ("KILN_EXEC_EXE_DETACHED", EXEC_EXE_DETACHED),
+            ("KILN_EXEC_SCRIPT_DETACHED", EXEC_SCRIPT_DETACHED),
             ("KILN_FILE_PATH_TRUNCATED", u32::from(FILE_PATH_TRUNCATED)),
             ("KILN_FILE_PATH2_TRUNCATED", u32::from(FILE_PATH2_TRUNCATED)),
             ("KILN_FILE_BASE_TRUNCATED", u32::from(FILE_BASE_TRUNCATED)),

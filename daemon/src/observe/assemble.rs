@@ -145,7 +145,11 @@ pub fn assemble(
                 }
             }
             TraceRecord::Exec(exec) if exec.exe_pseudo => summary.fileless_execs += 1,
-            TraceRecord::Exec(exec) => candidates.add(&exec.exe, Use::Exec),
+            TraceRecord::Exec(exec) => {
+                // A memfd script: its interpreter is still a file (a material).
+                summary.fileless_execs += u64::from(exec.script_pseudo);
+                candidates.add(&exec.exe, Use::Exec);
+            }
             TraceRecord::Write(write) if write.path_pseudo => {}
             TraceRecord::Write(write) => {
                 // Totals swept at step end have no kernel path: the last open of that fd.
@@ -417,6 +421,7 @@ fn to_record(event: &Event, secrets: &[String]) -> TraceRecord {
                     .map(|(_, name)| (*name).to_owned())
                     .collect(),
                 exe_pseudo: exec.flags & kiln_ebpf::EXEC_EXE_DETACHED != 0,
+                script_pseudo: exec.flags & kiln_ebpf::EXEC_SCRIPT_DETACHED != 0,
             })
         }
         Event::Fork(fork) => TraceRecord::Fork(ForkRecord {

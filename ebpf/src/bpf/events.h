@@ -60,6 +60,9 @@ enum kiln_event_type {
 #define KILN_EXEC_CWD_TRUNCATED (1U << 4)
 /* exe is the pseudo name of a file in no directory (a memfd: "memfd:NAME"), not a path. */
 #define KILN_EXEC_EXE_DETACHED (1U << 5)
+/* The program is a script that is a file in no directory (fexecve of a memfd script: the
+ * interpreter is exe, filename "/dev/fd/N"). */
+#define KILN_EXEC_SCRIPT_DETACHED (1U << 6)
 
 /* Common header of every record. */
 struct kiln_event_header {

@@ -8,6 +8,39 @@
  * daemon/src/observe (aya), which fills `observed_cgroups` before the step's first exec.
  */
 
+/*
+ * Whether this exec runs a script that is a file in no directory: an fexecve (execveat with
+ * AT_EMPTY_PATH) of a script gives the interpreter (bprm->file) the script as "/dev/fd/N",
+ * and fd N, which must stay open for the interpreter to read it, is that file (a memfd).
+ * `name` is the record's copy of bprm->filename, `len` bytes.
+ */
+static __always_inline bool script_detached(struct task_struct *task, const char *name, __u16 len)
+{
+	const int prefix = 8; /* "/dev/fd/" */
+
+	if (len <= prefix || len > prefix + 7 || name[0] != '/' || name[1] != 'd' ||
+	    name[2] != 'e' || name[3] != 'v' || name[4] != '/' || name[5] != 'f' || name[6] != 'd' ||
+	    name[7] != '/')
+		return false;
+	int fd = 0;
+
+	for (int i = prefix; i < prefix + 7 && i < len; i++) {
+		char c = name[i];
+
+		if (c < '0' || c > '9')
+			return false;
+		fd = fd * 10 + (c - '0');
+	}
+	struct file *script = fd_file(task, fd);
+
+	if (!script)
+		return false;
+	struct dentry *dentry = BPF_CORE_READ(script, f_path.dentry);
+
+	return BPF_CORE_READ(dentry, d_parent) == dentry &&
+	       dentry != BPF_CORE_READ(script, f_path.mnt, mnt_root);
+}
+
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
 {
@@ -71,6 +104,8 @@ int BPF_PROG(kiln_exec, struct task_struct *task, pid_t old_pid, struct linux_bi
 		flags |= KILN_EXEC_EXE_TRUNCATED;
 	if (detached)
 		flags |= KILN_EXEC_EXE_DETACHED;
+	else if (script_detached(task, data_at(ev, fixed, 0), ev->filename_len))
+		flags |= KILN_EXEC_SCRIPT_DETACHED;
 	len = walk_path(BPF_CORE_READ(fs, pwd.dentry), BPF_CORE_READ(fs, pwd.mnt), root_dentry,
 			root_mnt, scratch->buf, &truncated, NULL);
 	ev->cwd_len = copy_path(data_at(ev, fixed, off), scratch->buf, len);
