@@ -370,13 +370,18 @@ async fn profile(what: &str, cmd: Command, cgroup: &BenchCgroup) {
 }
 
 /// Each round's ratio `observed / bare` (the two ran back to back: their spread shows the noise).
+/// Each round's ratio (its two runs ran back to back), and their median: the paired figure,
+/// which drift of the VM between rounds does not move the way it moves the medians' ratio.
 fn per_round(observed: &[Duration], bare: &[Duration]) -> String {
-    let ratios: Vec<String> = observed
+    let mut ratios: Vec<f64> = observed
         .iter()
         .zip(bare)
-        .map(|(observed, bare)| format!("{:.3}", ratio(*observed, *bare)))
+        .map(|(observed, bare)| ratio(*observed, *bare))
         .collect();
-    ratios.join(" ")
+    let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
+    format!("{}, paired median {median:.3}x", listed.join(" "))
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {
