@@ -2284,3 +2284,72 @@ async fn syscalls_refused_with_eperm_are_recorded() {
     );
     assert_eq!(summary_of(&records).events.denied, 3);
 }
+
+/// A child whose main thread leaves first with exit(5) (not exit_group) while a second thread
+/// leaves 50 ms later with exit(9); the parent writes the exit code wait() reported (the last
+/// thread's, on this kernel) to `status.txt`.
+const LEADER_FIRST_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+static void *late(void *unused) {
+    struct timespec t = {0, 50 * 1000 * 1000};
+    nanosleep(&t, 0);
+    syscall(SYS_exit, 9);
+    return unused;
+}
+int main(void) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct timespec t = {0, 20 * 1000 * 1000};
+        nanosleep(&t, 0);
+        pthread_t thread;
+        pthread_create(&thread, 0, late, 0);
+        syscall(SYS_exit, 5);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return 1;
+    FILE *out = fopen("status.txt", "w");
+    return !out || fprintf(out, "%d", WEXITSTATUS(status)) < 0 || fclose(out) != 0;
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_whose_leader_left_first_is_one_process_exiting_as_wait_reports() {
+    let Some((_serial, service)) = start_service().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().canonicalize().expect("canonical");
+    compile_c(&d, "leaderfirst", LEADER_FIRST_C, &["-pthread"]);
+    let (records, lost) =
+        traced_script(&service, &format!("cd {} && ./leaderfirst", d.display())).await;
+    assert_eq!(lost, 0);
+    let waited: u32 = std::fs::read_to_string(d.join("status.txt"))
+        .expect("status.txt")
+        .parse()
+        .expect("an exit code");
+    // The last fork is leaderfirst's child (the shell's come before it); its second thread is
+    // a clone within the process, not a fork record.
+    let child = records
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            TraceRecord::Fork(f) => Some(f.child),
+            _ => None,
+        })
+        .expect("the child's fork");
+    // One process node (its exit matched to its fork, whichever thread left last), exiting as
+    // wait() reported.
+    let nodes: Vec<Option<u32>> = records
+        .iter()
+        .filter_map(|r| match r {
+            TraceRecord::Process(p) if p.pid == child => Some(p.exit_code),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(nodes, [Some(waited)], "child {child}");
+}

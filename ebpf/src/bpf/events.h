@@ -134,7 +134,9 @@ struct kiln_exit_event {
 	__u32 code;     /* exit code 0..255, meaningful when signal == 0 */
 	__u32 signal;   /* terminating signal, 0 when the process exited normally */
 	__u32 _pad0;
-	__u64 start_ns; /* task->start_time, CLOCK_MONOTONIC: duration = hdr.ktime_ns - start_ns */
+	/* The process's (its leader's) start_time, CLOCK_MONOTONIC: duration = hdr.ktime_ns -
+	 * start_ns. */
+	__u64 start_ns;
 };
 
 /* struct kiln_file_event.evflags */

@@ -255,7 +255,10 @@ int BPF_PROG(kiln_exit, struct task_struct *task)
 	ev->code = (status >> 8) & 0xff;
 	ev->signal = status & 0x7f;
 	ev->_pad0 = 0;
-	ev->start_ns = BPF_CORE_READ(task, start_time);
+	/* The process's start (its leader's: the fork that made it), not the last thread's, which
+	 * may be a thread created later: the exit must match the process's fork. The status is the
+	 * last thread's, as wait() reports it (tested). */
+	ev->start_ns = BPF_CORE_READ(task, group_leader, start_time);
 	bpf_ringbuf_submit(ev, wakeup_flags(now));
 	return 0;
 }
