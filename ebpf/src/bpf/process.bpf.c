@@ -242,7 +242,7 @@ int BPF_PROG(kiln_exit, struct task_struct *task)
 	if (proc && __sync_fetch_and_or(&proc->exit_claimed, 1))
 		return 0;
 	/* Its write totals first (syscalls.bpf.c): their records precede the exit record. */
-	flush_write_totals(task, cgroup_id);
+	flush_write_totals(task, proc, cgroup_id);
 	__u64 now = bpf_ktime_get_ns();
 	struct kiln_exit_event *ev =
 		reserve_event_in(KILN_EVENT_EXIT, sizeof(*ev), cgroup_id, cgroup_lost, now);

@@ -520,12 +520,13 @@ static long flush_fd(__u64 fd, struct exit_flush *f)
 /*
  * The exiting process `task` (current, its last thread: sched_process_exit runs before the
  * kernel closes its files, without close syscalls) ends the write totals of its fds, so a long
- * build's exited processes do not pile up in write_totals until the step ends.
+ * build's exited processes do not pile up in write_totals until the step ends. `proc` is the
+ * process's state (struct kiln_proc, which the caller already holds; NULL: none).
  */
-static __always_inline void flush_write_totals(struct task_struct *task, __u64 cgroup_id)
+static __always_inline void flush_write_totals(struct task_struct *task, struct kiln_proc *proc,
+					       __u64 cgroup_id)
 {
 	struct exit_flush f = { .cgroup_id = cgroup_id };
-	struct kiln_proc *proc = proc_of(task, false);
 
 	if (!proc || !proc->write_fds)
 		return;
