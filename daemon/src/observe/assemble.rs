@@ -500,20 +500,30 @@ fn file_record(file: &FileOp, secrets: &[String]) -> FileRecord {
     let is_open = op == "open";
     let arg = file.path.to_string_lossy().into_owned();
     let redact = |text: String| trace::redact(&text, secrets);
-    let real_is_path = file.real.is_some() && matches!(op, "open" | "chdir") && file.result >= 0;
-    let path = match (&file.real, op) {
+    // A file in no directory has a pseudo name, not a path: as the opened file (real), or as
+    // the directory argument the path is taken from (fchdir, `AT_EMPTY_PATH` on a memfd).
+    let base_pseudo = file.evflags & kiln_ebpf::FILE_BASE_DETACHED != 0;
+    let (path, path_pseudo) = match (&file.real, op) {
         // The opened file itself, symlinks resolved, as the kernel sees it; for a chdir that
         // succeeded, the new cwd (walked at sys_exit, when the old one is gone).
-        (Some(real), "open" | "chdir") if file.result >= 0 => real.to_string_lossy().into_owned(),
+        (Some(real), "open" | "chdir") if file.result >= 0 => (
+            real.to_string_lossy().into_owned(),
+            file.evflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
+        ),
         // fchdir: the directory open as the fd.
-        _ if file.nr == 81 => file
-            .base
-            .as_deref()
-            .map(|b| b.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        _ if file.nr == 81 => (
+            file.base
+                .as_deref()
+                .map(|b| b.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            base_pseudo,
+        ),
         // A symlink's first argument is the link's text, not a path of this process.
-        (_, "symlink") => arg.clone(),
-        _ => resolve(&file.path, file.base.as_deref()),
+        (_, "symlink") => (arg.clone(), false),
+        _ => (
+            resolve(&file.path, file.base.as_deref()),
+            base_pseudo && file.path.as_os_str().is_empty(),
+        ),
     };
     FileRecord {
         t: file.header.ktime_ns,
@@ -530,12 +540,7 @@ fn file_record(file: &FileOp, secrets: &[String]) -> FileRecord {
         access: is_open.then(|| syscalls::open_access(file.flags).to_owned()),
         result: file.result,
         args_shared: file.evflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
-        path_pseudo: if real_is_path {
-            file.evflags & kiln_ebpf::FILE_REAL_DETACHED != 0
-        } else {
-            // `AT_EMPTY_PATH` on a memfd or pipe: the path is the dirfd's file itself.
-            file.evflags & kiln_ebpf::FILE_BASE_DETACHED != 0 && file.path.as_os_str().is_empty()
-        },
+        path_pseudo,
     }
 }
 

@@ -260,15 +260,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let path = write
                 .path(data)
                 .ok_or_else(|| bad_strings::<WriteEvent>(bytes, &header))?;
-            Ok(Event::Write(Write {
-                header: decode_header(&write.hdr),
-                fd: write.fd,
-                bytes: write.bytes,
-                writes: write.writes,
-                path: written_path(path, write.wflags),
-                pseudo: write.wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
-                args_shared: write.wflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
-            }))
+            Ok(Event::Write(Write::from_kernel(
+                decode_header(&write.hdr),
+                write.fd,
+                (write.bytes, write.writes),
+                path,
+                write.wflags,
+            )))
         }
         kiln_ebpf::EVENT_SOCK => {
             let sock: SockEvent = read_sized(bytes, &header)?;
@@ -368,11 +366,11 @@ fn decode_exec(exec: &ExecEvent, strings: &kiln_ebpf::ExecStrings<'_>) -> Exec {
         euid: exec.euid,
         egid: exec.egid,
         filename: PathBuf::from(OsString::from_vec(strings.filename.to_vec())),
-        exe: if exec.flags & kiln_ebpf::EXEC_EXE_DETACHED != 0 {
-            pseudo_name(strings.exe)
-        } else {
-            leaf_first_path(strings.exe, exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0)
-        },
+        exe: walked_path(
+            strings.exe,
+            exec.flags & kiln_ebpf::EXEC_EXE_TRUNCATED != 0,
+            exec.flags & kiln_ebpf::EXEC_EXE_DETACHED != 0,
+        ),
         cwd: leaf_first_path(strings.cwd, exec.flags & kiln_ebpf::EXEC_CWD_TRUNCATED != 0),
         argv: split_argv(strings.argv),
         argc: exec.argc,
@@ -395,11 +393,11 @@ fn decode_file(file: &FileEvent, strings: &kiln_ebpf::FileStrings<'_>) -> FileOp
         path2: (file.path2_len > 0 || flag(kiln_ebpf::FILE_HAS_BASE2))
             .then(|| bytes_path(strings.path2)),
         base: flag(kiln_ebpf::FILE_HAS_BASE).then(|| {
-            if flag(kiln_ebpf::FILE_BASE_DETACHED) {
-                pseudo_name(strings.base)
-            } else {
-                leaf_first_path(strings.base, flag(kiln_ebpf::FILE_BASE_TRUNCATED))
-            }
+            walked_path(
+                strings.base,
+                flag(kiln_ebpf::FILE_BASE_TRUNCATED),
+                flag(kiln_ebpf::FILE_BASE_DETACHED),
+            )
         }),
         base2: flag(kiln_ebpf::FILE_HAS_BASE2)
             .then(|| leaf_first_path(strings.base2, flag(kiln_ebpf::FILE_BASE2_TRUNCATED))),
@@ -439,17 +437,44 @@ fn decode_net(net: &NetEvent) -> Net {
     }
 }
 
-/// The path of a written file (a write record's, or a `write_totals` entry's), if it was named.
-fn written_path(leaf_first: &[u8], wflags: u16) -> Option<PathBuf> {
-    (wflags & kiln_ebpf::FILE_HAS_REAL != 0).then(|| real_path(leaf_first, wflags))
+impl Write {
+    /// A write total as the kernel kept it (a write record, or a `write_totals` entry swept at
+    /// step end): `leaf_first` is its walked path, `wflags` its `FILE_*` bits.
+    pub(super) fn from_kernel(
+        header: Header,
+        fd: i32,
+        (bytes, writes): (u64, u64),
+        leaf_first: &[u8],
+        wflags: u16,
+    ) -> Self {
+        Write {
+            header,
+            fd,
+            bytes,
+            writes,
+            path: (wflags & kiln_ebpf::FILE_HAS_REAL != 0).then(|| real_path(leaf_first, wflags)),
+            pseudo: wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
+            args_shared: wflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
+        }
+    }
 }
 
 /// The opened (or written) file: a walked path, or the pseudo name of a file in no directory.
 fn real_path(leaf_first: &[u8], evflags: u16) -> PathBuf {
-    if evflags & kiln_ebpf::FILE_REAL_DETACHED != 0 {
+    walked_path(
+        leaf_first,
+        evflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0,
+        evflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
+    )
+}
+
+/// A path walked in the kernel: the pseudo name of a file in no directory when `detached`,
+/// else the components (see [`leaf_first_path`]).
+fn walked_path(leaf_first: &[u8], truncated: bool, detached: bool) -> PathBuf {
+    if detached {
         pseudo_name(leaf_first)
     } else {
-        leaf_first_path(leaf_first, evflags & kiln_ebpf::FILE_REAL_TRUNCATED != 0)
+        leaf_first_path(leaf_first, truncated)
     }
 }
 
@@ -459,11 +484,6 @@ fn real_path(leaf_first: &[u8], evflags: u16) -> PathBuf {
 fn pseudo_name(bytes: &[u8]) -> PathBuf {
     let name = bytes.split(|&b| b == 0).next().unwrap_or_default();
     PathBuf::from(OsString::from_vec(name.to_vec()))
-}
-
-/// The path of the file a `write_totals` entry counts (see [`written_path`]).
-pub(super) fn write_total_path(total: &kiln_ebpf::WriteTotal) -> Option<PathBuf> {
-    written_path(total.path(), total.wflags)
 }
 
 /// Rebuilds a path from its components leaf first, each NUL-terminated (events.h). A cut walk

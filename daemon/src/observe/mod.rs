@@ -503,11 +503,13 @@ impl Observer {
         let mut unreadable = 0u64;
         let mut keys = Vec::new();
         let mut stale = Vec::new();
-        let observed = |cgroup: u64| self.observed.get(&cgroup, 0).is_ok();
+        // Listed once, not looked up per key: the map holds every running step's totals.
+        let observed: std::collections::HashSet<u64> =
+            self.observed.keys().filter_map(Result::ok).collect();
         for key in self.write_totals.keys() {
             match key {
                 Ok(key) if key.0.cgroup_id == id.0 => keys.push(key),
-                Ok(key) if !observed(key.0.cgroup_id) => stale.push(key),
+                Ok(key) if !observed.contains(&key.0.cgroup_id) => stale.push(key),
                 Ok(_) => {}
                 Err(err) => {
                     tracing::warn!(%err, cgroup = %id, "cannot list the pending write totals");
@@ -518,20 +520,18 @@ impl Observer {
         let mut events = Vec::with_capacity(keys.len());
         for key in keys {
             match self.write_totals.get(&key, 0) {
-                Ok(total) => events.push(Event::Write(Write {
-                    header: Header {
+                Ok(total) => events.push(Event::Write(Write::from_kernel(
+                    Header {
                         ktime_ns: now,
                         cgroup_id: id.0,
                         pid: key.0.tgid,
                         tgid: key.0.tgid,
                     },
-                    fd: key.0.fd,
-                    bytes: total.0.bytes,
-                    writes: total.0.writes,
-                    path: event::write_total_path(&total.0),
-                    pseudo: total.0.wflags & kiln_ebpf::FILE_REAL_DETACHED != 0,
-                    args_shared: total.0.wflags & kiln_ebpf::FILE_ARGS_SHARED != 0,
-                })),
+                    key.0.fd,
+                    (total.0.bytes, total.0.writes),
+                    total.0.path(),
+                    total.0.wflags,
+                ))),
                 // Ended by its process meanwhile (emitted to the ring, not lost).
                 Err(MapError::KeyNotFound) => {}
                 Err(err) => {
@@ -545,7 +545,7 @@ impl Observer {
             .write_entries
             .keys()
             .filter_map(Result::ok)
-            .filter(|&cgroup| cgroup != id.0 && !observed(cgroup))
+            .filter(|cgroup| *cgroup != id.0 && !observed.contains(cgroup))
             .collect();
         if !stale.is_empty() || !stale_counters.is_empty() {
             tracing::debug!(
