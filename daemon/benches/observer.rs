@@ -369,8 +369,8 @@ async fn profile(what: &str, cmd: Command, cgroup: &BenchCgroup) {
     println!("{line}");
 }
 
-/// Each round's ratio `observed / bare` (the two ran back to back: their spread shows the noise).
-/// Each round's ratio (its two runs ran back to back), and their median: the paired figure,
+/// Each round's ratio `observed / bare` (its two runs ran back to back: their spread shows the
+/// noise), and their median: the paired figure,
 /// which drift of the VM between rounds does not move the way it moves the medians' ratio.
 fn per_round(observed: &[Duration], bare: &[Duration]) -> String {
     let mut ratios: Vec<f64> = observed
